@@ -1,0 +1,260 @@
+"""`hierspec bench`: tokens per second of each method on a Spec-Bench style workload.
+
+Methods run interleaved, prompt by prompt, so that the machine's drift hits
+them alike. Multi-turn questions run as conversations: each answer is appended
+to the chat before the next user turn, and every turn's tokens count. Each
+method's output is compared with our own plain decoding (`ar`); for the first
+divergence of a question the bench reports the position and the margin
+between `ar`'s top two logits there, so a bfloat16 near-tie can be told from
+a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from deploy.builder import RunnerPool, build_decoder, configure_torch
+from deploy.config import ConfigError, HierspecConfig
+from services.model_store import load_pretrained
+from services.prompts import chat_prompt_ids, stop_token_ids
+from services.sampling import SamplingParams
+
+OUR_METHODS = {"ar": "ar", "hsd": "hsd"}
+HF_METHODS = ("hf-ar", "hf-assisted")
+
+
+@dataclass
+class Question:
+    question_id: object
+    category: str
+    turns: list[str]
+
+
+@dataclass
+class MethodTotals:
+    tokens: int = 0
+    seconds: float = 0.0
+    verifications: int = 0
+    questions: int = 0
+    identical: int = 0
+    divergences: list[dict] = field(default_factory=list)
+
+    def summary(self, ar_speed: float | None) -> dict:
+        speed = self.tokens / self.seconds if self.seconds else 0.0
+        return {
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+            "tokens_per_s": round(speed, 3),
+            "speedup_vs_ar": round(speed / ar_speed, 3) if ar_speed else None,
+            "mean_accepted": round(self.tokens / self.verifications, 3) if self.verifications else None,
+            "identical_to_ar": round(self.identical / self.questions, 4) if self.questions else None,
+            "divergences": self.divergences,
+        }
+
+
+def load_workload(path: str, per_category: int | None, categories: str | None) -> list[Question]:
+    """Questions grouped by category (the part before '/'), the first `per_category` of each."""
+    wanted = [c.strip() for c in categories.split(",")] if categories else None
+    taken: dict[str, int] = defaultdict(int)
+    questions = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"workload file {path} does not exist") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            question = Question(raw["question_id"], str(raw["category"]), [str(t) for t in raw["turns"]])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path}:{number}: not a workload entry ({exc})") from None
+        group = category_group(question.category)
+        if wanted and group not in wanted and question.category not in wanted:
+            continue
+        if per_category is not None and taken[group] >= per_category:
+            continue
+        taken[group] += 1
+        questions.append(question)
+    if not questions:
+        raise ConfigError(f"{path}: no questions match")
+    return questions
+
+
+def category_group(category: str) -> str:
+    return category.split("/", 1)[0]
+
+
+class _HFMethods:
+    """transformers' own generate(), plain and assisted by the first draft model, as baselines."""
+
+    def __init__(self, config: HierspecConfig, dtype: str):
+        self.target = load_pretrained(config.models.target, dtype)[0].eval()
+        self.assistant = None
+        if config.hierarchy:
+            self.assistant = load_pretrained(config.hierarchy[-1].model, dtype)[0].eval()
+
+    def generate(self, method: str, prompt_ids: list[int], max_tokens: int, stop_ids) -> tuple[list[int], int]:
+        if method == "hf-assisted" and self.assistant is None:
+            raise ConfigError("hf-assisted needs a draft model in the config's hierarchy")
+        kwargs = {"assistant_model": self.assistant} if method == "hf-assisted" else {}
+        input_ids = torch.tensor([prompt_ids])
+        with torch.inference_mode():
+            out = self.target.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                       max_new_tokens=max_tokens, eos_token_id=sorted(stop_ids),
+                                       pad_token_id=sorted(stop_ids)[0], **kwargs)
+        new = out[0, len(prompt_ids):].tolist()
+        for i, token in enumerate(new):
+            if token in stop_ids:
+                return new[:i], i + 1
+        return new, len(new)
+
+
+def _top2_margin(decoder, prompt_ids: list[int], ar_ids: list[int], position: int) -> float:
+    logits = decoder.target.logits("bench-margin", prompt_ids + ar_ids[:position], 1)[0]
+    decoder.target.release("bench-margin")
+    top = torch.topk(logits, 2).values
+    return round(float(top[0] - top[1]), 5)
+
+
+def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: str, per_category: int | None,
+              max_tokens: int, dtype: str | None, categories: str | None) -> dict:
+    for method in methods:
+        if method not in OUR_METHODS and method not in HF_METHODS:
+            raise ConfigError(f"unknown method {method!r}; available: {', '.join([*OUR_METHODS, *HF_METHODS])}")
+    questions = load_workload(workload, per_category, categories)
+    dtype = dtype or config.dtype
+    configure_torch(config)
+    run_methods = ["ar"] + [m for m in methods if m != "ar"]  # ar is the reference for identity
+    pool = RunnerPool()
+    decoders = {m: build_decoder(config, OUR_METHODS[m], dtype, pool) for m in run_methods if m in OUR_METHODS}
+    hf = _HFMethods(config, dtype) if any(m in HF_METHODS for m in run_methods) else None
+    ar = decoders["ar"]
+    tokenizer = ar.target.tokenizer
+    stop_ids = stop_token_ids(tokenizer)
+    greedy = SamplingParams()
+
+    def run(method: str, prompt_ids: list[int], limit: int) -> tuple[list[int], int, float, int]:
+        """(token ids, tokens produced incl. a stop token, seconds, target verifications)"""
+        start = time.perf_counter()
+        if method in decoders:
+            generation = decoders[method].generate(prompt_ids, greedy, limit, stop_ids)
+            seconds = time.perf_counter() - start
+            produced = len(generation.token_ids) + (generation.finish_reason == "stop")
+            return generation.token_ids, produced, seconds, generation.stats.levels[-1].verifications
+        ids, produced = hf.generate(method, prompt_ids, limit, stop_ids)
+        return ids, produced, time.perf_counter() - start, 0
+
+    warm = chat_prompt_ids(tokenizer, [{"role": "user", "content": "Say hi."}])
+    for method in run_methods:
+        run(method, warm, 8)
+
+    totals: dict[str, dict[str, MethodTotals]] = {m: defaultdict(MethodTotals) for m in run_methods}
+    started = time.perf_counter()
+    for index, question in enumerate(questions, start=1):
+        group = category_group(question.category)
+        ar_turns: list[tuple[list[int], list[int]]] = []
+        for method in run_methods:
+            messages: list[dict[str, str]] = []
+            diverged = None
+            for turn_index, turn in enumerate(question.turns):
+                messages.append({"role": "user", "content": turn})
+                prompt_ids = chat_prompt_ids(tokenizer, messages)
+                ids, produced, seconds, verifications = run(method, prompt_ids, max_tokens)
+                messages.append({"role": "assistant", "content": tokenizer.decode(ids, skip_special_tokens=True)})
+                if method == "ar":
+                    ar_turns.append((prompt_ids, ids))
+                elif diverged is None:
+                    ar_prompt, ar_ids = ar_turns[turn_index]
+                    if ar_prompt != prompt_ids or ar_ids != ids:
+                        position = next((i for i, (a, b) in enumerate(zip(ar_ids, ids)) if a != b),
+                                        min(len(ar_ids), len(ids)))
+                        diverged = {"question_id": question.question_id, "turn": turn_index, "position": position,
+                                    "ar_top2_margin": _top2_margin(ar, ar_prompt, ar_ids, position)
+                                    if ar_prompt == prompt_ids else None}
+                for key in (group, "_all"):
+                    t = totals[method][key]
+                    t.tokens += produced
+                    t.seconds += seconds
+                    t.verifications += verifications
+            for key in (group, "_all"):
+                t = totals[method][key]
+                t.questions += 1
+                t.identical += diverged is None
+                if diverged is not None and key == "_all":
+                    t.divergences.append(diverged)
+        elapsed = time.perf_counter() - started
+        print(f"[{index}/{len(questions)}] {question.category} #{question.question_id} done, "
+              f"{elapsed:.0f} s elapsed", file=sys.stderr, flush=True)
+
+    result = {
+        "machine": {"platform": platform.platform(), "processor": _cpu_name(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "device": config.device},
+        "config": config.name,
+        "dtype": dtype,
+        "max_tokens": max_tokens,
+        "workload": workload,
+        "questions": len(questions),
+        "methods": {},
+    }
+    ar_all = totals["ar"]["_all"]
+    ar_speed = ar_all.tokens / ar_all.seconds
+    for method in run_methods:
+        if method == "ar" and "ar" not in methods:
+            continue
+        summary = totals[method]["_all"].summary(ar_speed)
+        summary["per_category"] = {}
+        for group, t in sorted(totals[method].items()):
+            if group == "_all":
+                continue
+            ar_group = totals["ar"][group]
+            per = t.summary(ar_group.tokens / ar_group.seconds)
+            del per["divergences"]
+            summary["per_category"][group] = per
+        result["methods"][method] = summary
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2))
+    print(format_table(result))
+    print(f"\nwrote {out}")
+    return result
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def format_table(result: dict) -> str:
+    groups = sorted({g for m in result["methods"].values() for g in m["per_category"]})
+    header = ["method", "tok/s", "vs ar", "mean acc", "identical", *[f"{g} tok/s" for g in groups]]
+    rows = [header]
+    for name, m in result["methods"].items():
+        rows.append([
+            name, f"{m['tokens_per_s']:.2f}", f"{m['speedup_vs_ar']:.2f}x",
+            "-" if m["mean_accepted"] is None else f"{m['mean_accepted']:.2f}",
+            "-" if m["identical_to_ar"] is None else f"{m['identical_to_ar']:.2f}",
+            *[f"{m['per_category'][g]['tokens_per_s']:.2f}" if g in m["per_category"] else "-" for g in groups],
+        ])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [f"{result['config']}, {result['dtype']}, {result['questions']} questions, "
+             f"max {result['max_tokens']} tokens, {result['machine']['processor']}"]
+    for r in rows:
+        lines.append("  ".join(cell.rjust(w) for cell, w in zip(r, widths)))
+    for name, m in result["methods"].items():
+        for d in m["divergences"]:
+            lines.append(f"  {name} diverges from ar: question {d['question_id']} turn {d['turn']} "
+                         f"position {d['position']}, ar top-2 margin {d['ar_top2_margin']}")
+    return "\n".join(lines)

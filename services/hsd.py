@@ -1,0 +1,259 @@
+"""Hierarchical speculative decoding over a chain of levels M_0 < M_1 < ... < M_K (the target).
+
+Level 0 drafts T_0 tokens autoregressively. A middle level i asks level i-1
+for drafts continuing (context + tokens it holds), verifies each draft in one
+forward pass, keeps what survives plus one recovered/bonus token, and repeats
+until it holds at least T_i tokens; it hands them up with its own warped
+probabilities, which are the draft distribution q for the level above. The
+target verifies one batch per round and commits what it accepts.
+
+Why this is lossless: a middle level's output is, by the correctness of
+speculative sampling, distributed exactly as autoregressive sampling from M_i,
+token by token, so M_i's probabilities are the right q for the level above.
+How many tokens a level holds is decided only from tokens already produced (a
+stopping time), which leaves each token's conditional distribution unchanged.
+With one level (K = 0) the loop is plain autoregressive decoding through the
+same runner, so `ar` and speculative runs are compared fairly.
+
+KV caches need no explicit rollback: every runner call carries the full token
+sequence and the runner reuses only the longest cached prefix.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from services.runner import LevelRunner
+from services.sampling import SamplingParams, sample
+from services.verify import RejectionSampler
+
+
+@dataclass
+class LevelStats:
+    """Counts for one level. `drafted`/`accepted` count this level's tokens proposed to and
+    accepted by the level above; `verifications` counts the drafts this level verified."""
+
+    name: str
+    drafted: int = 0
+    accepted: int = 0
+    verifications: int = 0
+    forwards: int = 0
+    forward_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        rate = self.accepted / self.drafted if self.drafted else None
+        return {
+            "name": self.name,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance_rate": rate,
+            "verifications": self.verifications,
+            "forwards": self.forwards,
+            "forward_seconds": round(self.forward_seconds, 4),
+        }
+
+
+@dataclass
+class GenerationStats:
+    levels: list[LevelStats]
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens committed per target verification: 1 + accepted / verifications (1.0 for `ar`)."""
+        target = self.levels[-1]
+        return self.tokens / target.verifications if target.verifications else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 4),
+            "tokens_per_s": round(self.tokens / self.seconds, 3) if self.seconds else 0.0,
+            "mean_accepted": round(self.mean_accepted, 4),
+            "levels": [level.as_dict() for level in self.levels],
+        }
+
+
+@dataclass(frozen=True)
+class DraftPolicy:
+    """How a non-target level drafts: it hands up batches aiming at `max_tokens` (T_i).
+
+    Level 0 also stops a batch early once it drafted a token it gave less than
+    `min_confidence` probability: a rule on the drafter's own output only, so it
+    cannot change what is generated, only how much verification is wasted.
+    """
+
+    max_tokens: int
+    min_confidence: float = 0.0
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError("draft lengths must be >= 1")
+        if not 0.0 <= self.min_confidence < 1.0:
+            raise ValueError("min_confidence must be in [0, 1)")
+
+
+@dataclass
+class Draft:
+    """Tokens a level proposes; `probs` ([len(tokens), vocab]) is None in greedy mode."""
+
+    tokens: list[int] = field(default_factory=list)
+    probs: torch.Tensor | None = None
+
+
+class Generation:
+    """One request in flight: iterate it for the tokens each target round commits.
+
+    `finish_reason` ("stop" | "length") and `stats` are final once iteration ends.
+    Closing the iterator early (a client that went away) releases every level's cache.
+    """
+
+    def __init__(self, decoder: "HierarchicalDecoder", prompt_ids: list[int], params: SamplingParams,
+                 max_tokens: int, stop_ids: frozenset[int]):
+        self.id = uuid.uuid4().hex
+        self.params = params
+        self.stop_ids = stop_ids
+        self.generator = params.generator()
+        self.stats = GenerationStats([LevelStats(level.name) for level in decoder.levels])
+        self.finish_reason: str | None = None
+        self.token_ids: list[int] = []
+        self._decoder = decoder
+        self._prompt_ids = list(prompt_ids)
+        self._max_tokens = max_tokens
+
+    def __iter__(self) -> Iterator[list[int]]:
+        decoder = self._decoder
+        seq = list(self._prompt_ids)
+        started = time.perf_counter()
+        try:
+            while len(self.token_ids) < self._max_tokens:
+                budget = self._max_tokens - len(self.token_ids)
+                new = decoder.verify_at(self, len(decoder.levels) - 1, seq, budget).tokens
+                committed = []
+                for token in new:
+                    if token in self.stop_ids:
+                        self.finish_reason = "stop"
+                        break
+                    committed.append(token)
+                seq.extend(committed)
+                self.token_ids.extend(committed)
+                self.stats.tokens = len(self.token_ids)
+                self.stats.seconds = time.perf_counter() - started
+                if committed:
+                    yield committed
+                if self.finish_reason:
+                    return
+            self.finish_reason = "length"
+        finally:
+            self.stats.seconds = time.perf_counter() - started
+            for level in decoder.levels:
+                level.release(self.id)
+
+
+class HierarchicalDecoder:
+    """Runs a chain of levels; `levels[-1]` is the target, `policies[i]` says how levels[i] drafts
+    (an int is shorthand for a policy with that T_i)."""
+
+    def __init__(self, levels: list[LevelRunner], policies: list[DraftPolicy | int],
+                 sampler: RejectionSampler | None = None):
+        if len(policies) != len(levels) - 1:
+            raise ValueError("need one draft policy per non-target level")
+        vocab = levels[-1].vocab_size
+        for level in levels[:-1]:
+            if level.vocab_size != vocab:
+                raise ValueError(
+                    f"level {level.name!r} has vocabulary size {level.vocab_size}, the target {vocab}: "
+                    "every level must share the target's tokenizer"
+                )
+        self.levels = levels
+        self.policies = [p if isinstance(p, DraftPolicy) else DraftPolicy(p) for p in policies]
+        self.sampler = sampler or RejectionSampler()
+
+    @property
+    def target(self) -> LevelRunner:
+        return self.levels[-1]
+
+    def start(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
+              stop_ids: set[int] | frozenset[int] = frozenset()) -> Generation:
+        """A lazy generation; nothing runs until it is iterated. Stop tokens are not returned."""
+        return Generation(self, prompt_ids, params, max_tokens, frozenset(stop_ids))
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
+                 stop_ids: set[int] | frozenset[int] = frozenset()) -> Generation:
+        """Run a generation to the end and return it."""
+        generation = self.start(prompt_ids, params, max_tokens, stop_ids)
+        for _ in generation:
+            pass
+        return generation
+
+    def verify_at(self, req: Generation, level_index: int, seq: list[int], limit: int) -> Draft:
+        """Level `level_index` verifies one draft from the level below (at level 0, as in `ar`,
+        it decodes one token). Returns at most `limit` output tokens with, when sampling, the
+        level's probabilities for them (the q its output carries to the level above)."""
+        draft = self._draft(req, level_index - 1, seq, limit - 1) if level_index > 0 else Draft()
+        logits = self._forward(req, level_index, seq + draft.tokens, len(draft.tokens) + 1)
+        req.stats.levels[level_index].verifications += 1
+        if req.params.greedy:
+            verdict = self.sampler.greedy(draft.tokens, logits)
+            rows = None
+        else:
+            probs = req.params.probs(logits)
+            verdict = self.sampler.sampled(draft.tokens, draft.probs, probs, req.generator)
+            rows = probs[: verdict.num_accepted + 1]
+        if level_index > 0:
+            below = req.stats.levels[level_index - 1]
+            below.drafted += len(draft.tokens)
+            below.accepted += verdict.num_accepted
+        return Draft(draft.tokens[: verdict.num_accepted] + [verdict.next_token], rows)
+
+    def _draft(self, req: Generation, level_index: int, seq: list[int], limit: int) -> Draft:
+        """At most `limit` tokens from level `level_index` for the level above, aiming at T_i."""
+        if limit <= 0:
+            return Draft()
+        policy = self.policies[level_index]
+        want = min(policy.max_tokens, limit)
+        if level_index == 0:
+            return self._draft_autoregressive(req, seq, want, policy.min_confidence)
+        held: list[int] = []
+        rows: list[torch.Tensor] = []
+        while len(held) < want:
+            out = self.verify_at(req, level_index, seq + held, limit - len(held))
+            held.extend(out.tokens)
+            if out.probs is not None:
+                rows.append(out.probs)
+            if req.stop_ids.intersection(out.tokens):
+                break
+        return Draft(held, torch.cat(rows) if rows else None)
+
+    def _draft_autoregressive(self, req: Generation, seq: list[int], want: int, min_confidence: float) -> Draft:
+        tokens: list[int] = []
+        rows: list[torch.Tensor] = []
+        for _ in range(want):
+            logits = self._forward(req, 0, seq + tokens, 1)[0]
+            if req.params.greedy:
+                token = int(logits.argmax())
+                confident = min_confidence == 0.0 or float(logits.softmax(-1)[token]) >= min_confidence
+            else:
+                p = req.params.probs(logits[None])
+                rows.append(p)
+                token = sample(p[0], req.generator)
+                confident = float(p[0, token]) >= min_confidence
+            tokens.append(token)
+            if token in req.stop_ids or not confident:
+                break
+        return Draft(tokens, torch.cat(rows) if rows else None)
+
+    def _forward(self, req: Generation, level_index: int, token_ids: list[int], num_logits: int) -> torch.Tensor:
+        level = self.levels[level_index]
+        before = level.counter.seconds
+        logits = level.logits(req.id, token_ids, num_logits)
+        stats = req.stats.levels[level_index]
+        stats.forwards += 1
+        stats.forward_seconds += level.counter.seconds - before
+        return logits

@@ -1,0 +1,80 @@
+"""Lossless verification of a draft by the level above it (the rejection sampler).
+
+Glossary (as in vLLM's rejection sampler):
+- draft tokens: the n tokens a lower level proposes, x_1..x_n.
+- accepted tokens: the longest prefix of the draft that survives verification.
+- recovered token: on the first rejection, a token sampled from the residual
+  distribution normalise(max(0, p - q)) at that position.
+- bonus token: when the whole draft is accepted, one token sampled from p at
+  the position after the draft (the verifier's forward computed it for free).
+- output tokens: accepted tokens plus one recovered or bonus token, so every
+  verification yields at least one token.
+
+Greedy (temperature 0) accepts while the draft equals the verifier's argmax and
+then emits the argmax, which is exactly what plain greedy decoding would emit.
+Sampling accepts x with probability min(1, p(x) / q(x)); a draft without
+probabilities (a database drafter) is a point mass, q(x) = 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.sampling import sample
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of verifying one draft: output tokens are draft[:num_accepted] + [next_token]."""
+
+    num_accepted: int
+    next_token: int
+
+
+class RejectionSampler:
+    """Stateless; one instance serves every level. Subclassed only by tests that break it on purpose."""
+
+    def greedy(self, draft: list[int], target_logits: torch.Tensor) -> Verdict:
+        # target_logits: [len(draft) + 1, vocab]; row i scores the token at draft position i
+        choice = target_logits.argmax(-1).tolist()
+        accepted = 0
+        while accepted < len(draft) and draft[accepted] == choice[accepted]:
+            accepted += 1
+        return Verdict(accepted, choice[accepted])
+
+    def sampled(
+        self,
+        draft: list[int],
+        draft_probs: torch.Tensor | None,
+        target_probs: torch.Tensor,
+        generator: torch.Generator,
+    ) -> Verdict:
+        # draft_probs: [len(draft), vocab] or None for a point-mass draft
+        # target_probs: [len(draft) + 1, vocab]
+        n = len(draft)
+        if n:
+            index = torch.tensor(draft)
+            p = target_probs[torch.arange(n), index]
+            q = torch.ones(n) if draft_probs is None else draft_probs[torch.arange(n), index]
+            u = torch.rand(n, generator=generator)
+            rejected = (u * q >= p).nonzero()
+            if len(rejected):
+                i = int(rejected[0])
+                return Verdict(i, self.recover(draft[i], None if draft_probs is None else draft_probs[i],
+                                               target_probs[i], generator))
+        return Verdict(n, sample(target_probs[n], generator))
+
+    def recover(
+        self, rejected_token: int, draft_row: torch.Tensor | None, target_row: torch.Tensor, generator: torch.Generator
+    ) -> int:
+        """Sample from normalise(max(0, p - q)), the part of p the draft did not cover."""
+        if draft_row is None:
+            residual = target_row.clone()
+            residual[rejected_token] = 0.0
+        else:
+            residual = (target_row - draft_row).clamp_(min=0.0)
+        if float(residual.sum()) <= 0.0:  # p == q up to rounding: a rejection had probability ~0
+            residual = target_row
+        return sample(residual, generator)

