@@ -27,8 +27,8 @@ from services.model_store import load_pretrained
 from services.prompts import chat_prompt_ids, stop_token_ids
 from services.sampling import SamplingParams
 
-OUR_METHODS = {"ar": "ar", "hsd": "hsd"}
-HF_METHODS = ("hf-ar", "hf-assisted")
+OUR_METHODS = ("ar", "hsd", "hd", "hd+hsd")
+HF_METHODS = ("hf-ar", "hf-pld", "hf-assisted")
 
 
 @dataclass
@@ -94,7 +94,8 @@ def category_group(category: str) -> str:
 
 
 class _HFMethods:
-    """transformers' own generate(), plain and assisted by the first draft model, as baselines."""
+    """transformers' own generate() as baselines: plain, prompt lookup (10 tokens), and assisted by the
+    config's largest draft model."""
 
     def __init__(self, config: HierspecConfig, dtype: str):
         self.target = load_pretrained(config.models.target, dtype)[0].eval()
@@ -105,7 +106,8 @@ class _HFMethods:
     def generate(self, method: str, prompt_ids: list[int], max_tokens: int, stop_ids) -> tuple[list[int], int]:
         if method == "hf-assisted" and self.assistant is None:
             raise ConfigError("hf-assisted needs a draft model in the config's hierarchy")
-        kwargs = {"assistant_model": self.assistant} if method == "hf-assisted" else {}
+        kwargs = {"hf-ar": {}, "hf-pld": {"prompt_lookup_num_tokens": 10},
+                  "hf-assisted": {"assistant_model": self.assistant}}[method]
         input_ids = torch.tensor([prompt_ids])
         with torch.inference_mode():
             out = self.target.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
@@ -135,7 +137,7 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
     configure_torch(config)
     run_methods = ["ar"] + [m for m in methods if m != "ar"]  # ar is the reference for identity
     pool = RunnerPool()
-    decoders = {m: build_decoder(config, OUR_METHODS[m], dtype, pool) for m in run_methods if m in OUR_METHODS}
+    decoders = {m: build_decoder(config, m, dtype, pool) for m in run_methods if m in OUR_METHODS}
     hf = _HFMethods(config, dtype) if any(m in HF_METHODS for m in run_methods) else None
     ar = decoders["ar"]
     tokenizer = ar.target.tokenizer

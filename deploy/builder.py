@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
-from deploy.config import HierspecConfig
+from deploy.config import DrafterSettings, HierspecConfig
+from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
+from drafter_db.model_db import ModelDB
+from drafter_db.stores import EmbeddedStore, RedisStore, tokenizer_namespace
+from services.model_store import cache_dir
 from services.hsd import DraftPolicy, HierarchicalDecoder
 from services.runner import LevelRunner
 
 
 class RunnerPool:
-    """Loaded levels keyed by (model, dtype, device), so methods of one process share weights."""
+    """Loaded levels keyed by (model, dtype, device), so methods of one process share weights,
+    and one database drafter per process (its model DB learns from every request)."""
 
     def __init__(self):
         self._runners: dict[tuple[str, str, str], LevelRunner] = {}
+        self._drafter: HierarchicalDrafter | None = None
+
+    def drafter(self, config: HierspecConfig, tokenizer) -> HierarchicalDrafter:
+        if self._drafter is None:
+            self._drafter = build_drafter(config.drafter, tokenizer)
+        return self._drafter
 
     def get(self, model: str, dtype: str, device: str) -> LevelRunner:
         key = (model, dtype, device)
@@ -34,4 +46,26 @@ def build_decoder(config: HierspecConfig, method: str, dtype: str | None = None,
     dtype = dtype or config.dtype
     chain = config.chain(method)
     levels = [pool.get(model, dtype, config.device) for model, _ in chain]
-    return HierarchicalDecoder(levels, [DraftPolicy(c.draft_tokens, c.min_confidence) for _, c in chain[:-1]])
+    proposer = pool.drafter(config, levels[-1].tokenizer) if method.startswith("hd") else None
+    return HierarchicalDecoder(levels, [DraftPolicy(c.draft_tokens, c.min_confidence) for _, c in chain[:-1]],
+                               proposer=proposer)
+
+
+def statistics_store(settings: DrafterSettings, namespace: str):
+    """The configured statistics store: Redis when a URL is set (config or $HIERSPEC_REDIS_URL),
+    else the embedded store file."""
+    url = settings.redis_url or os.environ.get("HIERSPEC_REDIS_URL")
+    if url:
+        return RedisStore(url)
+    path = settings.statistics_path or cache_dir() / "stats" / f"{namespace}.pkl"
+    return EmbeddedStore(Path(path).expanduser())
+
+
+def build_drafter(settings: DrafterSettings, tokenizer) -> HierarchicalDrafter:
+    namespace = tokenizer_namespace(tokenizer)
+    model_db = ModelDB(max_key=settings.max_key, max_keys=settings.model_db_max_keys)
+    if settings.model_db_path and Path(settings.model_db_path).expanduser().exists():
+        model_db.load(Path(settings.model_db_path).expanduser())
+    config = DrafterConfig(max_key=settings.max_key, max_depth=settings.max_depth,
+                           max_candidates=settings.max_candidates, max_nodes=settings.max_nodes)
+    return HierarchicalDrafter(config, model_db, StatisticsDB(statistics_store(settings, namespace), namespace))

@@ -16,12 +16,12 @@ def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None
     parser.add_argument("--config", required=default_config is None, default=default_config,
                         help="hierarchy config (YAML)" + (f"; default {default_config}" if default_config else ""))
     parser.add_argument("--method", choices=METHODS, default=None,
-                        help="ar runs the target alone; default: hsd when the config has draft levels, else ar")
+                        help="ar runs the target alone; default: hd+hsd when the config has draft levels, else hd")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: the config's")
 
 
 def _default_method(config) -> str:
-    return "hsd" if config.hierarchy else "ar"
+    return "hd+hsd" if config.hierarchy else "hd"
 
 
 def _cmd_models_fetch(args) -> None:
@@ -97,6 +97,30 @@ def _cmd_demo(args) -> None:
     print(f"output identical to plain decoding: {same}")
 
 
+def _cmd_db_build(args) -> None:
+    from deploy.builder import statistics_store
+    from deploy.config import DrafterSettings
+    from drafter_db.build import BuildSettings, build_statistics
+    from drafter_db.stores import tokenizer_namespace
+    from services.model_store import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    namespace = tokenizer_namespace(tokenizer)
+    store = statistics_store(DrafterSettings(redis_url=args.redis, statistics_path=args.out), namespace)
+    settings = BuildSettings(max_key=args.max_key, length=args.length, top=args.top, min_count=args.min_count,
+                             max_tokens=args.max_corpus_tokens)
+    try:
+        summary = build_statistics(args.corpus, tokenizer, store, namespace, settings)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    if hasattr(store, "save"):
+        store.save()
+        summary["path"] = str(store.path)
+    else:
+        summary["redis"] = store.url
+    print(json.dumps(summary))
+
+
 def _cmd_bench(args) -> None:
     from deploy.bench import run_bench
 
@@ -136,10 +160,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=int, default=128)
     demo.set_defaults(func=_cmd_demo)
 
+    db = sub.add_parser("db", help="the drafter's databases")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    build = db_sub.add_parser("build", help="build the statistics DB from a corpus")
+    build.add_argument("--corpus", nargs="+", required=True, help="text files, JSONL files or directories")
+    build.add_argument("--model", required=True, help="model whose tokenizer keys the statistics")
+    build.add_argument("--redis", default=None, help="redis://host:port/db; default: the embedded store file")
+    build.add_argument("--out", default=None, help="embedded store file (default: under the model cache)")
+    build.add_argument("--max-key", type=int, default=3)
+    build.add_argument("--length", type=int, default=6, help="tokens kept per continuation")
+    build.add_argument("--top", type=int, default=4, help="continuations kept per key")
+    build.add_argument("--min-count", type=int, default=2)
+    build.add_argument("--max-corpus-tokens", type=int, default=5_000_000)
+    build.set_defaults(func=_cmd_db_build)
+
     bench = sub.add_parser("bench", help="benchmark methods on a Spec-Bench style workload")
     _add_config_args(bench)
     bench.add_argument("--workload", required=True, help="JSONL with question_id, category, turns")
-    bench.add_argument("--methods", default="ar,hsd", help="comma-separated: ar, hsd, hf-ar, hf-assisted")
+    bench.add_argument("--methods", default="ar,hsd",
+                       help="comma-separated: ar, hsd, hd, hd+hsd, hf-ar, hf-pld, hf-assisted")
     bench.add_argument("--per-category", type=int, default=None, help="prompts per category (default: all)")
     bench.add_argument("--categories", default=None, help="comma-separated categories or prefixes (default: all)")
     bench.add_argument("--max-tokens", type=int, default=128)

@@ -12,8 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-Method = Literal["ar", "hsd"]
-METHODS: tuple[str, ...] = ("ar", "hsd")
+METHODS: tuple[str, ...] = ("ar", "hsd", "hd", "hd+hsd")
 
 
 class ConfigError(Exception):
@@ -38,6 +37,23 @@ class ModelsConfig(BaseModel):
     drafts: list[str] = Field(default_factory=list, description="draft models sharing the target's tokenizer")
 
 
+class DrafterSettings(BaseModel):
+    """Hierarchy Drafting: the databases below the lowest model level (methods hd and hd+hsd)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    redis_url: str | None = Field(
+        None, description="statistics DB in Redis (e.g. redis://host:6379/0); default: the embedded store file")
+    statistics_path: str | None = Field(
+        None, description="embedded statistics store file; default: <model cache>/stats/<tokenizer>.pkl")
+    model_db_path: str | None = Field(None, description="load the model DB from / save it to this file")
+    model_db_max_keys: int = Field(200_000, ge=1000, description="model DB bound (keys) before eviction")
+    max_key: int = Field(4, ge=1, le=8, description="longest n-gram key tried")
+    max_depth: int = Field(8, ge=1, le=32, description="longest drafted continuation")
+    max_candidates: int = Field(4, ge=1, le=16, description="candidates merged into one token tree")
+    max_nodes: int = Field(12, ge=1, le=64, description="tree size: rows of one verification forward")
+
+
 class HierspecConfig(BaseModel):
     """A validated config; cross-field rules live in `_check_hierarchy`."""
 
@@ -52,6 +68,7 @@ class HierspecConfig(BaseModel):
     device: str = Field("cpu", description="torch device of every level, e.g. cpu or cuda")
     threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads; default: all cores")
     max_tokens: int = Field(256, ge=1, le=32768, description="default limit on generated tokens per request")
+    drafter: DrafterSettings = Field(default_factory=DrafterSettings)
 
     @model_validator(mode="after")
     def _check_hierarchy(self) -> "HierspecConfig":
@@ -68,11 +85,11 @@ class HierspecConfig(BaseModel):
 
     def chain(self, method: str) -> list[tuple[str, LevelConfig | None]]:
         """(model reference, level config) from the bottom level to the target (whose config is None)."""
-        if method == "ar":
+        if method in ("ar", "hd"):
             levels = []
-        elif method == "hsd":
+        elif method in ("hsd", "hd+hsd"):
             if not self.hierarchy:
-                raise ConfigError(f"config {self.name!r} has no draft levels: method 'hsd' needs a hierarchy")
+                raise ConfigError(f"config {self.name!r} has no draft levels: method {method!r} needs a hierarchy")
             levels = [(level.model, level) for level in self.hierarchy]
         else:
             raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")

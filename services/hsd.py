@@ -25,11 +25,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from services.runner import LevelRunner
 from services.sampling import SamplingParams, sample
+from services.tree import TokenTree
 from services.verify import RejectionSampler
 
 
@@ -59,10 +61,21 @@ class LevelStats:
 
 
 @dataclass
+class SourceStats:
+    """Tree-draft tokens of one database: proposed, and accepted by the level verifying them."""
+
+    drafted: int = 0
+    accepted: int = 0
+
+
+@dataclass
 class GenerationStats:
     levels: list[LevelStats]
     tokens: int = 0
     seconds: float = 0.0
+    sources: dict[str, SourceStats] = field(default_factory=dict)
+    drafts: int = 0
+    draft_seconds: float = 0.0
 
     @property
     def mean_accepted(self) -> float:
@@ -77,7 +90,25 @@ class GenerationStats:
             "tokens_per_s": round(self.tokens / self.seconds, 3) if self.seconds else 0.0,
             "mean_accepted": round(self.mean_accepted, 4),
             "levels": [level.as_dict() for level in self.levels],
+            "accepted_by_source": {name: src.accepted for name, src in self.sources.items()},
+            "drafted_by_source": {name: src.drafted for name, src in self.sources.items()},
+            "drafter_us_per_draft": round(1e6 * self.draft_seconds / self.drafts, 1) if self.drafts else None,
         }
+
+
+class TreeProposer(Protocol):
+    """A model-free drafter below level 0 (the database drafter): proposes token trees of
+    point-mass candidates. It hears each request's lifecycle to keep its per-request state."""
+
+    def start(self, request_id: str, prompt_ids: list[int]) -> None: ...
+
+    def propose(self, request_id: str, context: list[int], max_depth: int) -> TokenTree: ...
+
+    def observe(self, request_id: str, tree: TokenTree, accepted_path: list[int]) -> None: ...
+
+    def commit(self, request_id: str, token_ids: list[int]) -> None: ...
+
+    def finish(self, request_id: str, completed: bool) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -129,8 +160,11 @@ class Generation:
 
     def __iter__(self) -> Iterator[list[int]]:
         decoder = self._decoder
+        proposer = decoder.proposer
         seq = list(self._prompt_ids)
         started = time.perf_counter()
+        if proposer is not None:
+            proposer.start(self.id, seq)
         try:
             while len(self.token_ids) < self._max_tokens:
                 budget = self._max_tokens - len(self.token_ids)
@@ -143,6 +177,8 @@ class Generation:
                     committed.append(token)
                 seq.extend(committed)
                 self.token_ids.extend(committed)
+                if proposer is not None:
+                    proposer.commit(self.id, committed)
                 self.stats.tokens = len(self.token_ids)
                 self.stats.seconds = time.perf_counter() - started
                 if committed:
@@ -154,6 +190,8 @@ class Generation:
             self.stats.seconds = time.perf_counter() - started
             for level in decoder.levels:
                 level.release(self.id)
+            if proposer is not None:
+                proposer.finish(self.id, completed=self.finish_reason is not None)
 
 
 class HierarchicalDecoder:
@@ -161,7 +199,7 @@ class HierarchicalDecoder:
     (an int is shorthand for a policy with that T_i)."""
 
     def __init__(self, levels: list[LevelRunner], policies: list[DraftPolicy | int],
-                 sampler: RejectionSampler | None = None):
+                 sampler: RejectionSampler | None = None, proposer: TreeProposer | None = None):
         if len(policies) != len(levels) - 1:
             raise ValueError("need one draft policy per non-target level")
         vocab = levels[-1].vocab_size
@@ -173,6 +211,8 @@ class HierarchicalDecoder:
                 )
         self.levels = levels
         self.policies = [p if isinstance(p, DraftPolicy) else DraftPolicy(p) for p in policies]
+        # below level 0: with a proposer, level 0 verifies its trees (holding T_0 tokens when it drafts)
+        self.proposer = proposer
         self.sampler = sampler or RejectionSampler()
 
     @property
@@ -194,8 +234,13 @@ class HierarchicalDecoder:
 
     def verify_at(self, req: Generation, level_index: int, seq: list[int], limit: int) -> Draft:
         """Level `level_index` verifies one draft from the level below (at level 0, as in `ar`,
-        it decodes one token). Returns at most `limit` output tokens with, when sampling, the
-        level's probabilities for them (the q its output carries to the level above)."""
+        it decodes one token, or verifies the proposer's tree). Returns at most `limit` output tokens
+        with, when sampling, the level's probabilities for them (the q its output carries to the
+        level above)."""
+        if level_index == 0 and self.proposer is not None and limit > 1:
+            tree = self._propose(req, seq, limit - 1)
+            if len(tree):
+                return self._verify_tree(req, seq, tree)
         draft = self._draft(req, level_index - 1, seq, limit - 1) if level_index > 0 else Draft()
         logits = self._forward(req, level_index, seq + draft.tokens, len(draft.tokens) + 1)
         req.stats.levels[level_index].verifications += 1
@@ -218,7 +263,7 @@ class HierarchicalDecoder:
             return Draft()
         policy = self.policies[level_index]
         want = min(policy.max_tokens, limit)
-        if level_index == 0:
+        if level_index == 0 and self.proposer is None:
             return self._draft_autoregressive(req, seq, want, policy.min_confidence)
         held: list[int] = []
         rows: list[torch.Tensor] = []
@@ -230,6 +275,37 @@ class HierarchicalDecoder:
             if req.stop_ids.intersection(out.tokens):
                 break
         return Draft(held, torch.cat(rows) if rows else None)
+
+    def _propose(self, req: Generation, seq: list[int], max_depth: int) -> TokenTree:
+        start = time.perf_counter()
+        tree = self.proposer.propose(req.id, seq, max_depth)
+        req.stats.draft_seconds += time.perf_counter() - start
+        req.stats.drafts += 1
+        return tree
+
+    def _verify_tree(self, req: Generation, seq: list[int], tree: TokenTree) -> Draft:
+        """Level 0 verifies the proposer's tree in one forward and keeps the accepted path."""
+        level = self.levels[0]
+        before = level.counter.seconds
+        logits = level.tree_logits(req.id, seq, tree)
+        stats = req.stats.levels[0]
+        stats.forwards += 1
+        stats.verifications += 1
+        stats.forward_seconds += level.counter.seconds - before
+        if req.params.greedy:
+            verdict = self.sampler.greedy_tree(tree, logits)
+            rows = None
+        else:
+            probs = req.params.probs(logits)
+            verdict = self.sampler.sampled_tree(tree, probs, req.generator)
+            rows = probs[[0] + [node + 1 for node in verdict.path]]
+        level.accept_path(req.id, verdict.path)
+        for node, source in enumerate(tree.sources):
+            req.stats.sources.setdefault(source, SourceStats()).drafted += 1
+        for node in verdict.path:
+            req.stats.sources[tree.sources[node]].accepted += 1
+        self.proposer.observe(req.id, tree, verdict.path)
+        return Draft([tree.tokens[node] for node in verdict.path] + [verdict.next_token], rows)
 
     def _draft_autoregressive(self, req: Generation, seq: list[int], want: int, min_confidence: float) -> Draft:
         tokens: list[int] = []

@@ -105,6 +105,7 @@ class KVCache:
 
 
 BATCH_ROWS = 3  # from this many rows on, a CPU matmul goes through the prepacked float32 weight
+PACK_MIN_ELEMENTS = 1 << 20  # oneDNN's per-call overhead (~70 us) only pays off on large weights
 
 
 def _onednn_available() -> bool:
@@ -118,25 +119,36 @@ def _onednn_available() -> bool:
 class FastLinear(nn.Module):
     """y = x W^T + b, with the fastest kernel for the number of rows (see the module docstring).
 
-    Invariant: every copy holds the same values, W rounded to `dtype`. A float32
-    model keeps only the packed copy, which serves every row count.
+    Rows in the model's dtype multiply a transposed copy in that dtype; float32 rows (a
+    verification batch) go through the prepacked copy when the weight is large, else through a
+    small transposed float32 copy. Invariant: every copy holds the same values, W rounded to
+    `dtype`; a float32 model shares one copy between both paths.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device,
                  pack: bool):
         super().__init__()
         rounded = weight.to(dtype)
+        self.packed = None
+        if pack and weight.numel() >= PACK_MIN_ELEMENTS:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(rounded.float(), 8)
         self.bias = None if bias is None else bias.to(dtype).to(device)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(rounded.float(), 8) if pack else None
         self.bias32 = None if bias is None else self.bias.float()
-        keep_rows_copy = not pack or dtype != torch.float32
-        self.weight_t = rounded.t().contiguous().to(device) if keep_rows_copy else None  # [in, out]
+        rows_copy = self.packed is None or dtype != torch.float32
+        self.weight_t = rounded.t().contiguous().to(device) if rows_copy else None  # [in, out]
+        self.weight_t32 = None
+        if self.packed is None and self.weight_t is not None:
+            self.weight_t32 = self.weight_t if dtype == torch.float32 else self.weight_t.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias32, "none", [], "")
-        y = x @ self.weight_t
-        return y if self.bias is None else y + self.bias
+        if x.dtype == torch.float32:
+            if self.packed is not None:
+                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias32, "none", [], "")
+            weight, bias = self.weight_t32, self.bias32
+        else:
+            weight, bias = self.weight_t, self.bias
+        y = x @ weight
+        return y if bias is None else y + bias
 
 
 class RMSNorm(nn.Module):
@@ -221,29 +233,39 @@ class Decoder(nn.Module):
         self._rope_cos = torch.empty(0, device=device)
         self._rope_sin = torch.empty(0, device=device)
 
-    def _rope(self, start: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._rope_cos.shape[0] < start + n:
-            size = max(2 * (start + n), 1024)
+    def _rope(self, start: int, n: int, positions: torch.Tensor | None,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [n, head_dim] for positions start..start+n-1, or for explicit `positions`."""
+        needed = start + n if positions is None else int(positions.max()) + 1
+        if self._rope_cos.shape[0] < needed:
+            size = max(2 * needed, 1024)
             t = torch.arange(size, dtype=torch.float32, device=self.device)
             emb = torch.outer(t, self.inv_freq).repeat(1, 2)
             self._rope_cos, self._rope_sin = emb.cos(), emb.sin()
-        return self._rope_cos[start : start + n].to(dtype), self._rope_sin[start : start + n].to(dtype)
+        if positions is None:
+            return self._rope_cos[start : start + n].to(dtype), self._rope_sin[start : start + n].to(dtype)
+        return self._rope_cos[positions].to(dtype), self._rope_sin[positions].to(dtype)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.shape, self.dtype, self.device)
 
     @torch.inference_mode()
-    def forward(self, token_ids: torch.Tensor, cache: KVCache, num_logits: int) -> torch.Tensor:
-        """Append `token_ids` ([n] long) at position `cache.length`; return float32 logits of the last
-        `num_logits` positions ([num_logits, vocab]). Advances `cache.length` by n."""
+    def forward(self, token_ids: torch.Tensor, cache: KVCache, num_logits: int,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Write `token_ids` ([n] long) into cache slots [cache.length, cache.length + n) and return float32
+        logits of the last `num_logits` rows ([num_logits, vocab]); advances `cache.length` by n.
+
+        By default row j sits at position cache.length + j and sees every earlier slot (a causal
+        continuation). A token tree passes its own `positions` ([n] long) and `mask`
+        ([n, cache.length + n] bool, True where a row may attend).
+        """
         n = token_ids.shape[0]
         start = cache.length
         cache.reserve(start + n)
         # batches of rows compute in float32 over prepacked weights (see FastLinear)
         act = torch.float32 if self.batch_rows is not None and n >= self.batch_rows else self.dtype
-        cos, sin = self._rope(start, n, act)
-        mask = None
-        if n > 1:
+        cos, sin = self._rope(start, n, positions, act)
+        if mask is None and n > 1:
             # row j (position start + j) sees every cached slot and the new tokens up to itself
             mask = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(diagonal=start)
         x = self.embed(token_ids).to(act)

@@ -196,17 +196,27 @@ def prepare(name: str) -> Path:
     return convert(name)
 
 
+def _load_source(reference: str) -> tuple[Path, dict, str]:
+    resolved = resolve(reference)
+    if resolved.name in PACKAGED_MODELS:
+        return convert(resolved.name), {}, resolved.name
+    kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
+    return resolved.directory, kwargs, resolved.name
+
+
+def load_tokenizer(reference: str):
+    from transformers import AutoTokenizer
+
+    directory, kwargs, _ = _load_source(reference)
+    return AutoTokenizer.from_pretrained(directory, **kwargs)
+
+
 def load_pretrained(reference: str, dtype: str = "float32"):
     """(transformers model in `dtype`, tokenizer, display name) for a model reference."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    resolved = resolve(reference)
-    if resolved.name in PACKAGED_MODELS:
-        directory, kwargs = convert(resolved.name), {}
-    else:
-        directory = resolved.directory
-        kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
+    directory, kwargs, name = _load_source(reference)
     tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype), **kwargs)
-    return model, tokenizer, resolved.name
+    return model, tokenizer, name

@@ -11,22 +11,25 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from services.model import Decoder, KVCache
 from services.model_store import load_pretrained
+from services.tree import TokenTree
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class _RequestCache:
-    """Invariant: `cache.length == len(token_ids)` and slot i holds token_ids[i]."""
+    """Invariant: `cache.length == len(token_ids)` and slot i holds token_ids[i]. After a tree
+    forward, slot len(token_ids) + i holds node i of `tree_tokens` until the next forward."""
 
     token_ids: list[int]
     cache: KVCache
+    tree_tokens: list[int] = field(default_factory=list)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -76,27 +79,67 @@ class LevelRunner:
     def context_window(self) -> int:
         return self.decoder.shape.max_positions
 
-    def logits(self, request_id: str, token_ids: list[int], num_logits: int) -> torch.Tensor:
-        """Float32 logits [num_logits, vocab] predicting the tokens after each of the last
-        `num_logits` positions of `token_ids`."""
+    def _state(self, request_id: str) -> _RequestCache:
         state = self._requests.pop(request_id, None)
         if state is None:
             state = _RequestCache([], self.decoder.new_cache())
         self._requests[request_id] = state  # most recently used last
         if len(self._requests) > self.max_cached_requests:
             self._requests.popitem(last=False)
-        keep = min(_common_prefix(state.token_ids, token_ids), len(token_ids) - num_logits)
-        state.cache.length = keep
-        new = token_ids[keep:]
+        return state
+
+    def _run(self, state: _RequestCache, new: list[int], num_logits: int, positions=None, mask=None) -> torch.Tensor:
         start = time.perf_counter()
-        out = self.decoder(torch.tensor(new), state.cache, num_logits)
-        elapsed = time.perf_counter() - start
-        state.token_ids = list(token_ids)
+        out = self.decoder(torch.tensor(new), state.cache, num_logits, positions, mask)
         c = self.counter
         c.calls += 1
         c.tokens += len(new)
-        c.seconds += elapsed
+        c.seconds += time.perf_counter() - start
         return out
+
+    def logits(self, request_id: str, token_ids: list[int], num_logits: int) -> torch.Tensor:
+        """Float32 logits [num_logits, vocab] predicting the tokens after each of the last
+        `num_logits` positions of `token_ids`."""
+        state = self._state(request_id)
+        keep = min(_common_prefix(state.token_ids, token_ids), len(token_ids) - num_logits)
+        state.cache.length = keep
+        out = self._run(state, token_ids[keep:], num_logits)
+        state.token_ids = list(token_ids)
+        return out
+
+    def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree) -> torch.Tensor:
+        """Logits [1 + len(tree), vocab]: row 0 after the last token of `token_ids`, row 1 + i after
+        tree node i (which sees the sequence and its own ancestors), all in one forward.
+
+        Afterwards the cache holds `token_ids`; the nodes' keys and values wait in the slots behind
+        it until `accept_path` keeps the verified ones."""
+        state = self._state(request_id)
+        total = len(token_ids)
+        keep = min(_common_prefix(state.token_ids, token_ids), total - 1)
+        state.cache.length = keep
+        linear = token_ids[keep:]
+        positions = torch.cat([torch.arange(keep, total), total + torch.tensor(tree.depths, dtype=torch.long)])
+        width = total + len(tree)
+        mask = torch.ones(len(linear), width, dtype=torch.bool).tril(diagonal=keep)
+        mask = torch.cat([mask, tree.attention_mask(total)])
+        out = self._run(state, linear + tree.tokens, len(tree) + 1, positions, mask)
+        state.cache.length = total
+        state.token_ids = list(token_ids)
+        state.tree_tokens = list(tree.tokens)
+        return out
+
+    def accept_path(self, request_id: str, nodes: list[int]) -> None:
+        """Keep the cached keys/values of the verified tree nodes `nodes` (a root-to-node path, as
+        returned to `tree_logits`' caller) as the continuation of the sequence."""
+        state = self._requests.get(request_id)
+        if state is None or not nodes:
+            return
+        cache, total = state.cache, len(state.token_ids)
+        slots = total + torch.tensor(nodes)
+        cache.buffer[:, :, :, total : total + len(nodes)] = cache.buffer[:, :, :, slots]
+        cache.length = total + len(nodes)
+        state.token_ids.extend(state.tree_tokens[i] for i in nodes)
+        state.tree_tokens = []
 
     def release(self, request_id: str) -> None:
         self._requests.pop(request_id, None)

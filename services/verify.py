@@ -10,6 +10,14 @@ Glossary (as in vLLM's rejection sampler):
 - output tokens: accepted tokens plus one recovered or bonus token, so every
   verification yields at least one token.
 
+A database drafter proposes a token tree of point-mass candidates instead of
+one draft. Greedy walks the tree along the verifier's argmax. Sampling uses
+multi-candidate recursive rejection (as SpecInfer): at a node with target
+distribution p, each child x is accepted with probability p(x); on rejection
+p(x) is zeroed and p renormalised before the next child; when no child
+survives the token is sampled from what is left of p. This is exactly a
+sample from p, so it is lossless.
+
 Greedy (temperature 0) accepts while the draft equals the verifier's argmax and
 then emits the argmax, which is exactly what plain greedy decoding would emit.
 Sampling accepts x with probability min(1, p(x) / q(x)); a draft without
@@ -23,6 +31,15 @@ from dataclasses import dataclass
 import torch
 
 from services.sampling import sample
+from services.tree import TokenTree
+
+
+@dataclass(frozen=True)
+class TreeVerdict:
+    """Output tokens are [tree.tokens[i] for i in path] + [next_token]."""
+
+    path: list[int]
+    next_token: int
 
 
 @dataclass(frozen=True)
@@ -78,3 +95,32 @@ class RejectionSampler:
         if float(residual.sum()) <= 0.0:  # p == q up to rounding: a rejection had probability ~0
             residual = target_row
         return sample(residual, generator)
+
+    def greedy_tree(self, tree: TokenTree, target_logits: torch.Tensor) -> TreeVerdict:
+        # target_logits: [1 + len(tree), vocab]; row 0 follows the root, row 1 + i follows node i
+        choice = target_logits.argmax(-1).tolist()
+        path: list[int] = []
+        node = -1
+        while (child := tree.children(node).get(choice[node + 1])) is not None:
+            path.append(child)
+            node = child
+        return TreeVerdict(path, choice[node + 1])
+
+    def sampled_tree(self, tree: TokenTree, target_probs: torch.Tensor, generator: torch.Generator) -> TreeVerdict:
+        # target_probs: [1 + len(tree), vocab], rows as in greedy_tree
+        path: list[int] = []
+        node = -1
+        while True:
+            residual = target_probs[node + 1].clone()
+            accepted = None
+            for token, child in tree.children(node).items():
+                mass = float(residual[token])
+                if float(torch.rand(1, generator=generator)) < mass:
+                    accepted = child
+                    break
+                residual[token] = 0.0
+                residual /= max(1.0 - mass, 1e-30)
+            if accepted is None:
+                return TreeVerdict(path, sample(residual, generator))
+            path.append(accepted)
+            node = accepted

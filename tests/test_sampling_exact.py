@@ -93,3 +93,37 @@ def test_three_level_sampling_matches_target(tiny):
 def test_broken_verifier_fails_the_same_test(tiny):
     decoder = HierarchicalDecoder([tiny["small"], tiny["target"]], [2], sampler=ResidualIgnoringSampler())
     assert chi_square_p(decoder, SamplingParams(temperature=1.0)) < 1e-3
+
+
+def tiny_drafter(seed: int) -> "HierarchicalDrafter":
+    """All three databases filled with random sequences over the tiny vocabulary, so that trees
+    mix context, model and statistics candidates."""
+    from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
+    from drafter_db.model_db import ModelDB
+    from drafter_db.stores import EmbeddedStore, full_key
+    from drafter_db import table
+
+    gen = torch.Generator().manual_seed(seed)
+    model_db = ModelDB(max_key=2, length=3)
+    model_db.add_output(torch.randint(0, VOCAB, (12,), generator=gen).tolist())  # sparse: leaves room for the rest
+    store = EmbeddedStore()
+    counted = table.count_ngrams(torch.randint(0, VOCAB, (400,), generator=gen).tolist(), 2, 3)
+    store.set_many({full_key("tiny", key): table.encode(table.merge([], ((c, t) for t, c in conts.items()), 3))
+                    for key, conts in counted.items()})
+    config = DrafterConfig(max_key=2, min_context_key=1, max_depth=3, max_candidates=3, max_nodes=6,
+                           min_share=0.0, min_count=1)
+    return HierarchicalDrafter(config, model_db, StatisticsDB(store, "tiny"))
+
+
+def test_tree_drafts_sampling_matches_target(tiny):
+    decoder = HierarchicalDecoder([tiny["target"]], [], proposer=tiny_drafter(1))
+    assert chi_square_p(decoder, SamplingParams(temperature=1.0)) > 1e-3
+    sources = set()
+    for seed in range(200):
+        sources |= set(decoder.generate(PROMPT, SamplingParams(temperature=1.0, seed=seed), NUM_TOKENS).stats.sources)
+    assert sources == {"context", "model", "statistics"}
+
+
+def test_tree_drafts_under_a_model_level_sampling_matches_target(tiny):
+    decoder = HierarchicalDecoder([tiny["small"], tiny["target"]], [2], proposer=tiny_drafter(2))
+    assert chi_square_p(decoder, SamplingParams(temperature=0.9, top_p=0.9)) > 1e-3

@@ -1,0 +1,163 @@
+"""Where n-gram tables live: an embedded in-process store (persisted to a file) or Redis.
+
+Both speak the same small interface over byte keys and the binary values of
+`drafter_db.table`, so the statistics DB, the model DB's mirror and
+`hierspec db build` never care which one they use. Keys are namespaced by the
+tokenizer's fingerprint: models with different vocabularies never mix.
+
+The Redis store sits next to the decoding hot path, so it never blocks it for
+long: short socket timeouts, batched MGET, a bounded local cache (negative
+results too), and a circuit breaker. When Redis fails the store answers
+"no data" (counted as misses), drafting continues from the other databases,
+and after `retry_seconds` it tries Redis again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from drafter_db.keys import ngram_bytes
+
+
+def tokenizer_namespace(tokenizer) -> str:
+    """A short fingerprint of a vocabulary: equal vocabularies share tables, others never do."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    digest = hashlib.sha256("\n".join(f"{i}\t{t}" for t, i in vocab).encode()).hexdigest()
+    return digest[:16]
+
+
+def full_key(namespace: str, ngram: tuple[int, ...] | list[int]) -> bytes:
+    return b"hs:" + namespace.encode() + b":" + ngram_bytes(list(ngram))
+
+
+class TableStore(Protocol):
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]: ...
+
+    def set_many(self, items: dict[bytes, bytes]) -> None: ...
+
+
+@dataclass
+class StoreStats:
+    lookups: int = 0
+    hits: int = 0
+    misses: int = 0  # keys not found, plus keys not asked because the backend was unavailable
+    errors: int = 0
+    cache_hits: int = 0
+
+
+class EmbeddedStore:
+    """An in-process dict persisted to a file: the default statistics store, no server needed."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path else None
+        self.data: dict[bytes, bytes] = {}
+        if self.path and self.path.exists():
+            with open(self.path, "rb") as f:
+                self.data = pickle.load(f)
+
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        data = self.data
+        return [data.get(k) for k in keys]
+
+    def set_many(self, items: dict[bytes, bytes]) -> None:
+        self.data.update(items)
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(self.path.suffix + ".partial")
+        with open(partial, "wb") as f:
+            pickle.dump(self.data, f, protocol=pickle.HIGHEST_PROTOCOL)
+        partial.replace(self.path)
+
+
+class RedisStore:
+    """Redis with timeouts, batching and a circuit breaker; never raises on the read path."""
+
+    def __init__(self, url: str, timeout: float = 0.05, retry_seconds: float = 1.0, batch: int = 1000):
+        import redis
+
+        self.url = url
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self.retry_seconds = retry_seconds
+        self.batch = batch
+        self.stats = StoreStats()
+        self._down_until = 0.0
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        if not keys:
+            return []
+        if not self.available:
+            self.stats.misses += len(keys)
+            return [None] * len(keys)
+        try:
+            values = self.client.mget(keys)
+        except Exception:  # any Redis/network failure degrades to "no data"
+            self.stats.errors += 1
+            self.stats.misses += len(keys)
+            self._down_until = time.monotonic() + self.retry_seconds
+            return [None] * len(keys)
+        return values
+
+    def set_many(self, items: dict[bytes, bytes]) -> None:
+        """Pipelined writes, `batch` keys per round trip; errors propagate (a build must know)."""
+        pipe = self.client.pipeline(transaction=False)
+        pending = 0
+        for key, value in items.items():
+            pipe.set(key, value)
+            pending += 1
+            if pending >= self.batch:
+                pipe.execute()
+                pending = 0
+        if pending:
+            pipe.execute()
+
+
+class CachedLookup:
+    """A bounded LRU in front of a store: hot keys cost one dict probe, absent keys are cached too."""
+
+    _ABSENT = b""
+
+    def __init__(self, store: TableStore, capacity: int = 100_000, ttl_seconds: float = 60.0):
+        self.store = store
+        self.capacity = capacity
+        self.ttl_seconds = ttl_seconds
+        self._cache: OrderedDict[bytes, tuple[float, bytes]] = OrderedDict()
+
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        now = time.monotonic()
+        out: list[bytes | None] = [None] * len(keys)
+        missing: list[int] = []
+        cache = self._cache
+        for i, key in enumerate(keys):
+            entry = cache.get(key)
+            if entry is not None and entry[0] > now:
+                cache.move_to_end(key)
+                out[i] = entry[1] or None
+            else:
+                missing.append(i)
+        if missing:
+            values = self.store.get_many([keys[i] for i in missing])
+            if getattr(self.store, "available", True):  # never cache the "no data" of an outage
+                for i, value in zip(missing, values):
+                    cache[keys[i]] = (now + self.ttl_seconds, value or self._ABSENT)
+                    out[i] = value
+                while len(cache) > self.capacity:
+                    cache.popitem(last=False)
+        return out
+
+    def clear(self) -> None:
+        """Forget every cached value (after a rebuild of the store, say)."""
+        self._cache.clear()

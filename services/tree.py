@@ -1,0 +1,70 @@
+"""A token tree: several draft continuations merged so shared prefixes are verified once.
+
+The root is implicit: the last committed token. Node i holds `tokens[i]`, its
+parent `parents[i]` (-1: a child of the root) and the database it came from
+(`sources[i]`, for per-source statistics).
+
+Invariants: parents[i] < i (nodes are in topological order, so a forward over
+them in index order only looks back), depth[i] = depth[parents[i]] + 1 (root
+children have depth 0), and siblings carry distinct tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TokenTree:
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    _children: dict[int, dict[int, int]] = field(default_factory=dict)  # parent -> {token: node}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def children(self, node: int) -> dict[int, int]:
+        """{token: child node} of `node` (-1 is the root), in insertion (rank) order."""
+        return self._children.get(node, {})
+
+    def add_path(self, path: list[int], source: str, budget: int) -> int:
+        """Insert a continuation from the root, sharing existing prefixes; stop at `budget` nodes.
+        Returns how many new nodes were added."""
+        node, added = -1, 0
+        for token in path:
+            child = self._children.get(node, {}).get(token)
+            if child is None:
+                if len(self.tokens) >= budget:
+                    break
+                child = len(self.tokens)
+                self.tokens.append(token)
+                self.parents.append(node)
+                self.depths.append(0 if node < 0 else self.depths[node] + 1)
+                self.sources.append(source)
+                self._children.setdefault(node, {})[token] = child
+                added += 1
+            node = child
+        return added
+
+    def attention_mask(self, prefix_len: int) -> torch.Tensor:
+        """[n, prefix_len + n] bool: node i sees the whole prefix, its ancestors and itself."""
+        n = len(self.tokens)
+        mask = torch.zeros(n, prefix_len + n, dtype=torch.bool)
+        mask[:, :prefix_len] = True
+        for i, parent in enumerate(self.parents):
+            if parent >= 0:
+                mask[i, prefix_len : prefix_len + n] = mask[parent, prefix_len : prefix_len + n]
+            mask[i, prefix_len + i] = True
+        return mask
+
+    def path_to(self, node: int) -> list[int]:
+        """Node indices from the root's child down to `node`."""
+        path = []
+        while node >= 0:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]

@@ -1,0 +1,119 @@
+"""The statistics DB against a real redis-server: build, lookups, namespacing, and an outage."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from deploy.cli import main
+from drafter_db import table
+from drafter_db.build import BuildSettings, build_statistics
+from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
+from drafter_db.stores import EmbeddedStore, RedisStore, full_key
+from redis_server import RedisServer
+from services.hsd import HierarchicalDecoder
+from services.sampling import SamplingParams
+from tiny_models import tiny_runner
+
+
+class CharTokenizer:
+    """A character-level tokenizer: enough to exercise the build without a model."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(ch) % 64 for ch in text]
+
+    def get_vocab(self):
+        return {chr(i): i for i in range(64)}
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def corpus(tmp_path):
+    (tmp_path / "corpus").mkdir(exist_ok=True)
+    (tmp_path / "corpus" / "a.txt").write_text("the cat sat on the mat. the cat sat on the hat. " * 3)
+    (tmp_path / "corpus" / "b.jsonl").write_text(json.dumps({"text": "the cat ran"}) + "\n")
+    return [str(tmp_path / "corpus")]
+
+
+def test_build_writes_ranked_continuations_and_rerun_is_idempotent(tmp_path, redis_server):
+    store = RedisStore(redis_server.url)
+    settings = BuildSettings(max_key=3, length=4, top=3, min_count=2)
+    summary = build_statistics(corpus(tmp_path), CharTokenizer(), store, "chars", settings)
+    assert summary["keys_written"] > 0
+    key = full_key("chars", CharTokenizer().encode("the"))
+    first = store.client.get(key)
+    _, best = table.decode(first)[0]
+    assert list(best) == CharTokenizer().encode(" cat")  # " cat" follows "the" 7 times, " mat"/" hat" 3 times
+    build_statistics(corpus(tmp_path), CharTokenizer(), store, "chars", settings)
+    assert store.client.get(key) == first
+    assert store.client.get(full_key("other-tokenizer", CharTokenizer().encode("the"))) is None
+
+
+def test_embedded_store_persists(tmp_path):
+    path = tmp_path / "stats.pkl"
+    store = EmbeddedStore(path)
+    build_statistics(corpus(tmp_path), CharTokenizer(), store, "chars", BuildSettings(length=4))
+    store.save()
+    again = EmbeddedStore(path)
+    key = full_key("chars", CharTokenizer().encode("the"))
+    assert again.get_many([key]) == store.get_many([key]) != [None]
+
+
+def test_db_build_cli_reports_bad_corpus(capsys):
+    code = main(["db", "build", "--corpus", "/no/such/corpus", "--model", "smollm2-135m"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+VOCAB = 8
+PROMPT = [1, 2, 3, 4, 5, 6, 7, 1, 2]
+
+
+def statistics_drafter(store) -> tuple[HierarchicalDrafter, StatisticsDB]:
+    stats = StatisticsDB(store, "tiny")
+    config = DrafterConfig(max_key=2, min_context_key=2, max_depth=4, max_candidates=4, max_nodes=10,
+                           min_share=0.0, min_count=1)
+    return HierarchicalDrafter(config, None, stats), stats
+
+
+def fill_statistics(store, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    counted = table.count_ngrams(torch.randint(0, VOCAB, (500,), generator=gen).tolist(), 2, 4)
+    store.set_many({full_key("tiny", k): table.encode(table.merge([], ((c, t) for t, c in v.items()), 4))
+                    for k, v in counted.items()})
+
+
+def test_redis_outage_mid_generation_keeps_output_and_recovers(redis_server):
+    torch.set_num_threads(1)
+    target = tiny_runner(21, vocab=VOCAB)
+    store = RedisStore(redis_server.url, timeout=0.05, retry_seconds=0.2)
+    fill_statistics(store, 0)
+    drafter, stats_db = statistics_drafter(store)
+    decoder = HierarchicalDecoder([target], [], proposer=drafter)
+    plain = HierarchicalDecoder([target], []).generate(PROMPT, SamplingParams(), 60).token_ids
+
+    generation = decoder.start(PROMPT, SamplingParams(), 60)
+    out = []
+    for chunk in generation:
+        out.extend(chunk)
+        if len(out) >= 10 and redis_server.proc is not None:
+            redis_server.stop()  # Redis goes away in the middle of the generation
+            stats_db.lookup_cache.clear()  # and the local cache is cold: every lookup needs Redis
+    assert out == plain
+    assert store.stats.errors >= 1 and store.stats.misses >= 1
+
+    redis_server.start()  # comes back empty: refill, as an operator would rebuild
+    fill_statistics(store, 0)
+    time.sleep(0.3)  # past retry_seconds: the circuit closes again
+    stats_db.lookup_cache.clear()
+    again = decoder.generate(PROMPT, SamplingParams(), 60)
+    assert again.token_ids == plain
+    assert again.stats.sources.get("statistics") and again.stats.sources["statistics"].drafted > 0
