@@ -6,9 +6,12 @@ HIERSPEC := $(VENV)/bin/hierspec
 STAMP := $(VENV)/.installed
 CONFIG ?= deploy/configs/qwen-coder-cpu.yaml
 WORKLOAD ?= ../shared/bench/workload.jsonl
-BENCH_OUT ?= results/bench-qwen-coder.json
 
-.PHONY: setup redis models run test bench lint clean
+STATS_DIR := $(or $(HIERSPEC_MODEL_DIR),$(HOME)/.cache/hierspec/models)/stats
+# A corpus every machine has: the Python standard library (code and docstrings), capped at 1M tokens.
+STATS_CORPUS ?= $(shell python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+
+.PHONY: setup redis models stats run test bench lint clean
 
 setup: $(STAMP) redis
 
@@ -28,16 +31,28 @@ redis:
 models: $(STAMP)
 	$(HIERSPEC) models fetch
 
+# The embedded statistics DB of each tokenizer (SmolLM2's and the Qwen pair's), built once.
+stats: $(STATS_DIR)/.built-smollm2 $(STATS_DIR)/.built-qwen
+
+$(STATS_DIR)/.built-%: | models
+	$(HIERSPEC) db build --model $(if $(filter qwen,$*),qwen2.5-coder-1.5b,smollm2-135m) \
+	  --corpus $(STATS_CORPUS) --max-corpus-tokens 1000000
+	mkdir -p $(STATS_DIR) && touch $@
+
 # The main job: generate with the default hierarchy and compare with plain decoding.
-run: setup models
+run: setup models stats
 	$(HIERSPEC) demo --config $(CONFIG)
 
 test: setup models
 	$(PY) -m pytest
 
-bench: setup models
-	$(HIERSPEC) bench --config $(CONFIG) --workload $(WORKLOAD) --categories coding_humaneval \
-	  --per-category 4 --max-tokens 128 --methods ar,hf-ar,hf-assisted,hsd --out $(BENCH_OUT)
+bench: setup models stats
+	$(HIERSPEC) bench --config deploy/configs/qwen-coder-cpu.yaml --workload $(WORKLOAD) \
+	  --categories coding_humaneval --per-category 4 --max-tokens 128 \
+	  --methods ar,hf-ar,hf-pld,hf-assisted,hsd,hd,hd+hsd --out results/bench-qwen-coder.json
+	$(HIERSPEC) bench --config deploy/configs/smollm2-cpu.yaml --workload $(WORKLOAD) \
+	  --categories mt_bench,translation,summarization,coding_humaneval --per-category 5 --max-tokens 256 \
+	  --methods ar,hf-ar,hf-pld,hd --out results/bench-smollm2.json
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check ruff

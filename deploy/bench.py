@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -46,6 +47,7 @@ class MethodTotals:
     questions: int = 0
     identical: int = 0
     divergences: list[dict] = field(default_factory=list)
+    draft_seconds: list[float] = field(default_factory=list)
 
     def summary(self, ar_speed: float | None) -> dict:
         speed = self.tokens / self.seconds if self.seconds else 0.0
@@ -56,6 +58,7 @@ class MethodTotals:
             "speedup_vs_ar": round(speed / ar_speed, 3) if ar_speed else None,
             "mean_accepted": round(self.tokens / self.verifications, 3) if self.verifications else None,
             "identical_to_ar": round(self.identical / self.questions, 4) if self.questions else None,
+            "drafter_median_us": round(1e6 * statistics.median(self.draft_seconds), 1) if self.draft_seconds else None,
             "divergences": self.divergences,
         }
 
@@ -144,16 +147,17 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
     stop_ids = stop_token_ids(tokenizer)
     greedy = SamplingParams()
 
-    def run(method: str, prompt_ids: list[int], limit: int) -> tuple[list[int], int, float, int]:
-        """(token ids, tokens produced incl. a stop token, seconds, target verifications)"""
+    def run(method: str, prompt_ids: list[int], limit: int) -> tuple[list[int], int, float, int, list[float]]:
+        """(token ids, tokens produced incl. a stop token, seconds, target verifications, drafter seconds)"""
         start = time.perf_counter()
         if method in decoders:
             generation = decoders[method].generate(prompt_ids, greedy, limit, stop_ids)
             seconds = time.perf_counter() - start
             produced = len(generation.token_ids) + (generation.finish_reason == "stop")
-            return generation.token_ids, produced, seconds, generation.stats.levels[-1].verifications
+            return (generation.token_ids, produced, seconds, generation.stats.levels[-1].verifications,
+                    generation.stats.draft_seconds)
         ids, produced = hf.generate(method, prompt_ids, limit, stop_ids)
-        return ids, produced, time.perf_counter() - start, 0
+        return ids, produced, time.perf_counter() - start, 0, []
 
     warm = chat_prompt_ids(tokenizer, [{"role": "user", "content": "Say hi."}])
     for method in run_methods:
@@ -170,7 +174,7 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
             for turn_index, turn in enumerate(question.turns):
                 messages.append({"role": "user", "content": turn})
                 prompt_ids = chat_prompt_ids(tokenizer, messages)
-                ids, produced, seconds, verifications = run(method, prompt_ids, max_tokens)
+                ids, produced, seconds, verifications, draft_seconds = run(method, prompt_ids, max_tokens)
                 messages.append({"role": "assistant", "content": tokenizer.decode(ids, skip_special_tokens=True)})
                 if method == "ar":
                     ar_turns.append((prompt_ids, ids))
@@ -187,6 +191,7 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
                     t.tokens += produced
                     t.seconds += seconds
                     t.verifications += verifications
+                    t.draft_seconds.extend(draft_seconds)
             for key in (group, "_all"):
                 t = totals[method][key]
                 t.questions += 1
@@ -220,6 +225,7 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
             ar_group = totals["ar"][group]
             per = t.summary(ar_group.tokens / ar_group.seconds)
             del per["divergences"]
+            del per["drafter_median_us"]
             summary["per_category"][group] = per
         result["methods"][method] = summary
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -241,13 +247,14 @@ def _cpu_name() -> str:
 
 def format_table(result: dict) -> str:
     groups = sorted({g for m in result["methods"].values() for g in m["per_category"]})
-    header = ["method", "tok/s", "vs ar", "mean acc", "identical", *[f"{g} tok/s" for g in groups]]
+    header = ["method", "tok/s", "vs ar", "mean acc", "identical", "draft us", *[f"{g} tok/s" for g in groups]]
     rows = [header]
     for name, m in result["methods"].items():
         rows.append([
             name, f"{m['tokens_per_s']:.2f}", f"{m['speedup_vs_ar']:.2f}x",
             "-" if m["mean_accepted"] is None else f"{m['mean_accepted']:.2f}",
             "-" if m["identical_to_ar"] is None else f"{m['identical_to_ar']:.2f}",
+            "-" if m["drafter_median_us"] is None else f"{m['drafter_median_us']:.0f}",
             *[f"{m['per_category'][g]['tokens_per_s']:.2f}" if g in m["per_category"] else "-" for g in groups],
         ])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

@@ -49,7 +49,7 @@ class DrafterSettings(BaseModel):
     model_db_path: str | None = Field(None, description="load the model DB from / save it to this file")
     model_db_max_keys: int = Field(200_000, ge=1000, description="model DB bound (keys) before eviction")
     max_key: int = Field(4, ge=1, le=8, description="longest n-gram key tried")
-    max_depth: int = Field(8, ge=1, le=32, description="longest drafted continuation")
+    max_depth: int = Field(12, ge=1, le=32, description="longest drafted continuation")
     max_candidates: int = Field(4, ge=1, le=16, description="candidates merged into one token tree")
     max_nodes: int = Field(12, ge=1, le=64, description="tree size: rows of one verification forward")
 

@@ -136,7 +136,8 @@ class LevelRunner:
             return
         cache, total = state.cache, len(state.token_ids)
         slots = total + torch.tensor(nodes)
-        cache.buffer[:, :, :, total : total + len(nodes)] = cache.buffer[:, :, :, slots]
+        with torch.inference_mode():  # the buffer may have been (re)allocated inside a forward
+            cache.buffer[:, :, :, total : total + len(nodes)] = cache.buffer[:, :, :, slots]
         cache.length = total + len(nodes)
         state.token_ids.extend(state.tree_tokens[i] for i in nodes)
         state.tree_tokens = []

@@ -15,6 +15,10 @@ import pytest
 import torch
 from torch import nn
 
+from drafter_db import table
+from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
+from drafter_db.model_db import ModelDB
+from drafter_db.stores import EmbeddedStore, full_key, tokenizer_namespace
 from services.hsd import DraftPolicy, HierarchicalDecoder
 from services.prompts import chat_prompt_ids, stop_token_ids
 from services.runner import LevelRunner
@@ -44,6 +48,7 @@ def assert_identical(target: LevelRunner, hierarchies: dict[str, HierarchicalDec
     plain = HierarchicalDecoder([target], [])
     saw_stop = saw_length = False
     accepted = dict.fromkeys(hierarchies, 0)
+    sources: set[str] = set()
     for prompt, limit in zip(PROMPTS, max_tokens):
         ids = chat_prompt_ids(target.tokenizer, [{"role": "user", "content": prompt}])
         reference = plain.generate(ids, GREEDY, limit, stops)
@@ -54,8 +59,11 @@ def assert_identical(target: LevelRunner, hierarchies: dict[str, HierarchicalDec
             assert out.token_ids == reference.token_ids, f"{name} diverged on {prompt!r}"
             assert out.finish_reason == reference.finish_reason
             accepted[name] += sum(level.accepted for level in out.stats.levels)
+            accepted[name] += sum(source.accepted for source in out.stats.sources.values())
+            sources |= {name for name, source in out.stats.sources.items() if source.drafted}
     assert saw_stop and saw_length, "the prompts must cover both EOS and the max-token limit"
     assert all(accepted.values()), f"a hierarchy accepted no draft, the test would prove little: {accepted}"
+    return sources
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +81,42 @@ def test_smollm2_hierarchies_equal_plain_decoding(smollm2):
         "3-level T=(3,5)": HierarchicalDecoder([skip, bf16, smollm2], [3, 5]),
     }
     assert_identical(smollm2, hierarchies, max_tokens=[40, 45, 13])
+
+
+def filled_drafter(runner: LevelRunner) -> HierarchicalDrafter:
+    """A drafter whose three databases all have data: the model DB and the (embedded) statistics DB
+    learn from plain-decoding answers to other prompts, so their drafts are plausible, not perfect."""
+    tokenizer = runner.tokenizer
+    namespace = tokenizer_namespace(tokenizer)
+    store = EmbeddedStore()
+    texts = [
+        "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+        "The colours of the rainbow are red, orange, yellow, green, blue, indigo and violet.",
+    ]
+    counted: dict = {}
+    for text in texts:
+        for key, conts in table.count_ngrams(tokenizer.encode(text), 3, 6).items():
+            counted.setdefault(key, {}).update(conts)
+    store.set_many({full_key(namespace, k): table.encode(table.merge([], ((c, t) for t, c in v.items()), 4))
+                    for k, v in counted.items()})
+    model_db = ModelDB(max_key=3)
+    plain = HierarchicalDecoder([runner], [])
+    for prompt in ("Say hello.", "Name two colours."):
+        ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+        model_db.add_output(plain.generate(ids, GREEDY, 24, stop_token_ids(tokenizer)).token_ids)
+    config = DrafterConfig(max_key=3, min_share=0.0, min_count=1)
+    return HierarchicalDrafter(config, model_db, StatisticsDB(store, namespace))
+
+
+def test_smollm2_tree_drafts_equal_plain_decoding(smollm2):
+    bf16 = LevelRunner(LevelRunner.load("smollm2-135m", "bfloat16").decoder, smollm2.tokenizer, "smollm2-bf16")
+    drafter = filled_drafter(smollm2)
+    hierarchies = {
+        "hd": HierarchicalDecoder([smollm2], [], proposer=drafter),
+        "hd+hsd": HierarchicalDecoder([bf16, smollm2], [6], proposer=drafter),
+    }
+    sources = assert_identical(smollm2, hierarchies, max_tokens=[40, 45, 13])
+    assert sources == {"context", "model", "statistics"}
 
 
 def test_qwen_pair_hierarchies_equal_plain_decoding():
