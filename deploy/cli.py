@@ -16,12 +16,8 @@ def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None
     parser.add_argument("--config", required=default_config is None, default=default_config,
                         help="hierarchy config (YAML)" + (f"; default {default_config}" if default_config else ""))
     parser.add_argument("--method", choices=METHODS, default=None,
-                        help="ar runs the target alone; default: hd+hsd when the config has draft levels, else hd")
+                        help="ar runs the target alone; default: the config's `method`")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: the config's")
-
-
-def _default_method(config) -> str:
-    return "hd+hsd" if config.hierarchy else "hd"
 
 
 def _cmd_models_fetch(args) -> None:
@@ -57,7 +53,7 @@ def _cmd_generate(args) -> None:
 
     config = load_config(args.config)
     configure_torch(config)
-    method = args.method or _default_method(config)
+    method = args.method or config.default_method
     generation, text = _generate_once(config, method, args.dtype, args.prompt, args.max_tokens or config.max_tokens,
                                       args.temperature, args.seed, not args.no_chat)
     stats = generation.stats.as_dict()
@@ -77,7 +73,7 @@ def _cmd_demo(args) -> None:
 
     config = load_config(args.config)
     configure_torch(config)
-    method = args.method or _default_method(config)
+    method = args.method or config.default_method
     pool = RunnerPool()
     print(f"loading {config.name} ({args.dtype or config.dtype}); the first run downloads and converts the models",
           file=sys.stderr)

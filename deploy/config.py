@@ -68,7 +68,13 @@ class HierspecConfig(BaseModel):
     device: str = Field("cpu", description="torch device of every level, e.g. cpu or cuda")
     threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads; default: all cores")
     max_tokens: int = Field(256, ge=1, le=32768, description="default limit on generated tokens per request")
+    method: Literal["ar", "hsd", "hd", "hd+hsd"] | None = Field(
+        None, description="what --method defaults to; default: hd+hsd with draft levels, else hd")
     drafter: DrafterSettings = Field(default_factory=DrafterSettings)
+
+    @property
+    def default_method(self) -> str:
+        return self.method or ("hd+hsd" if self.hierarchy else "hd")
 
     @model_validator(mode="after")
     def _check_hierarchy(self) -> "HierspecConfig":

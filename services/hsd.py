@@ -15,6 +15,12 @@ stopping time), which leaves each token's conditional distribution unchanged.
 With one level (K = 0) the loop is plain autoregressive decoding through the
 same runner, so `ar` and speculative runs are compared fairly.
 
+Below level 0 may sit a model-free proposer (the database drafter of
+drafter_db): level 0 then verifies its token trees instead of drafting
+autoregressively, keeping the accepted path and its own probabilities, and
+hands the result up like any other level (or commits it, when level 0 is the
+target: method `hd`).
+
 KV caches need no explicit rollback: every runner call carries the full token
 sequence and the runner reuses only the longest cached prefix.
 """

@@ -28,10 +28,17 @@ def test_generate_json_contract():
     assert isinstance(out["text"], str) and out["text"]
     assert all(isinstance(t, int) for t in out["token_ids"]) and 0 < len(out["token_ids"]) <= 12
     stats = out["stats"]
-    for key in ("tokens", "seconds", "tokens_per_s", "mean_accepted", "levels", "accepted_by_level"):
+    for key in ("tokens", "seconds", "tokens_per_s", "mean_accepted", "levels", "accepted_by_level",
+                "accepted_by_source", "drafted_by_source"):
         assert key in stats
     assert stats["tokens"] == len(out["token_ids"])
-    assert out["method"] == "ar" and out["dtype"] == "float32"
+    assert out["method"] == "hd" and out["dtype"] == "float32"  # the config's default method
+
+
+def test_generate_methods_agree_in_float32():
+    args = ("--config", "deploy/configs/smollm2-cpu.yaml", "--prompt", "Repeat after me: one two three, one two three.",
+            "--max-tokens", "24", "--dtype", "float32")
+    assert generate(*args, "--method", "ar")["token_ids"] == generate(*args, "--method", "hd")["token_ids"]
 
 
 def test_generate_sampling_is_reproducible_with_a_seed():
