@@ -11,8 +11,8 @@ from deploy.config import DrafterSettings, HierspecConfig
 from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
 from drafter_db.model_db import ModelDB
 from drafter_db.stores import EmbeddedStore, RedisStore, tokenizer_namespace
-from services.model_store import cache_dir
 from services.hsd import DraftPolicy, HierarchicalDecoder
+from services.model_store import cache_dir
 from services.runner import LevelRunner
 
 

@@ -77,7 +77,7 @@ class HierspecConfig(BaseModel):
         return self.method or ("hd+hsd" if self.hierarchy else "hd")
 
     @model_validator(mode="after")
-    def _check_hierarchy(self) -> "HierspecConfig":
+    def _check_hierarchy(self) -> HierspecConfig:
         seen = set()
         for index, level in enumerate(self.hierarchy):
             if level.model not in self.models.drafts:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from drafter_db import table
 from drafter_db.context import ContextIndex
 from drafter_db.model_db import ModelDB
+from drafter_db.keys import ngram_bytes
 from drafter_db.stores import CachedLookup, TableStore, full_key
 from drafter_db.table import Continuations
 from services.tree import TokenTree
@@ -47,13 +48,15 @@ class StatisticsDB:
 
     def __init__(self, store: TableStore, namespace: str, cache_capacity: int = 200_000):
         self.namespace = namespace
+        self._prefix = full_key(namespace, ())
         self.lookup_cache = CachedLookup(store, capacity=cache_capacity)
         self._decoded: dict[bytes, Continuations] = {}
 
     def lookup_many(self, keys: list[tuple[int, ...]]) -> list[Continuations]:
-        full = [full_key(self.namespace, key) for key in keys]
+        prefix = self._prefix
+        full = [prefix + ngram_bytes(key) for key in keys]
         out = []
-        for key, value in zip(full, self.lookup_cache.get_many(full)):
+        for value in self.lookup_cache.get_many(full):
             if value is None:
                 out.append(())
                 continue

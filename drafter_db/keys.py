@@ -16,6 +16,10 @@ def ngram_key(tokens: list[int]) -> int:
     return key
 
 
-def ngram_bytes(tokens: list[int]) -> bytes:
+_PACKERS = [struct.Struct(f"<{n}I") for n in range(17)]
+
+
+def ngram_bytes(tokens: list[int] | tuple[int, ...]) -> bytes:
     """The byte key used in Redis and on disk: little-endian uint32 token ids."""
-    return struct.pack(f"<{len(tokens)}I", *tokens)
+    n = len(tokens)
+    return (_PACKERS[n] if n < len(_PACKERS) else struct.Struct(f"<{n}I")).pack(*tokens)

@@ -3,8 +3,7 @@
 Middle temporal locality: a model repeats its own phrasings across requests
 (boilerplate, formatting, common answers). Filled online from completed
 requests, bounded in keys, frequency-aware eviction (the keys seen least
-often go first), saved to and loaded from a file, optionally mirrored to a
-shared store so replicas learn from each other.
+often go first), saved to and loaded from a file.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import pickle
 from pathlib import Path
 
 from drafter_db import table
-from drafter_db.stores import TableStore, full_key
 from drafter_db.table import Continuations
 
 
@@ -21,14 +19,11 @@ class ModelDB:
     """Invariant: `len(self._entries) <= max_keys`; each entry's continuations are ranked best first,
     at most `top` of them; `_totals[key]` is the sum of the counts ever merged into the key."""
 
-    def __init__(self, max_key: int = 4, length: int = 6, top: int = 4, max_keys: int = 200_000,
-                 mirror: TableStore | None = None, namespace: str = ""):
+    def __init__(self, max_key: int = 4, length: int = 6, top: int = 4, max_keys: int = 200_000):
         self.max_key = max_key
         self.length = length
         self.top = top
         self.max_keys = max_keys
-        self.mirror = mirror
-        self.namespace = namespace
         self._entries: dict[tuple[int, ...], Continuations] = {}
         self._totals: dict[tuple[int, ...], int] = {}
 
@@ -44,17 +39,11 @@ class ModelDB:
     def add_output(self, token_ids: list[int]) -> None:
         """Count the n-grams of one completed output (with its last prompt tokens as left context)."""
         counted = table.count_ngrams(token_ids, self.max_key, self.length)
-        updated: dict[bytes, bytes] = {}
         for key, conts in counted.items():
-            merged = table.merge(self._entries.get(key, []), ((c, t) for t, c in conts.items()), self.top)
-            self._entries[key] = merged
+            self._entries[key] = table.merge(self._entries.get(key, []), ((c, t) for t, c in conts.items()), self.top)
             self._totals[key] = self._totals.get(key, 0) + sum(conts.values())
-            if self.mirror is not None:
-                updated[full_key(self.namespace, key)] = table.encode(merged)
         if len(self._entries) > self.max_keys:
             self._evict()
-        if updated:
-            self.mirror.set_many(updated)
 
     def _evict(self) -> None:
         """Drop the least frequent keys down to 90% of the bound (batched, so eviction is amortised)."""

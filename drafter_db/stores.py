@@ -34,7 +34,7 @@ def tokenizer_namespace(tokenizer) -> str:
 
 
 def full_key(namespace: str, ngram: tuple[int, ...] | list[int]) -> bytes:
-    return b"hs:" + namespace.encode() + b":" + ngram_bytes(list(ngram))
+    return b"hs:" + namespace.encode() + b":" + ngram_bytes(ngram)
 
 
 class TableStore(Protocol):

@@ -151,7 +151,7 @@ class Generation:
     Closing the iterator early (a client that went away) releases every level's cache.
     """
 
-    def __init__(self, decoder: "HierarchicalDecoder", prompt_ids: list[int], params: SamplingParams,
+    def __init__(self, decoder: HierarchicalDecoder, prompt_ids: list[int], params: SamplingParams,
                  max_tokens: int, stop_ids: frozenset[int]):
         self.id = uuid.uuid4().hex
         self.params = params
@@ -305,7 +305,7 @@ class HierarchicalDecoder:
             verdict = self.sampler.sampled_tree(tree, probs, req.generator)
             rows = probs[[0] + [node + 1 for node in verdict.path]]
         level.accept_path(req.id, verdict.path)
-        for node, source in enumerate(tree.sources):
+        for source in tree.sources:
             req.stats.sources.setdefault(source, SourceStats()).drafted += 1
         for node in verdict.path:
             req.stats.sources[tree.sources[node]].accepted += 1

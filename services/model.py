@@ -45,7 +45,7 @@ class DecoderShape:
     max_positions: int
 
     @classmethod
-    def from_hf_config(cls, config) -> "DecoderShape":
+    def from_hf_config(cls, config) -> DecoderShape:
         if config.model_type not in ("llama", "qwen2"):
             raise ValueError(f"unsupported architecture {config.model_type!r} (supported: llama, qwen2)")
         rope = getattr(config, "rope_parameters", None) or {}
@@ -227,9 +227,8 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cast(weights["norm"]), shape.rms_norm_eps)
         self.lm_head = make_linear(weights["lm_head"], None)
         self.batch_rows = BATCH_ROWS if pack else None
-        self.inv_freq = 1.0 / (
-            shape.rope_theta ** (torch.arange(0, shape.head_dim, 2, dtype=torch.float32, device=device) / shape.head_dim)
-        )
+        exponents = torch.arange(0, shape.head_dim, 2, dtype=torch.float32, device=device) / shape.head_dim
+        self.inv_freq = 1.0 / (shape.rope_theta**exponents)
         self._rope_cos = torch.empty(0, device=device)
         self._rope_sin = torch.empty(0, device=device)
 
@@ -275,7 +274,7 @@ class Decoder(nn.Module):
         return self.lm_head(self.norm(x[n - num_logits :])).float()
 
     @classmethod
-    def from_hf(cls, hf_model, dtype: torch.dtype, device: torch.device) -> "Decoder":
+    def from_hf(cls, hf_model, dtype: torch.dtype, device: torch.device) -> Decoder:
         """Build from a transformers Llama/Qwen2 model, fusing its projections."""
         shape = DecoderShape.from_hf_config(hf_model.config)
         sd = hf_model.state_dict()

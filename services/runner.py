@@ -65,7 +65,7 @@ class LevelRunner:
         self._requests: OrderedDict[str, _RequestCache] = OrderedDict()
 
     @classmethod
-    def load(cls, reference: str, dtype: str = "float32", device: str = "cpu") -> "LevelRunner":
+    def load(cls, reference: str, dtype: str = "float32", device: str = "cpu") -> LevelRunner:
         hf_model, tokenizer, name = load_pretrained(reference)
         decoder = Decoder.from_hf(hf_model, DTYPES[dtype], torch.device(device))
         del hf_model

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from drafter_db import table
 from drafter_db.context import ContextIndex
 from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
 from drafter_db.model_db import ModelDB
 from drafter_db.replay import replay
 from drafter_db.stores import EmbeddedStore, full_key
-from drafter_db import table
 
 
 def test_context_index_finds_recent_continuations_in_order():

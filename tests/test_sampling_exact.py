@@ -14,11 +14,15 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import chisquare
+from tiny_models import tiny_runner
 
+from drafter_db import table
+from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
+from drafter_db.model_db import ModelDB
+from drafter_db.stores import EmbeddedStore, full_key
 from services.hsd import HierarchicalDecoder
 from services.sampling import SamplingParams, sample
 from services.verify import RejectionSampler
-from tiny_models import tiny_runner
 
 PROMPT = [1, 4, 2]
 NUM_TOKENS = 3
@@ -95,13 +99,10 @@ def test_broken_verifier_fails_the_same_test(tiny):
     assert chi_square_p(decoder, SamplingParams(temperature=1.0)) < 1e-3
 
 
-def tiny_drafter(seed: int) -> "HierarchicalDrafter":
+def tiny_drafter(seed: int) -> HierarchicalDrafter:
     """All three databases filled with random sequences over the tiny vocabulary, so that trees
     mix context, model and statistics candidates."""
-    from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
-    from drafter_db.model_db import ModelDB
-    from drafter_db.stores import EmbeddedStore, full_key
-    from drafter_db import table
+    from drafter_db.drafter import HierarchicalDrafter
 
     gen = torch.Generator().manual_seed(seed)
     model_db = ModelDB(max_key=2, length=3)

@@ -7,16 +7,16 @@ import time
 
 import pytest
 import torch
+from redis_server import RedisServer
+from tiny_models import tiny_runner
 
 from deploy.cli import main
 from drafter_db import table
 from drafter_db.build import BuildSettings, build_statistics
 from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
 from drafter_db.stores import EmbeddedStore, RedisStore, full_key
-from redis_server import RedisServer
 from services.hsd import HierarchicalDecoder
 from services.sampling import SamplingParams
-from tiny_models import tiny_runner
 
 
 class CharTokenizer:
