@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from drafter_db import table
 from drafter_db.context import ContextIndex
-from drafter_db.model_db import ModelDB
 from drafter_db.keys import ngram_bytes
+from drafter_db.model_db import ModelDB
 from drafter_db.stores import CachedLookup, TableStore, full_key
 from drafter_db.table import Continuations
 from services.tree import TokenTree
