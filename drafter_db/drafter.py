@@ -44,29 +44,17 @@ class DrafterConfig:
 
 
 class StatisticsDB:
-    """Read side of the global corpus statistics: namespaced keys, cached, decoded once."""
+    """Read side of the global corpus statistics: namespaced keys, cached already decoded."""
 
     def __init__(self, store: TableStore, namespace: str, cache_capacity: int = 200_000):
         self.namespace = namespace
         self._prefix = full_key(namespace, ())
-        self.lookup_cache = CachedLookup(store, capacity=cache_capacity)
-        self._decoded: dict[bytes, Continuations] = {}
+        self.lookup_cache = CachedLookup(store, table.decode, capacity=cache_capacity)
 
     def lookup_many(self, keys: list[tuple[int, ...]]) -> list[Continuations]:
         prefix = self._prefix
-        full = [prefix + ngram_bytes(key) for key in keys]
-        out = []
-        for value in self.lookup_cache.get_many(full):
-            if value is None:
-                out.append(())
-                continue
-            decoded = self._decoded.get(value)
-            if decoded is None:
-                if len(self._decoded) > 100_000:
-                    self._decoded.clear()
-                decoded = self._decoded[value] = table.decode(value)
-            out.append(decoded)
-        return out
+        values = self.lookup_cache.get_many([prefix + ngram_bytes(key) for key in keys])
+        return [value or () for value in values]
 
 
 class _RequestState:

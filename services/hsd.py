@@ -291,12 +291,8 @@ class HierarchicalDecoder:
     def _verify_tree(self, req: Generation, seq: list[int], tree: TokenTree) -> Draft:
         """Level 0 verifies the proposer's tree in one forward and keeps the accepted path."""
         level = self.levels[0]
-        before = level.counter.seconds
-        logits = level.tree_logits(req.id, seq, tree)
-        stats = req.stats.levels[0]
-        stats.forwards += 1
-        stats.verifications += 1
-        stats.forward_seconds += level.counter.seconds - before
+        logits = self._counted(req, 0, lambda: level.tree_logits(req.id, seq, tree))
+        req.stats.levels[0].verifications += 1
         if req.params.greedy:
             verdict = self.sampler.greedy_tree(tree, logits)
             rows = None
@@ -332,8 +328,13 @@ class HierarchicalDecoder:
 
     def _forward(self, req: Generation, level_index: int, token_ids: list[int], num_logits: int) -> torch.Tensor:
         level = self.levels[level_index]
+        return self._counted(req, level_index, lambda: level.logits(req.id, token_ids, num_logits))
+
+    def _counted(self, req: Generation, level_index: int, forward) -> torch.Tensor:
+        """Run one forward of a level and charge it to the request's per-level stats."""
+        level = self.levels[level_index]
         before = level.counter.seconds
-        logits = level.logits(req.id, token_ids, num_logits)
+        logits = forward()
         stats = req.stats.levels[level_index]
         stats.forwards += 1
         stats.forward_seconds += level.counter.seconds - before
