@@ -124,8 +124,8 @@ class _HFMethods:
 
 
 def _top2_margin(decoder, prompt_ids: list[int], ar_ids: list[int], position: int) -> float:
-    logits = decoder.target.logits("bench-margin", prompt_ids + ar_ids[:position], 1)[0]
-    decoder.target.release("bench-margin")
+    logits = decoder.target.runner.logits("bench-margin", prompt_ids + ar_ids[:position], 1)[0]
+    decoder.target.runner.release("bench-margin")
     top = torch.topk(logits, 2).values
     return round(float(top[0] - top[1]), 5)
 
@@ -143,7 +143,7 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
     decoders = {m: build_decoder(config, m, dtype, pool) for m in run_methods if m in OUR_METHODS}
     hf = _HFMethods(config, dtype) if any(m in HF_METHODS for m in run_methods) else None
     ar = decoders["ar"]
-    tokenizer = ar.target.tokenizer
+    tokenizer = ar.target.runner.tokenizer
     stop_ids = stop_token_ids(tokenizer)
     greedy = SamplingParams()
 

@@ -10,6 +10,7 @@ from deploy.config import METHODS, ConfigError, load_config
 from services.model_store import PACKAGED_MODELS, ModelError
 
 DEFAULT_CONFIG = "deploy/configs/qwen-coder-cpu.yaml"
+SERVE_CONFIG = "deploy/configs/smollm2-cpu.yaml"
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
@@ -38,12 +39,12 @@ def _generate_once(config, method: str, dtype: str | None, prompt: str, max_toke
 
     params = SamplingParams(temperature=temperature, seed=seed)
     decoder = build_decoder(config, method, dtype, pool)
-    tokenizer = decoder.target.tokenizer
+    tokenizer = decoder.target.runner.tokenizer
     prompt_ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}]) if chat else \
         text_prompt_ids(tokenizer, prompt)
-    if len(prompt_ids) + max_tokens > decoder.target.context_window:
+    if len(prompt_ids) + max_tokens > decoder.target.runner.context_window:
         raise ConfigError(f"prompt ({len(prompt_ids)} tokens) plus --max-tokens {max_tokens} exceeds the "
-                          f"context window of {decoder.target.context_window} tokens")
+                          f"context window of {decoder.target.runner.context_window} tokens")
     generation = decoder.generate(prompt_ids, params, max_tokens, stop_token_ids(tokenizer))
     return generation, tokenizer.decode(generation.token_ids, skip_special_tokens=True)
 
@@ -126,6 +127,13 @@ def _cmd_bench(args) -> None:
               max_tokens=args.max_tokens, dtype=args.dtype, categories=args.categories)
 
 
+def _cmd_serve(args) -> None:
+    from deploy.app import serve_foreground
+
+    load_config(args.config)  # config errors before anything starts
+    serve_foreground(args.config, args.method, args.dtype, args.port, args.metrics_port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hierspec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
                                           "with a docstring and a short example.")
     demo.add_argument("--max-tokens", type=int, default=128)
     demo.set_defaults(func=_cmd_demo)
+
+    srv = sub.add_parser("serve", help="run the OpenAI-compatible Serve app on a local Ray cluster")
+    _add_config_args(srv, SERVE_CONFIG)
+    srv.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's serving.port)")
+    srv.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port of this node")
+    srv.set_defaults(func=_cmd_serve)
 
     db = sub.add_parser("db", help="the drafter's databases")
     db_sub = db.add_subparsers(dest="db_command", required=True)

@@ -1,7 +1,7 @@
 """The hierarchy config: one YAML file names the models, the hierarchy and how to run them.
 
-The same file drives `hierspec generate`, `hierspec bench` and (later) the
-Serve application and the Kubernetes manifests, so they never drift apart.
+The same file drives `hierspec generate`, `hierspec bench`, the Serve
+application and (later) the Kubernetes manifests, so they never drift apart.
 """
 
 from __future__ import annotations
@@ -54,6 +54,28 @@ class DrafterSettings(BaseModel):
     max_nodes: int = Field(12, ge=1, le=64, description="tree size: rows of one verification forward")
 
 
+class ServingSettings(BaseModel):
+    """How the Serve application runs the hierarchy (`hierspec serve`, `serve run`, KubeRay)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy")
+    replicas_per_level: int = Field(1, ge=1, le=64, description="replicas of each level deployment")
+    gpus_per_level: float = Field(0.0, ge=0.0, le=8.0, description="GPUs of each level replica (0 on CPU)")
+    cpus_per_level: float = Field(1.0, ge=0.0, le=256.0, description="Ray CPUs reserved by each level replica")
+    level_threads: int | None = Field(
+        None, ge=1, le=1024, description="torch threads of a level replica; default: `threads`, else all cores")
+    router_replicas: int = Field(1, ge=1, le=64, description="replicas of the HTTP ingress and router")
+    max_in_flight: int = Field(32, ge=1, le=4096,
+                               description="requests a router replica runs at once; more get HTTP 503")
+    request_timeout_s: float = Field(600.0, gt=0.0, description="a request running longer is ended")
+    pipelined: bool = Field(
+        True, description="interleave the rounds of concurrent requests over the levels (False: one round at a time)")
+    max_cached_requests: int = Field(64, ge=1, le=100_000, description="request KV caches a level replica keeps")
+    api_key_env: str = Field("HIERSPEC_API_KEY",
+                             description="environment variable holding the API key; unset or empty: no key")
+
+
 class HierspecConfig(BaseModel):
     """A validated config; cross-field rules live in `_check_hierarchy`."""
 
@@ -71,6 +93,7 @@ class HierspecConfig(BaseModel):
     method: Literal["ar", "hsd", "hd", "hd+hsd"] | None = Field(
         None, description="what --method defaults to; default: hd+hsd with draft levels, else hd")
     drafter: DrafterSettings = Field(default_factory=DrafterSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
 
     @property
     def default_method(self) -> str:

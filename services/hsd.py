@@ -21,20 +21,27 @@ autoregressively, keeping the accepted path and its own probabilities, and
 hands the result up like any other level (or commits it, when level 0 is the
 target: method `hd`).
 
-KV caches need no explicit rollback: every runner call carries the full token
-sequence and the runner reuses only the longest cached prefix.
+KV caches need no explicit rollback: every level call carries the full token
+sequence and the runner reuses only the longest cached prefix (after a tree
+forward, the tree nodes that the sequence went on with).
+
+Level calls are awaited (`services.levels`), so a router can interleave the
+rounds of many requests over remote levels; `Generation` is also a plain
+iterator for callers in one process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from services.levels import Level, as_level
 from services.runner import LevelRunner
 from services.sampling import SamplingParams, sample
 from services.tree import TokenTree
@@ -152,8 +159,8 @@ class Generation:
     """
 
     def __init__(self, decoder: HierarchicalDecoder, prompt_ids: list[int], params: SamplingParams,
-                 max_tokens: int, stop_ids: frozenset[int]):
-        self.id = uuid.uuid4().hex
+                 max_tokens: int, stop_ids: frozenset[int], request_id: str | None = None):
+        self.id = request_id or uuid.uuid4().hex
         self.params = params
         self.stop_ids = stop_ids
         self.generator = params.generator()
@@ -165,6 +172,20 @@ class Generation:
         self._max_tokens = max_tokens
 
     def __iter__(self) -> Iterator[list[int]]:
+        loop = asyncio.new_event_loop()
+        rounds = self.stream()
+        try:
+            while True:
+                try:
+                    yield loop.run_until_complete(anext(rounds))
+                except StopAsyncIteration:
+                    return
+        finally:
+            loop.run_until_complete(rounds.aclose())
+            loop.close()
+
+    async def stream(self) -> AsyncIterator[list[int]]:
+        """The tokens each target round commits (stop tokens excluded)."""
         decoder = self._decoder
         proposer = decoder.proposer
         seq = list(self._prompt_ids)
@@ -174,7 +195,7 @@ class Generation:
         try:
             while len(self.token_ids) < self._max_tokens:
                 budget = self._max_tokens - len(self.token_ids)
-                new = decoder.verify_at(self, len(decoder.levels) - 1, seq, budget).tokens
+                new = (await decoder.verify_at(self, len(decoder.levels) - 1, seq, budget)).tokens
                 committed = []
                 for token in new:
                     if token in self.stop_ids:
@@ -194,18 +215,19 @@ class Generation:
             self.finish_reason = "length"
         finally:
             self.stats.seconds = time.perf_counter() - started
-            for level in decoder.levels:
-                level.release(self.id)
             if proposer is not None:
                 proposer.finish(self.id, completed=self.finish_reason is not None)
+            await asyncio.gather(*(level.release(self.id) for level in decoder.levels), return_exceptions=True)
 
 
 class HierarchicalDecoder:
     """Runs a chain of levels; `levels[-1]` is the target, `policies[i]` says how levels[i] drafts
     (an int is shorthand for a policy with that T_i)."""
 
-    def __init__(self, levels: list[LevelRunner], policies: list[DraftPolicy | int],
-                 sampler: RejectionSampler | None = None, proposer: TreeProposer | None = None):
+    def __init__(self, levels: list[Level | LevelRunner], policies: list[DraftPolicy | int],
+                 sampler: RejectionSampler | None = None, proposer: TreeProposer | None = None,
+                 on_forward: Callable[[str, float], None] | None = None):
+        levels = [as_level(level) for level in levels]
         if len(policies) != len(levels) - 1:
             raise ValueError("need one draft policy per non-target level")
         vocab = levels[-1].vocab_size
@@ -220,15 +242,17 @@ class HierarchicalDecoder:
         # below level 0: with a proposer, level 0 verifies its trees (holding T_0 tokens when it drafts)
         self.proposer = proposer
         self.sampler = sampler or RejectionSampler()
+        self.on_forward = on_forward  # (level name, seconds) after every forward: serving metrics
 
     @property
-    def target(self) -> LevelRunner:
+    def target(self) -> Level:
         return self.levels[-1]
 
     def start(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
-              stop_ids: set[int] | frozenset[int] = frozenset()) -> Generation:
-        """A lazy generation; nothing runs until it is iterated. Stop tokens are not returned."""
-        return Generation(self, prompt_ids, params, max_tokens, frozenset(stop_ids))
+              stop_ids: set[int] | frozenset[int] = frozenset(), request_id: str | None = None) -> Generation:
+        """A lazy generation; nothing runs until it is iterated. Stop tokens are not returned.
+        `request_id` (default: a fresh one) keys the request's KV caches at every level."""
+        return Generation(self, prompt_ids, params, max_tokens, frozenset(stop_ids), request_id)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
                  stop_ids: set[int] | frozenset[int] = frozenset()) -> Generation:
@@ -238,7 +262,7 @@ class HierarchicalDecoder:
             pass
         return generation
 
-    def verify_at(self, req: Generation, level_index: int, seq: list[int], limit: int) -> Draft:
+    async def verify_at(self, req: Generation, level_index: int, seq: list[int], limit: int) -> Draft:
         """Level `level_index` verifies one draft from the level below (at level 0, as in `ar`,
         it decodes one token, or verifies the proposer's tree). Returns at most `limit` output tokens
         with, when sampling, the level's probabilities for them (the q its output carries to the
@@ -246,9 +270,9 @@ class HierarchicalDecoder:
         if level_index == 0 and self.proposer is not None and limit > 1:
             tree = self._propose(req, seq, limit - 1)
             if len(tree):
-                return self._verify_tree(req, seq, tree)
-        draft = self._draft(req, level_index - 1, seq, limit - 1) if level_index > 0 else Draft()
-        logits = self._forward(req, level_index, seq + draft.tokens, len(draft.tokens) + 1)
+                return await self._verify_tree(req, seq, tree)
+        draft = await self._draft(req, level_index - 1, seq, limit - 1) if level_index > 0 else Draft()
+        logits = await self._forward(req, level_index, seq + draft.tokens, len(draft.tokens) + 1)
         req.stats.levels[level_index].verifications += 1
         if req.params.greedy:
             verdict = self.sampler.greedy(draft.tokens, logits)
@@ -263,18 +287,18 @@ class HierarchicalDecoder:
             below.accepted += verdict.num_accepted
         return Draft(draft.tokens[: verdict.num_accepted] + [verdict.next_token], rows)
 
-    def _draft(self, req: Generation, level_index: int, seq: list[int], limit: int) -> Draft:
+    async def _draft(self, req: Generation, level_index: int, seq: list[int], limit: int) -> Draft:
         """At most `limit` tokens from level `level_index` for the level above, aiming at T_i."""
         if limit <= 0:
             return Draft()
         policy = self.policies[level_index]
         want = min(policy.max_tokens, limit)
         if level_index == 0 and self.proposer is None:
-            return self._draft_autoregressive(req, seq, want, policy.min_confidence)
+            return await self._draft_autoregressive(req, seq, want, policy.min_confidence)
         held: list[int] = []
         rows: list[torch.Tensor] = []
         while len(held) < want:
-            out = self.verify_at(req, level_index, seq + held, limit - len(held))
+            out = await self.verify_at(req, level_index, seq + held, limit - len(held))
             held.extend(out.tokens)
             if out.probs is not None:
                 rows.append(out.probs)
@@ -288,10 +312,10 @@ class HierarchicalDecoder:
         req.stats.draft_seconds.append(time.perf_counter() - start)
         return tree
 
-    def _verify_tree(self, req: Generation, seq: list[int], tree: TokenTree) -> Draft:
+    async def _verify_tree(self, req: Generation, seq: list[int], tree: TokenTree) -> Draft:
         """Level 0 verifies the proposer's tree in one forward and keeps the accepted path."""
         level = self.levels[0]
-        logits = self._counted(req, 0, lambda: level.tree_logits(req.id, seq, tree))
+        logits = await self._counted(req, 0, level.tree_logits(req.id, seq, tree))
         req.stats.levels[0].verifications += 1
         if req.params.greedy:
             verdict = self.sampler.greedy_tree(tree, logits)
@@ -300,7 +324,6 @@ class HierarchicalDecoder:
             probs = req.params.probs(logits)
             verdict = self.sampler.sampled_tree(tree, probs, req.generator)
             rows = probs[[0] + [node + 1 for node in verdict.path]]
-        level.accept_path(req.id, verdict.path)
         for source in tree.sources:
             req.stats.sources.setdefault(source, SourceStats()).drafted += 1
         for node in verdict.path:
@@ -308,11 +331,11 @@ class HierarchicalDecoder:
         self.proposer.observe(req.id, tree, verdict.path)
         return Draft([tree.tokens[node] for node in verdict.path] + [verdict.next_token], rows)
 
-    def _draft_autoregressive(self, req: Generation, seq: list[int], want: int, min_confidence: float) -> Draft:
+    async def _draft_autoregressive(self, req: Generation, seq: list[int], want: int, min_confidence: float) -> Draft:
         tokens: list[int] = []
         rows: list[torch.Tensor] = []
         for _ in range(want):
-            logits = self._forward(req, 0, seq + tokens, 1)[0]
+            logits = (await self._forward(req, 0, seq + tokens, 1))[0]
             if req.params.greedy:
                 token = int(logits.argmax())
                 confident = min_confidence == 0.0 or float(logits.softmax(-1)[token]) >= min_confidence
@@ -326,16 +349,19 @@ class HierarchicalDecoder:
                 break
         return Draft(tokens, torch.cat(rows) if rows else None)
 
-    def _forward(self, req: Generation, level_index: int, token_ids: list[int], num_logits: int) -> torch.Tensor:
+    async def _forward(self, req: Generation, level_index: int, token_ids: list[int], num_logits: int) -> torch.Tensor:
         level = self.levels[level_index]
-        return self._counted(req, level_index, lambda: level.logits(req.id, token_ids, num_logits))
+        return await self._counted(req, level_index, level.logits(req.id, token_ids, num_logits))
 
-    def _counted(self, req: Generation, level_index: int, forward) -> torch.Tensor:
-        """Run one forward of a level and charge it to the request's per-level stats."""
-        level = self.levels[level_index]
-        before = level.counter.seconds
-        logits = forward()
+    async def _counted(self, req: Generation, level_index: int, forward) -> torch.Tensor:
+        """Await one forward of a level and charge its latency (compute, plus transport for a
+        remote level) to the request's per-level stats."""
+        start = time.perf_counter()
+        logits = await forward
+        seconds = time.perf_counter() - start
         stats = req.stats.levels[level_index]
         stats.forwards += 1
-        stats.forward_seconds += level.counter.seconds - before
+        stats.forward_seconds += seconds
+        if self.on_forward is not None:
+            self.on_forward(stats.name, seconds)
         return logits

@@ -4,14 +4,15 @@ The only call is "score these tokens": every call carries the request id and
 the full token sequence. The runner reuses the longest cached prefix and runs
 the model over the rest, so rejected drafts are rolled back implicitly and a
 replica that never saw (part of) a request simply recomputes it: correctness
-never depends on which replica or cache a request lands on.
+never depends on which replica or cache a request lands on. After a tree
+forward, the next call's tokens say which tree path was verified; its cached
+keys and values are kept, the other nodes' dropped, with no extra message.
 """
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -25,11 +26,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class _RequestCache:
     """Invariant: `cache.length == len(token_ids)` and slot i holds token_ids[i]. After a tree
-    forward, slot len(token_ids) + i holds node i of `tree_tokens` until the next forward."""
+    forward, slot len(token_ids) + i holds node i of `tree` until the next call."""
 
     token_ids: list[int]
     cache: KVCache
-    tree_tokens: list[int] = field(default_factory=list)
+    tree: TokenTree | None = None
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -46,22 +47,12 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return lo
 
 
-@dataclass
-class ForwardCounter:
-    """Per-level cost accounting, read by stats and the profiler."""
-
-    calls: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-
-
 class LevelRunner:
     def __init__(self, decoder: Decoder, tokenizer, name: str, max_cached_requests: int = 64):
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.name = name
         self.max_cached_requests = max_cached_requests
-        self.counter = ForwardCounter()
         self._requests: OrderedDict[str, _RequestCache] = OrderedDict()
 
     @classmethod
@@ -89,18 +80,35 @@ class LevelRunner:
         return state
 
     def _run(self, state: _RequestCache, new: list[int], num_logits: int, positions=None, mask=None) -> torch.Tensor:
-        start = time.perf_counter()
-        out = self.decoder(torch.tensor(new), state.cache, num_logits, positions, mask)
-        c = self.counter
-        c.calls += 1
-        c.tokens += len(new)
-        c.seconds += time.perf_counter() - start
-        return out
+        return self.decoder(torch.tensor(new), state.cache, num_logits, positions, mask)
+
+    @staticmethod
+    def _settle_tree(state: _RequestCache, token_ids: list[int]) -> None:
+        """Keep the pending tree's nodes along the path that `token_ids` continues with."""
+        tree, state.tree = state.tree, None
+        total = len(state.token_ids)
+        if tree is None or len(token_ids) <= total or token_ids[:total] != state.token_ids:
+            return
+        nodes, node = [], -1
+        for token in token_ids[total:]:
+            node = tree.children(node).get(token)
+            if node is None:
+                break
+            nodes.append(node)
+        if not nodes:
+            return
+        cache = state.cache
+        slots = total + torch.tensor(nodes)
+        with torch.inference_mode():  # the buffer may have been (re)allocated inside a forward
+            cache.buffer[:, :, :, total : total + len(nodes)] = cache.buffer[:, :, :, slots]
+        cache.length = total + len(nodes)
+        state.token_ids.extend(token_ids[total : total + len(nodes)])
 
     def logits(self, request_id: str, token_ids: list[int], num_logits: int) -> torch.Tensor:
         """Float32 logits [num_logits, vocab] predicting the tokens after each of the last
         `num_logits` positions of `token_ids`."""
         state = self._state(request_id)
+        self._settle_tree(state, token_ids)
         keep = min(_common_prefix(state.token_ids, token_ids), len(token_ids) - num_logits)
         state.cache.length = keep
         out = self._run(state, token_ids[keep:], num_logits)
@@ -112,8 +120,9 @@ class LevelRunner:
         tree node i (which sees the sequence and its own ancestors), all in one forward.
 
         Afterwards the cache holds `token_ids`; the nodes' keys and values wait in the slots behind
-        it until `accept_path` keeps the verified ones."""
+        it until the next call keeps the verified ones."""
         state = self._state(request_id)
+        self._settle_tree(state, token_ids)
         total = len(token_ids)
         keep = min(_common_prefix(state.token_ids, token_ids), total - 1)
         state.cache.length = keep
@@ -125,22 +134,8 @@ class LevelRunner:
         out = self._run(state, linear + tree.tokens, len(tree) + 1, positions, mask)
         state.cache.length = total
         state.token_ids = list(token_ids)
-        state.tree_tokens = list(tree.tokens)
+        state.tree = tree
         return out
-
-    def accept_path(self, request_id: str, nodes: list[int]) -> None:
-        """Keep the cached keys/values of the verified tree nodes `nodes` (a root-to-node path, as
-        returned to `tree_logits`' caller) as the continuation of the sequence."""
-        state = self._requests.get(request_id)
-        if state is None or not nodes:
-            return
-        cache, total = state.cache, len(state.token_ids)
-        slots = total + torch.tensor(nodes)
-        with torch.inference_mode():  # the buffer may have been (re)allocated inside a forward
-            cache.buffer[:, :, :, total : total + len(nodes)] = cache.buffer[:, :, :, slots]
-        cache.length = total + len(nodes)
-        state.token_ids.extend(state.tree_tokens[i] for i in nodes)
-        state.tree_tokens = []
 
     def release(self, request_id: str) -> None:
         self._requests.pop(request_id, None)

@@ -50,7 +50,7 @@ def exact_distribution(target, params: SamplingParams) -> dict[tuple[int, ...], 
 
 
 def chi_square_p(decoder: HierarchicalDecoder, params: SamplingParams) -> float:
-    expected = exact_distribution(decoder.target, params)
+    expected = exact_distribution(decoder.target.runner, params)
     counts = dict.fromkeys(expected, 0)
     for i in range(NUM_SAMPLES):
         generation = decoder.generate(PROMPT, params.model_copy(update={"seed": i}), NUM_TOKENS)

@@ -1,0 +1,101 @@
+"""The Serve application built from a hierarchy config: one deployment per level, one ingress.
+
+`build_app` is the `import_path` of the Serve config files in `deploy/serve/`
+(`serve run deploy/serve/smollm2-cpu.yaml`); `serve_foreground` is what
+`hierspec serve` runs. Both read the same hierarchy config, so the CLI, Serve
+and the Kubernetes manifests never drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from ray import serve
+from ray.serve import Application
+
+from deploy.config import ConfigError, HierspecConfig, load_config
+from deploy.server import HierspecServer
+from services.level_service import LevelService
+
+
+def _deployment_name(index: int, model: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9]+", "-", os.path.basename(model.rstrip("/"))).strip("-").lower()
+    return f"level{index}-{stem}"
+
+
+def level_deployment_names(config: HierspecConfig, method: str) -> list[str]:
+    return [_deployment_name(i, model) for i, (model, _) in enumerate(config.chain(method))]
+
+
+def build_from_config(config: HierspecConfig, method: str | None = None, dtype: str | None = None) -> Application:
+    method = method or config.default_method
+    dtype = dtype or config.dtype
+    serving = config.serving
+    threads = serving.level_threads or config.threads
+    levels = []
+    for name, (model, _) in zip(level_deployment_names(config, method), config.chain(method)):
+        options = {"num_cpus": serving.cpus_per_level, "num_gpus": serving.gpus_per_level}
+        deployment = serve.deployment(LevelService).options(
+            name=name, num_replicas=serving.replicas_per_level, ray_actor_options=options,
+            max_ongoing_requests=4 * serving.max_in_flight, health_check_period_s=10)
+        levels.append(deployment.bind(model, dtype, config.device, threads, serving.max_cached_requests))
+    ingress = serve.deployment(HierspecServer).options(
+        name="ingress", num_replicas=serving.router_replicas, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=2 * serving.max_in_flight)
+    return ingress.bind(config.model_dump(), method, levels)
+
+
+def build_app(args: dict) -> Application:
+    """Serve's application builder: `args` has `config` (a path) and optionally `method`, `dtype`."""
+    unknown = set(args) - {"config", "method", "dtype"}
+    if unknown or "config" not in args:
+        raise ConfigError(f"application args: expected config (and optionally method, dtype); got {sorted(args)}")
+    return build_from_config(load_config(args["config"]), args.get("method"), args.get("dtype"))
+
+
+def serve_foreground(config_path: str, method: str | None = None, dtype: str | None = None,
+                     port: int | None = None, metrics_port: int = 8080) -> None:
+    """Start a local Ray cluster and the app, print how to query it, serve until Ctrl-C."""
+    import ray
+
+    config = load_config(config_path)
+    method = method or config.default_method
+    port = port or config.serving.port
+    serving = config.serving
+    replicas = len(config.chain(method)) * serving.replicas_per_level
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(replicas * serving.cpus_per_level) + 1),
+             include_dashboard=True, dashboard_host="127.0.0.1", _metrics_export_port=metrics_port,
+             log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "0.0.0.0", "port": port})
+        print(f"starting {config.name} ({method}, {dtype or config.dtype}): loading "
+              f"{len(config.chain(method))} level(s); the first start may take a minute", flush=True)
+        serve.run(build_from_config(config, method, dtype), name=config.name, route_prefix="/")
+        dashboard = ray.get_runtime_context().dashboard_url if hasattr(ray.get_runtime_context(), "dashboard_url") \
+            else None
+        print(_usage(config.name, port, dashboard or "http://127.0.0.1:8265", metrics_port), flush=True)
+        import time
+
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _usage(model: str, port: int, dashboard: str, metrics_port: int) -> str:
+    return f"""
+hierspec is serving {model!r} on http://localhost:{port} (Ctrl-C stops it)
+
+  curl http://localhost:{port}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Write a haiku about caches."}}]}}'
+
+  from openai import OpenAI   # Python
+  client = OpenAI(base_url="http://localhost:{port}/v1", api_key="-")
+  client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hi!"}}])
+
+  Ray dashboard: {dashboard}    Prometheus metrics: http://localhost:{metrics_port}/metrics
+"""

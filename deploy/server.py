@@ -1,0 +1,220 @@
+"""The HTTP ingress of the Serve application: OpenAI routes over one router.
+
+A replica loads the tokenizer and the database drafter (its model DB is shared
+by the replica's requests), connects to the level deployments (it is ready once
+they are) and runs a `Router`. Prompts are tokenized here, so what reaches the
+levels is token ids.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route annotations of the Serve class-based view.
+
+import hmac
+import os
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deploy.builder import build_drafter
+from deploy.config import HierspecConfig
+from services.hsd import DraftPolicy, HierarchicalDecoder
+from services.level_service import RemoteLevel
+from services.metrics import ServingMetrics
+from services.model_store import load_tokenizer
+from services.openai_api import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    TextAssembler,
+    chat_chunk,
+    completion_chunk,
+    completion_id,
+    now,
+    sse,
+    usage,
+    validation_error,
+)
+from services.prompts import chat_prompt_ids, stop_token_ids, text_prompt_ids
+from services.router import Overloaded, RequestTimeout, Router
+
+app = FastAPI(title="hierspec", description="Lossless speculative decoding, OpenAI-compatible")
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+@app.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError):
+    return _error_response(exc)
+
+
+@app.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception):
+    return _error_response(APIError(500, "internal error; the server logged it", type="internal_error"))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return _error_response(APIError(exc.status_code, str(exc.detail), type=kind))
+
+
+@serve.ingress(app)  # at import: every replica process re-imports this module and needs the class-based view
+class HierspecServer:
+    async def __init__(self, config: dict, method: str, level_handles: list):
+        self.config = HierspecConfig.model_validate(config)
+        self.model_name = self.config.name
+        self.tokenizer = load_tokenizer(self.config.models.target)
+        self.stop_ids = stop_token_ids(self.tokenizer)
+        self.metrics = ServingMetrics(self.model_name)
+        self._api_key = os.environ.get(self.config.serving.api_key_env) or None
+        self._created = now()
+        levels = [await RemoteLevel.connect(handle) for handle in level_handles]  # waits for the levels to load
+        chain = self.config.chain(method)
+        proposer = build_drafter(self.config.drafter, self.tokenizer) if method.startswith("hd") else None
+        decoder = HierarchicalDecoder(levels, [DraftPolicy(c.draft_tokens, c.min_confidence) for _, c in chain[:-1]],
+                                      proposer=proposer, on_forward=self.metrics.on_forward)
+        serving = self.config.serving
+        self.router = Router(decoder, serving.max_in_flight, serving.request_timeout_s, pipelined=serving.pipelined,
+                             metrics=self.metrics)
+
+    def check_health(self) -> None:
+        """Serve's replica health check."""
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        """Every route but /health needs the API key when one is configured, checked before the body."""
+        if self._api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[len("Bearer "):].strip() if header.startswith("Bearer ") else ""
+        if not hmac.compare_digest(given.encode(), self._api_key.encode()):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                           type="authentication_error", code="invalid_api_key")
+
+    async def _parse(self, request: Request, model: type[BaseModel]):
+        self._authorize(request)
+        try:
+            return model.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise validation_error(list(exc.errors())) from None
+
+    def _check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                           type="not_found_error", param="model", code="model_not_found")
+
+    async def _start(self, body, prompt_ids: list[int], request_id: str):
+        self._check_model(body.model)
+        router = self.router
+        window = router.decoder.target.context_window
+        room = window - len(prompt_ids)
+        if room < 1:
+            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this model's context window is "
+                                f"{window} tokens", param="messages", code="context_length_exceeded")
+        limit = body.limit
+        if limit is not None and limit > room:
+            raise APIError(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({limit}) exceeds this "
+                                f"model's context window of {window} tokens", param="max_tokens",
+                           code="context_length_exceeded")
+        limit = limit or min(self.config.max_tokens, room)
+        try:
+            generation = router.start(prompt_ids, body.sampling(), limit, self.stop_ids, request_id)
+        except Overloaded as exc:
+            raise APIError(503, str(exc), type="overloaded_error", code="overloaded",
+                           headers={"Retry-After": str(exc.retry_after)}) from None
+        return router, generation
+
+    async def _pieces(self, router: Router, generation, assembler: TextAssembler,
+                      arrival: float) -> AsyncIterator[str]:
+        """Text deltas until the generation ends or a stop string appears."""
+        rounds = router.rounds(generation, arrival)
+        try:
+            async for tokens in rounds:
+                delta = assembler.add(tokens)
+                if delta:
+                    yield delta
+                if assembler.stopped:
+                    generation.finish_reason = "stop"
+                    return
+            tail = assembler.flush()
+            if tail:
+                yield tail
+        finally:
+            await rounds.aclose()
+
+    async def _run(self, body, prompt_ids: list[int], chat: bool):
+        arrival = time.perf_counter()
+        rid, created = completion_id("chatcmpl" if chat else "cmpl"), now()
+        router, generation = await self._start(body, prompt_ids, rid)
+        assembler = TextAssembler(self.tokenizer, body.stop_strings)
+        pieces = self._pieces(router, generation, assembler, arrival)
+        if body.stream:
+            return StreamingResponse(self._stream(body, rid, created, pieces, generation, len(prompt_ids), chat),
+                                     media_type="text/event-stream")
+        try:
+            text = "".join([piece async for piece in pieces])
+        except RequestTimeout as exc:
+            raise APIError(504, str(exc), type="timeout_error", code="timeout") from None
+        reason = generation.finish_reason or "length"
+        choice = {"index": 0, "logprobs": None, "finish_reason": reason}
+        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": self.model_name, "choices": [choice],
+                "usage": usage(len(prompt_ids), len(generation.token_ids)),
+                "hierspec_stats": generation.stats.as_dict()}
+
+    async def _stream(self, body, rid: str, created: int, pieces: AsyncIterator[str], generation,
+                      prompt_tokens: int, chat: bool) -> AsyncIterator[str]:
+        def chunk(text: str | None, reason: str | None, first: bool = False) -> dict:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                return chat_chunk(rid, self.model_name, created, delta, reason)
+            return completion_chunk(rid, self.model_name, created, text or "", reason)
+
+        if chat:
+            yield sse(chunk(None, None, first=True))
+        try:
+            async for piece in pieces:
+                yield sse(chunk(piece, None))
+        except RequestTimeout as exc:
+            yield sse(APIError(504, str(exc), type="timeout_error", code="timeout").body())
+            yield sse("[DONE]")
+            return
+        yield sse(chunk(None, generation.finish_reason or "length"))
+        if body.include_usage:
+            final = chat_chunk(rid, self.model_name, created, {}, None) if chat else \
+                completion_chunk(rid, self.model_name, created, "", None)
+            final["choices"] = []
+            final["usage"] = usage(prompt_tokens, len(generation.token_ids))
+            yield sse(final)
+        yield sse("[DONE]")
+
+    # --- routes --------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self):
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        self._authorize(request)
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self._created,
+                                            "owned_by": "hierspec"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        body = await self._parse(request, ChatCompletionRequest)
+        prompt_ids = chat_prompt_ids(self.tokenizer, body.chat())
+        return await self._run(body, prompt_ids, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        body = await self._parse(request, CompletionRequest)
+        return await self._run(body, text_prompt_ids(self.tokenizer, body.text()), chat=False)

@@ -1,0 +1,102 @@
+"""A hierarchy level as a Serve deployment: one model's weights and its requests' KV caches.
+
+Every call carries the request id and the full token sequence (see
+`services.runner`), so any replica can answer any call; the router routes a
+request's calls by its id (Serve's multiplexed model id) to keep its cache warm
+on one replica. A replica computes one forward at a time, off the event loop
+so health checks and queued calls are still heard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import torch
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from services.levels import Level
+from services.runner import LevelRunner
+from services.tree import TokenTree
+
+# Request ids a replica reports to Serve's router for affinity (most recent first); memory is
+# bounded separately, by the runner's cache bound.
+TRACKED_REQUESTS = 256
+
+
+class LevelService:
+    def __init__(self, model: str, dtype: str, device: str, threads: int | None, max_cached_requests: int):
+        if threads:
+            torch.set_num_threads(threads)
+        self.runner = LevelRunner.load(model, dtype, device)
+        self.runner.max_cached_requests = max_cached_requests
+        self._lock = asyncio.Lock()
+
+    @serve.multiplexed(max_num_models_per_replica=TRACKED_REQUESTS)
+    async def _track(self, request_id: str) -> str:
+        return request_id
+
+    def info(self) -> dict:
+        return {"name": self.runner.name, "vocab_size": self.runner.vocab_size,
+                "context_window": self.runner.context_window}
+
+    async def _call(self, method, *args):
+        await self._track(serve.get_multiplexed_model_id())
+        async with self._lock:
+            return await asyncio.to_thread(method, *args)
+
+    async def logits(self, request_id: str, token_ids: list[int], num_logits: int) -> torch.Tensor:
+        return await self._call(self.runner.logits, request_id, token_ids, num_logits)
+
+    async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree) -> torch.Tensor:
+        return await self._call(self.runner.tree_logits, request_id, token_ids, tree)
+
+    async def release(self, request_id: str) -> None:
+        async with self._lock:
+            self.runner.release(request_id)
+
+    async def process_id(self) -> int:
+        """The process of the replica that calls for this multiplexed request id reach (the
+        fault-injection test kills it)."""
+        await self._track(serve.get_multiplexed_model_id())
+        return os.getpid()
+
+
+# A replica that dies mid-call (a crash, a node lost) is retried on another: every call carries the
+# whole sequence, so the retry recomputes what the dead replica held and returns the same logits.
+RETRY_ATTEMPTS = 20
+RETRY_BACKOFF_S = 0.25
+
+
+class RemoteLevel(Level):
+    """The router's view of a level deployment; calls for one request share a replica when they can."""
+
+    def __init__(self, handle, info: dict):
+        self.handle = handle
+        self.name = info["name"]
+        self.vocab_size = info["vocab_size"]
+        self.context_window = info["context_window"]
+
+    @classmethod
+    async def connect(cls, handle) -> RemoteLevel:
+        return cls(handle, await handle.info.remote())
+
+    async def _call(self, method: str, request_id: str, *args):
+        for attempt in range(RETRY_ATTEMPTS):
+            call = getattr(self.handle.options(multiplexed_model_id=request_id), method)
+            try:
+                return await call.remote(request_id, *args)
+            except (RayActorError, ActorUnavailableError):
+                if attempt == RETRY_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(RETRY_BACKOFF_S)
+
+    async def logits(self, request_id: str, token_ids: list[int], num_logits: int) -> torch.Tensor:
+        return await self._call("logits", request_id, token_ids, num_logits)
+
+    async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree) -> torch.Tensor:
+        return await self._call("tree_logits", request_id, token_ids, tree)
+
+    async def release(self, request_id: str) -> None:
+        await self._call("release", request_id)

@@ -1,0 +1,245 @@
+"""The OpenAI-compatible protocol: request models, response chunks and errors.
+
+Validation lives here so that every user mistake becomes a 4xx with OpenAI's
+error shape, `{"error": {"message", "type", "param", "code"}}`, before any work
+starts. Options we cannot honour exactly (n > 1, logprobs, penalties, tools)
+are refused, never silently ignored: a client that asked for them would get a
+different distribution than it expects. Unknown fields are ignored, as
+OpenAI-compatible servers commonly do.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from services.sampling import SamplingParams
+
+
+class APIError(Exception):
+    """A request the server refuses; `status` is the HTTP code."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Unsupported(BaseModel):
+    """Fields OpenAI defines that we refuse unless left at their neutral value."""
+
+    n: int = Field(1, ge=1, le=128)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    @field_validator("n", "presence_penalty", "frequency_penalty", "logit_bias", "best_of")
+    @classmethod
+    def _refuse(cls, value, info):
+        neutral = {"n": (1,), "presence_penalty": (0.0,), "frequency_penalty": (0.0,), "logit_bias": (None, {}),
+                   "best_of": (None, 1)}[info.field_name]
+        if value not in neutral:
+            raise ValueError(f"{info.field_name}={value!r} is not supported by this server")
+        return value
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _GenerationRequest(_Unsupported):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="extension: keep the k most likely tokens (0: all)")
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value):
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty")
+        return stops
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return self.stop or []
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    tools: list | None = None
+
+    @field_validator("logprobs", "tools")
+    @classmethod
+    def _chat_unsupported(cls, value, info):
+        if value:
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return value
+
+    @property
+    def limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def chat(self) -> list[dict[str, str]]:
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value):
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("exactly one prompt per request is supported (send several requests)")
+        return value
+
+    @field_validator("logprobs", "suffix", "echo")
+    @classmethod
+    def _completion_unsupported(cls, value, info):
+        if value not in (None, False):
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return value
+
+    @property
+    def limit(self) -> int | None:
+        return self.max_tokens
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """FastAPI/pydantic errors -> one 400 naming the first offending field."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
+    message = first.get("msg", "invalid request").removeprefix("Value error, ")
+    if first.get("type") == "json_invalid":
+        return APIError(400, "the request body is not valid JSON", code="invalid_json")
+    if not loc:  # the body as a whole: absent, not JSON, or not an object
+        return APIError(400, "the request body must be a JSON object (send Content-Type: application/json)",
+                        code="invalid_body")
+    param = ".".join(loc) or None
+    return APIError(400, f"{param}: {message}" if param else message, param=param)
+
+
+class TextAssembler:
+    """Turns committed token ids into text deltas: holds back an incomplete UTF-8 sequence and
+    anything that might be the start of a stop string, and ends the text at a stop string."""
+
+    def __init__(self, tokenizer, stop_strings: list[str]):
+        self.tokenizer = tokenizer
+        self.stops = stop_strings
+        self.token_ids: list[int] = []
+        self.sent = 0
+        self.stopped = False
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+
+    def add(self, token_ids: list[int]) -> str:
+        """The new text that can be sent now."""
+        self.token_ids.extend(token_ids)
+        text = self._text()
+        hits = [text.find(s, max(0, self.sent - len(s))) for s in self.stops]
+        hits = [h for h in hits if h >= 0]
+        if hits:
+            self.stopped = True
+            end = min(hits)
+        else:
+            end = len(text)
+            if text.endswith("\ufffd"):
+                end = len(text.rstrip("\ufffd"))
+            for stop in self.stops:  # keep back a suffix that could grow into a stop string
+                for k in range(min(len(stop) - 1, end), 0, -1):
+                    if text[:end].endswith(stop[:k]):
+                        end = min(end, len(text[:end]) - k)
+                        break
+        delta = text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return delta
+
+    def flush(self) -> str:
+        """What was held back, once generation ended without a stop string."""
+        if self.stopped:
+            return ""
+        text = self._text()
+        delta = text[self.sent:]
+        self.sent = len(text)
+        return delta
+
+
+def completion_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def now() -> int:
+    return int(time.time())

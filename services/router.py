@@ -1,0 +1,94 @@
+"""The router: runs the draft-and-verify rounds of many requests at once over the levels.
+
+Each request is a `Generation` whose level calls are awaited; with remote
+levels, while one request waits for the target another runs on a draft level,
+so different requests keep different levels busy (the pipeline). With
+`pipelined=False` one round runs at a time across all requests: the baseline
+that the serving benchmark compares against.
+
+The router bounds what it runs (past `max_in_flight` it refuses, and the HTTP
+layer answers 503 with Retry-After), ends requests that run past their
+timeout, and releases every level's cache when a client goes away (the
+awaiting task is cancelled and the generation closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+from services.hsd import Generation, HierarchicalDecoder
+from services.metrics import ServingMetrics
+from services.sampling import SamplingParams
+
+
+class Overloaded(Exception):
+    """More requests than the router runs at once; retry after `retry_after` seconds."""
+
+    retry_after = 1
+
+
+class RequestTimeout(Exception):
+    pass
+
+
+class Router:
+    def __init__(self, decoder: HierarchicalDecoder, max_in_flight: int, timeout_s: float, pipelined: bool = True,
+                 metrics: ServingMetrics | None = None):
+        self.decoder = decoder
+        self.max_in_flight = max_in_flight
+        self.timeout_s = timeout_s
+        self.metrics = metrics
+        self.in_flight = 0
+        self._one_round_at_a_time = None if pipelined else asyncio.Lock()
+
+    def start(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
+              stop_ids: frozenset[int], request_id: str | None = None) -> Generation:
+        if self.in_flight >= self.max_in_flight:
+            raise Overloaded(f"the server runs {self.max_in_flight} requests at once; retry shortly")
+        return self.decoder.start(prompt_ids, params, max_tokens, stop_ids, request_id)
+
+    async def rounds(self, generation: Generation, arrival: float | None = None) -> AsyncIterator[list[int]]:
+        """The tokens each round commits. Raises RequestTimeout past the router's timeout."""
+        arrival = arrival or time.perf_counter()
+        deadline = arrival + self.timeout_s
+        self.in_flight += 1
+        self._report_in_flight()
+        rounds = generation.stream()
+        outcome, last = "cancelled", arrival
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):
+                        tokens = await self._next(rounds)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    outcome = "timeout"
+                    raise RequestTimeout(f"the request ran past the server's timeout of {self.timeout_s:g} s") \
+                        from None
+                now = time.perf_counter()
+                if self.metrics:
+                    self.metrics.on_tokens(len(tokens), first=last == arrival, seconds=now - last)
+                last = now
+                yield tokens
+            outcome = "completed"
+        finally:
+            with contextlib.suppress(Exception):
+                await rounds.aclose()
+            self.in_flight -= 1
+            self._report_in_flight()
+            if self.metrics:
+                self.metrics.on_finish(generation.stats, outcome)
+
+    async def _next(self, rounds: AsyncIterator[list[int]]) -> list[int]:
+        if self._one_round_at_a_time is None:
+            return await anext(rounds)
+        async with self._one_round_at_a_time:
+            return await anext(rounds)
+
+    def _report_in_flight(self) -> None:
+        if self.metrics:
+            self.metrics.set_in_flight(self.in_flight)

@@ -1,0 +1,199 @@
+"""The Serve application end to end: a real local Ray cluster, SmolLM2, the official openai client.
+
+One app for the module: SmolLM2 in float32 with the database drafter (`hd`), two
+replicas of its level (for the fault test), an API key, and a small in-flight
+bound (for load shedding).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "smollm2-test"
+KEY = "test-key-123"
+KEY_ENV = "HIERSPEC_TEST_API_KEY"
+PROMPT = "List three uses of a hash map, one per line."
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from deploy.app import build_from_config, level_deployment_names
+    from deploy.config import load_config
+
+    config_path = tmp_path_factory.mktemp("serve") / "config.yaml"
+    raw = yaml.safe_load((ROOT / "deploy/configs/smollm2-cpu.yaml").read_text())
+    raw.update(name=MODEL, dtype="float32", threads=2,
+               serving={"replicas_per_level": 2, "cpus_per_level": 1, "max_in_flight": 3, "api_key_env": KEY_ENV,
+                        "max_cached_requests": 8})
+    config_path.write_text(yaml.safe_dump(raw))
+    config = load_config(config_path)
+    port, metrics_port = _free_port(), _free_port()
+    os.environ[KEY_ENV] = KEY  # inherited by the workers of the cluster started below
+    ray.init(num_cpus=6, _metrics_export_port=metrics_port, log_to_driver=False, include_dashboard=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_from_config(config), name=MODEL, route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{port}", "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+           "config": config_path, "level": level_deployment_names(config, config.default_method)[0]}
+    serve.shutdown()
+    ray.shutdown()
+    os.environ.pop(KEY_ENV, None)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=300)
+
+
+def _chat(client, **kwargs):
+    kwargs = {"temperature": 0, "max_tokens": 48, **kwargs}
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPT}], **kwargs)
+
+
+def test_chat_equals_hierspec_generate(server, client):
+    reply = _chat(client)
+    proc = subprocess.run([str(Path(sys.executable).with_name("hierspec")), "generate", "--config",
+                           str(server["config"]), "--prompt", PROMPT, "--max-tokens", "48", "--json"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    local = json.loads(proc.stdout)
+    assert reply.choices[0].message.content == local["text"]
+    assert reply.usage.completion_tokens == len(local["token_ids"])
+    assert reply.choices[0].finish_reason == ("length" if len(local["token_ids"]) == 48 else "stop")
+
+
+def test_streamed_chat_matches_plain_chat(client):
+    plain = _chat(client).choices[0].message.content
+    stream = _chat(client, stream=True, stream_options={"include_usage": True})
+    pieces, usage, reasons = [], None, []
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            reasons.append(choice.finish_reason)
+    assert "".join(pieces) == plain
+    assert reasons[-1] in ("stop", "length") and usage.completion_tokens > 0
+
+
+def test_completions_and_models(client):
+    out = client.completions.create(model=MODEL, prompt="def fibonacci(n):", max_tokens=24, temperature=0)
+    assert out.choices[0].text and out.usage.completion_tokens <= 24
+    streamed = client.completions.create(model=MODEL, prompt="def fibonacci(n):", max_tokens=24, temperature=0,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == out.choices[0].text
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_stop_strings_end_the_text(client):
+    full = _chat(client).choices[0].message.content
+    cut = full.split("\n")[0]
+    reply = _chat(client, stop=["\n"])
+    assert reply.choices[0].message.content == cut and reply.choices[0].finish_reason == "stop"
+
+
+BAD_REQUESTS = [
+    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"model": MODEL, "messages": []}, 400, "messages"),
+    ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi " * 9000}]}, 400, "messages"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100_000}, 400, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD_REQUESTS)
+def test_bad_requests_get_4xx_in_openai_shape(server, client, body, status, param):
+    reply = requests.post(server["url"] + "/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"})
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+
+
+def test_malformed_json_auth_and_health(server, client):
+    url = server["url"]
+    reply = requests.post(url + "/v1/chat/completions", data=b"{not json", timeout=30,
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_json"
+    assert requests.get(url + "/v1/models", timeout=30).status_code == 401
+    assert requests.get(url + "/v1/models", timeout=30, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert requests.get(url + "/health", timeout=30).status_code == 200
+    assert requests.get(url + "/v2/nothing", timeout=30, headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
+    assert _chat(client).choices[0].message.content  # still serving
+
+
+def test_load_is_shed_with_503_and_retry_after(server):
+    def one(_):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 40,
+                "temperature": 0}
+        return requests.post(server["url"] + "/v1/chat/completions", json=body, timeout=300,
+                             headers={"Authorization": f"Bearer {KEY}"})
+
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(one, range(6)))
+    codes = sorted(r.status_code for r in replies)
+    assert 200 in codes and 503 in codes, codes
+    shed = next(r for r in replies if r.status_code == 503)
+    assert shed.headers["retry-after"] and shed.json()["error"]["code"] == "overloaded"
+
+
+def test_killing_a_level_replica_mid_request_keeps_the_output(server, client):
+    from ray import serve
+
+    kwargs = {"max_tokens": 120, "temperature": 0}
+    reference = _chat(client, **kwargs).choices[0].message.content
+    stream = _chat(client, stream=True, **kwargs)
+    pieces, killed = [], False
+    level = serve.get_deployment_handle(server["level"], app_name=MODEL)
+    for chunk in stream:
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+        if not killed and len(pieces) >= 3:
+            pid = level.options(multiplexed_model_id=chunk.id).process_id.remote().result()
+            os.kill(pid, signal.SIGKILL)
+            killed = True
+    assert killed and "".join(pieces) == reference
+
+
+def test_metrics_reach_the_node_metrics_endpoint(server, client):
+    _chat(client)
+    wanted = ("ray_hierspec_tokens_generated", "ray_hierspec_tokens_accepted", "ray_hierspec_time_to_first_token",
+              "ray_hierspec_round_latency_seconds", "ray_hierspec_requests_in_flight")
+    deadline, text = time.time() + 90, ""
+    while time.time() < deadline:
+        try:
+            text = requests.get(server["metrics"], timeout=10).text
+        except requests.RequestException:
+            text = ""
+        if all(name in text for name in wanted):
+            break
+        time.sleep(3)
+    missing = [name for name in wanted if name not in text]
+    assert not missing, missing
