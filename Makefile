@@ -11,7 +11,7 @@ STATS_DIR := $(or $(HIERSPEC_MODEL_DIR),$(HOME)/.cache/hierspec/models)/stats
 # A corpus every machine has: the Python standard library (code and docstrings), capped at 1M tokens.
 STATS_CORPUS ?= $(shell python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 
-.PHONY: setup redis models stats run test bench lint clean
+.PHONY: setup redis models stats run demo test bench bench-serve image lint clean
 
 setup: $(STAMP) redis
 
@@ -39,8 +39,13 @@ $(STATS_DIR)/.built-%: | models
 	  --corpus $(STATS_CORPUS) --max-corpus-tokens 1000000
 	mkdir -p $(STATS_DIR) && touch $@
 
-# The main job: generate with the default hierarchy and compare with plain decoding.
-run: setup models stats
+# The main job: the Serve app (SmolLM2, database drafter, embedded statistics store) on a local Ray cluster.
+SERVE_CONFIG ?= deploy/configs/smollm2-cpu.yaml
+run: setup models $(STATS_DIR)/.built-smollm2
+	$(HIERSPEC) serve --config $(SERVE_CONFIG)
+
+# One prompt with and without speculation, in this process, with both speeds.
+demo: setup models stats
 	$(HIERSPEC) demo --config $(CONFIG)
 
 test: setup models
@@ -53,6 +58,18 @@ bench: setup models stats
 	$(HIERSPEC) bench --config deploy/configs/smollm2-cpu.yaml --workload $(WORKLOAD) \
 	  --categories mt_bench,translation,summarization,coding_humaneval --per-category 5 --max-tokens 256 \
 	  --methods ar,hf-ar,hf-pld,hd --out results/bench-smollm2.json
+
+# The Serve app under 8 concurrent streaming clients: pipelined vs sequential router, HTTP vs in-process.
+bench-serve: setup models stats
+	$(HIERSPEC) bench-serve --config $(SERVE_CONFIG) --workload $(WORKLOAD) --clients 8 --requests 16 \
+	  --max-tokens 64 --out results/bench-serve-smollm2.json
+	$(HIERSPEC) bench-serve --config deploy/configs/qwen-coder-cpu.yaml --workload $(WORKLOAD) --clients 8 \
+	  --requests 16 --max-tokens 32 --out results/bench-serve-qwen-coder.json
+
+# The image for KubeRay (k8s/README.md); needs docker, which these CI machines lack (tests lint the Dockerfile).
+IMAGE ?= hierspec:0.1.0
+image:
+	docker build -f k8s/Dockerfile -t $(IMAGE) .
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check ruff

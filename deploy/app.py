@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 from ray import serve
 from ray.serve import Application
@@ -28,18 +29,23 @@ def level_deployment_names(config: HierspecConfig, method: str) -> list[str]:
     return [_deployment_name(i, model) for i, (model, _) in enumerate(config.chain(method))]
 
 
+def level_options(config: HierspecConfig, method: str) -> list[dict]:
+    """Serve options of each level deployment, bottom level first (also what sizes GPU worker groups)."""
+    serving = config.serving
+    actor = {"num_cpus": serving.cpus_per_level, "num_gpus": serving.gpus_per_level}
+    return [{"name": name, "num_replicas": serving.replicas_per_level, "ray_actor_options": actor,
+             "max_ongoing_requests": 4 * serving.max_in_flight, "health_check_period_s": 10}
+            for name in level_deployment_names(config, method)]
+
+
 def build_from_config(config: HierspecConfig, method: str | None = None, dtype: str | None = None) -> Application:
     method = method or config.default_method
     dtype = dtype or config.dtype
     serving = config.serving
     threads = serving.level_threads or config.threads
-    levels = []
-    for name, (model, _) in zip(level_deployment_names(config, method), config.chain(method)):
-        options = {"num_cpus": serving.cpus_per_level, "num_gpus": serving.gpus_per_level}
-        deployment = serve.deployment(LevelService).options(
-            name=name, num_replicas=serving.replicas_per_level, ray_actor_options=options,
-            max_ongoing_requests=4 * serving.max_in_flight, health_check_period_s=10)
-        levels.append(deployment.bind(model, dtype, config.device, threads, serving.max_cached_requests))
+    levels = [serve.deployment(LevelService).options(**options).bind(
+                  model, dtype, config.device, threads, serving.max_cached_requests)
+              for options, (model, _) in zip(level_options(config, method), config.chain(method))]
     ingress = serve.deployment(HierspecServer).options(
         name="ingress", num_replicas=serving.router_replicas, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=2 * serving.max_in_flight)
@@ -51,7 +57,17 @@ def build_app(args: dict) -> Application:
     unknown = set(args) - {"config", "method", "dtype"}
     if unknown or "config" not in args:
         raise ConfigError(f"application args: expected config (and optionally method, dtype); got {sorted(args)}")
-    return build_from_config(load_config(args["config"]), args.get("method"), args.get("dtype"))
+    return build_from_config(load_config(_resolve(args["config"])), args.get("method"), args.get("dtype"))
+
+
+def _resolve(path: str) -> Path:
+    """A config path as given, else relative to the installed `deploy` package (images without the repo)."""
+    given = Path(path)
+    if given.exists() or given.is_absolute():
+        return given
+    packaged = Path(__file__).parent / given.relative_to("deploy") if given.parts[:1] == ("deploy",) else \
+        Path(__file__).parent / given
+    return packaged if packaged.exists() else given
 
 
 def serve_foreground(config_path: str, method: str | None = None, dtype: str | None = None,
@@ -64,6 +80,7 @@ def serve_foreground(config_path: str, method: str | None = None, dtype: str | N
     port = port or config.serving.port
     serving = config.serving
     replicas = len(config.chain(method)) * serving.replicas_per_level
+    os.environ.setdefault("RAY_worker_niceness", "0")  # levels compute at normal priority, like `generate`
     ray.init(num_cpus=max(os.cpu_count() or 1, int(replicas * serving.cpus_per_level) + 1),
              include_dashboard=True, dashboard_host="127.0.0.1", _metrics_export_port=metrics_port,
              log_to_driver=False)

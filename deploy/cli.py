@@ -127,6 +127,26 @@ def _cmd_bench(args) -> None:
               max_tokens=args.max_tokens, dtype=args.dtype, categories=args.categories)
 
 
+def _cmd_bench_serve(args) -> None:
+    from deploy.bench_serve import run_serve_bench
+
+    config = load_config(args.config)
+    if args.dtype:
+        config = config.model_copy(update={"dtype": args.dtype})
+    run_serve_bench(config, args.workload, args.out, clients=args.clients, requests_=args.requests,
+                    max_tokens=args.max_tokens, method=args.method, categories=args.categories, port=args.port)
+
+
+def _cmd_k8s_render(args) -> None:
+    from pathlib import Path
+
+    from deploy.k8s import render, write
+
+    config = load_config(args.config)
+    for path in write(render(config, Path(args.config).read_text(), args.method), args.out):
+        print(path)
+
+
 def _cmd_serve(args) -> None:
     from deploy.app import serve_foreground
 
@@ -170,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port of this node")
     srv.set_defaults(func=_cmd_serve)
 
+    k8s = sub.add_parser("k8s", help="Kubernetes (KubeRay) manifests")
+    k8s_sub = k8s.add_subparsers(dest="k8s_command", required=True)
+    k8s_render = k8s_sub.add_parser("render", help="write the manifests of a config (kubectl apply -k OUT)")
+    _add_config_args(k8s_render)
+    k8s_render.add_argument("--out", required=True, help="directory for the manifests")
+    k8s_render.set_defaults(func=_cmd_k8s_render)
+
     db = sub.add_parser("db", help="the drafter's databases")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     build = db_sub.add_parser("build", help="build the statistics DB from a corpus")
@@ -194,13 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-tokens", type=int, default=128)
     bench.add_argument("--out", default="results/bench.json")
     bench.set_defaults(func=_cmd_bench)
+
+    bench_serve = sub.add_parser("bench-serve", help="benchmark the Serve app with concurrent streaming clients")
+    _add_config_args(bench_serve)
+    bench_serve.add_argument("--workload", required=True, help="JSONL with question_id, category, turns")
+    bench_serve.add_argument("--categories", default=None, help="comma-separated categories (default: all)")
+    bench_serve.add_argument("--clients", type=int, default=8)
+    bench_serve.add_argument("--requests", type=int, default=16)
+    bench_serve.add_argument("--max-tokens", type=int, default=64)
+    bench_serve.add_argument("--port", type=int, default=8000)
+    bench_serve.add_argument("--out", default="results/bench-serve.json")
+    bench_serve.set_defaults(func=_cmd_bench_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("max_tokens", "per_category"):
+    for name in ("max_tokens", "per_category", "clients", "requests"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -76,6 +76,29 @@ class ServingSettings(BaseModel):
                              description="environment variable holding the API key; unset or empty: no key")
 
 
+class KubernetesSettings(BaseModel):
+    """What `hierspec k8s render` needs beyond the hierarchy: image, sizes, scheduling, the Redis store."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    namespace: str = Field("hierspec", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    image: str = Field("hierspec:0.1.0", description="built by `make image` (k8s/Dockerfile)")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    head_cpu: str = "2"
+    head_memory: str = "8Gi"
+    worker_cpu: str = "4"
+    worker_memory: str = "16Gi"
+    gpu_resource: str = Field("nvidia.com/gpu", description="extended resource name of a GPU")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="for the level worker groups")
+    tolerations: list[dict] = Field(default_factory=list, description="for the level worker groups")
+    redis_storage: str = Field("10Gi", description="PersistentVolumeClaim size of the statistics Redis")
+    redis_memory: str = Field("2Gi", description="memory limit of the statistics Redis (maxmemory: 75%)")
+    storage_class: str | None = None
+    corpus_claim: str = Field("hierspec-corpus", description="PersistentVolumeClaim the db-build Job reads")
+    gcs_redis_address: str | None = Field(
+        None, description="host:port of a Redis for GCS fault tolerance (its own, not the statistics store)")
+
+
 class HierspecConfig(BaseModel):
     """A validated config; cross-field rules live in `_check_hierarchy`."""
 
@@ -94,6 +117,7 @@ class HierspecConfig(BaseModel):
         None, description="what --method defaults to; default: hd+hsd with draft levels, else hd")
     drafter: DrafterSettings = Field(default_factory=DrafterSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
+    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
 
     @property
     def default_method(self) -> str:

@@ -41,7 +41,7 @@ from typing import Protocol
 
 import torch
 
-from services.levels import Level, as_level
+from services.levels import Level, Scores, as_level
 from services.runner import LevelRunner
 from services.sampling import SamplingParams, sample
 from services.tree import TokenTree
@@ -272,13 +272,13 @@ class HierarchicalDecoder:
             if len(tree):
                 return await self._verify_tree(req, seq, tree)
         draft = await self._draft(req, level_index - 1, seq, limit - 1) if level_index > 0 else Draft()
-        logits = await self._forward(req, level_index, seq + draft.tokens, len(draft.tokens) + 1)
+        scores = await self._forward(req, level_index, seq + draft.tokens, len(draft.tokens) + 1)
         req.stats.levels[level_index].verifications += 1
         if req.params.greedy:
-            verdict = self.sampler.greedy(draft.tokens, logits)
+            verdict = self.sampler.greedy(draft.tokens, scores.tokens)
             rows = None
         else:
-            probs = req.params.probs(logits)
+            probs = req.params.probs(scores)
             verdict = self.sampler.sampled(draft.tokens, draft.probs, probs, req.generator)
             rows = probs[: verdict.num_accepted + 1]
         if level_index > 0:
@@ -315,13 +315,13 @@ class HierarchicalDecoder:
     async def _verify_tree(self, req: Generation, seq: list[int], tree: TokenTree) -> Draft:
         """Level 0 verifies the proposer's tree in one forward and keeps the accepted path."""
         level = self.levels[0]
-        logits = await self._counted(req, 0, level.tree_logits(req.id, seq, tree))
+        scores = await self._counted(req, 0, level.tree_logits(req.id, seq, tree, req.params.greedy))
         req.stats.levels[0].verifications += 1
         if req.params.greedy:
-            verdict = self.sampler.greedy_tree(tree, logits)
+            verdict = self.sampler.greedy_tree(tree, scores.tokens)
             rows = None
         else:
-            probs = req.params.probs(logits)
+            probs = req.params.probs(scores)
             verdict = self.sampler.sampled_tree(tree, probs, req.generator)
             rows = probs[[0] + [node + 1 for node in verdict.path]]
         for source in tree.sources:
@@ -335,12 +335,12 @@ class HierarchicalDecoder:
         tokens: list[int] = []
         rows: list[torch.Tensor] = []
         for _ in range(want):
-            logits = (await self._forward(req, 0, seq + tokens, 1))[0]
+            scores = await self._forward(req, 0, seq + tokens, 1)
             if req.params.greedy:
-                token = int(logits.argmax())
-                confident = min_confidence == 0.0 or float(logits.softmax(-1)[token]) >= min_confidence
+                token = scores.tokens[0]
+                confident = scores.probs[0] >= min_confidence
             else:
-                p = req.params.probs(logits[None])
+                p = req.params.probs(scores)
                 rows.append(p)
                 token = sample(p[0], req.generator)
                 confident = float(p[0, token]) >= min_confidence
@@ -349,19 +349,20 @@ class HierarchicalDecoder:
                 break
         return Draft(tokens, torch.cat(rows) if rows else None)
 
-    async def _forward(self, req: Generation, level_index: int, token_ids: list[int], num_logits: int) -> torch.Tensor:
+    async def _forward(self, req: Generation, level_index: int, token_ids: list[int], num_logits: int) -> Scores:
+        """Logits when sampling, GreedyScores when greedy."""
         level = self.levels[level_index]
-        return await self._counted(req, level_index, level.logits(req.id, token_ids, num_logits))
+        return await self._counted(req, level_index, level.logits(req.id, token_ids, num_logits, req.params.greedy))
 
-    async def _counted(self, req: Generation, level_index: int, forward) -> torch.Tensor:
+    async def _counted(self, req: Generation, level_index: int, forward) -> Scores:
         """Await one forward of a level and charge its latency (compute, plus transport for a
         remote level) to the request's per-level stats."""
         start = time.perf_counter()
-        logits = await forward
+        scores = await forward
         seconds = time.perf_counter() - start
         stats = req.stats.levels[level_index]
         stats.forwards += 1
         stats.forward_seconds += seconds
         if self.on_forward is not None:
             self.on_forward(stats.name, seconds)
-        return logits
+        return scores

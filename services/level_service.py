@@ -16,7 +16,7 @@ import torch
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from services.levels import Level
+from services.levels import Level, Scores, scores
 from services.runner import LevelRunner
 from services.tree import TokenTree
 
@@ -27,8 +27,8 @@ TRACKED_REQUESTS = 256
 
 class LevelService:
     def __init__(self, model: str, dtype: str, device: str, threads: int | None, max_cached_requests: int):
-        if threads:
-            torch.set_num_threads(threads)
+        # Ray caps a worker's threads at its CPU reservation; a level gets what the config says, else the node
+        torch.set_num_threads(threads or os.cpu_count() or 1)
         self.runner = LevelRunner.load(model, dtype, device)
         self.runner.max_cached_requests = max_cached_requests
         self._lock = asyncio.Lock()
@@ -46,11 +46,12 @@ class LevelService:
         async with self._lock:
             return await asyncio.to_thread(method, *args)
 
-    async def logits(self, request_id: str, token_ids: list[int], num_logits: int) -> torch.Tensor:
-        return await self._call(self.runner.logits, request_id, token_ids, num_logits)
+    async def logits(self, request_id: str, token_ids: list[int], num_logits: int, greedy: bool = False) -> Scores:
+        return scores(await self._call(self.runner.logits, request_id, token_ids, num_logits), greedy)
 
-    async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree) -> torch.Tensor:
-        return await self._call(self.runner.tree_logits, request_id, token_ids, tree)
+    async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree,
+                          greedy: bool = False) -> Scores:
+        return scores(await self._call(self.runner.tree_logits, request_id, token_ids, tree), greedy)
 
     async def release(self, request_id: str) -> None:
         async with self._lock:
@@ -92,11 +93,12 @@ class RemoteLevel(Level):
                     raise
                 await asyncio.sleep(RETRY_BACKOFF_S)
 
-    async def logits(self, request_id: str, token_ids: list[int], num_logits: int) -> torch.Tensor:
-        return await self._call("logits", request_id, token_ids, num_logits)
+    async def logits(self, request_id: str, token_ids: list[int], num_logits: int, greedy: bool = False) -> Scores:
+        return await self._call("logits", request_id, token_ids, num_logits, greedy)
 
-    async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree) -> torch.Tensor:
-        return await self._call("tree_logits", request_id, token_ids, tree)
+    async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree,
+                          greedy: bool = False) -> Scores:
+        return await self._call("tree_logits", request_id, token_ids, tree, greedy)
 
     async def release(self, request_id: str) -> None:
         await self._call("release", request_id)

@@ -7,6 +7,7 @@ level. A local level answers at once; a remote one is a deployment handle.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -15,15 +16,42 @@ from services.runner import LevelRunner
 from services.tree import TokenTree
 
 
+@dataclass(frozen=True)
+class GreedyScores:
+    """All that greedy decoding needs from a forward: each row's argmax and that token's probability
+    (a drafter's confidence). A few numbers instead of [rows, vocab] logits, which matters when a
+    level answers over the network."""
+
+    tokens: list[int]
+    probs: list[float]
+
+    @classmethod
+    def of(cls, logits: torch.Tensor) -> GreedyScores:
+        tokens = logits.argmax(-1)  # on the logits: rounded probabilities could tie where logits do not
+        probs = logits.softmax(-1).gather(-1, tokens[:, None])[:, 0]
+        return cls(tokens.tolist(), probs.tolist())
+
+
+Scores = torch.Tensor | GreedyScores  # logits [rows, vocab] when sampling, else GreedyScores
+
+
 class Level(Protocol):
+    """`greedy=True` asks for GreedyScores instead of logits."""
+
     name: str
     vocab_size: int
 
-    async def logits(self, request_id: str, token_ids: list[int], num_logits: int) -> torch.Tensor: ...
+    async def logits(self, request_id: str, token_ids: list[int], num_logits: int, greedy: bool = False) -> Scores:
+        ...
 
-    async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree) -> torch.Tensor: ...
+    async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree,
+                          greedy: bool = False) -> Scores: ...
 
     async def release(self, request_id: str) -> None: ...
+
+
+def scores(logits: torch.Tensor, greedy: bool) -> Scores:
+    return GreedyScores.of(logits) if greedy else logits
 
 
 class LocalLevel:
@@ -34,11 +62,12 @@ class LocalLevel:
         self.name = runner.name
         self.vocab_size = runner.vocab_size
 
-    async def logits(self, request_id: str, token_ids: list[int], num_logits: int) -> torch.Tensor:
-        return self.runner.logits(request_id, token_ids, num_logits)
+    async def logits(self, request_id: str, token_ids: list[int], num_logits: int, greedy: bool = False) -> Scores:
+        return scores(self.runner.logits(request_id, token_ids, num_logits), greedy)
 
-    async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree) -> torch.Tensor:
-        return self.runner.tree_logits(request_id, token_ids, tree)
+    async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree,
+                          greedy: bool = False) -> Scores:
+        return scores(self.runner.tree_logits(request_id, token_ids, tree), greedy)
 
     async def release(self, request_id: str) -> None:
         self.runner.release(request_id)

@@ -53,9 +53,8 @@ class Verdict:
 class RejectionSampler:
     """Stateless; one instance serves every level. Subclassed only by tests that break it on purpose."""
 
-    def greedy(self, draft: list[int], target_logits: torch.Tensor) -> Verdict:
-        # target_logits: [len(draft) + 1, vocab]; row i scores the token at draft position i
-        choice = target_logits.argmax(-1).tolist()
+    def greedy(self, draft: list[int], choice: list[int]) -> Verdict:
+        # choice: the verifier's argmax at each of the len(draft) + 1 positions
         accepted = 0
         while accepted < len(draft) and draft[accepted] == choice[accepted]:
             accepted += 1
@@ -96,9 +95,8 @@ class RejectionSampler:
             residual = target_row
         return sample(residual, generator)
 
-    def greedy_tree(self, tree: TokenTree, target_logits: torch.Tensor) -> TreeVerdict:
-        # target_logits: [1 + len(tree), vocab]; row 0 follows the root, row 1 + i follows node i
-        choice = target_logits.argmax(-1).tolist()
+    def greedy_tree(self, tree: TokenTree, choice: list[int]) -> TreeVerdict:
+        # choice: the verifier's argmax after the root (0) and after each node i (1 + i)
         path: list[int] = []
         node = -1
         while (child := tree.children(node).get(choice[node + 1])) is not None:

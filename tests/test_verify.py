@@ -9,24 +9,18 @@ from services.verify import RejectionSampler
 SAMPLER = RejectionSampler()
 
 
-def one_hot_logits(choices: list[int], vocab: int = 5) -> torch.Tensor:
-    logits = torch.zeros(len(choices), vocab)
-    logits[torch.arange(len(choices)), torch.tensor(choices)] = 10.0
-    return logits
-
-
 def test_greedy_accepts_the_matching_prefix_then_corrects():
-    verdict = SAMPLER.greedy([1, 2, 3], one_hot_logits([1, 2, 4, 0]))
+    verdict = SAMPLER.greedy([1, 2, 3], [1, 2, 4, 0])
     assert (verdict.num_accepted, verdict.next_token) == (2, 4)
 
 
 def test_greedy_full_acceptance_adds_the_bonus_token():
-    verdict = SAMPLER.greedy([1, 2], one_hot_logits([1, 2, 3]))
+    verdict = SAMPLER.greedy([1, 2], [1, 2, 3])
     assert (verdict.num_accepted, verdict.next_token) == (2, 3)
 
 
 def test_greedy_without_draft_is_one_plain_step():
-    verdict = SAMPLER.greedy([], one_hot_logits([4]))
+    verdict = SAMPLER.greedy([], [4])
     assert (verdict.num_accepted, verdict.next_token) == (0, 4)
 
 

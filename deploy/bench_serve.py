@@ -1,0 +1,165 @@
+"""`hierspec bench-serve`: the Serve app under concurrent streaming clients.
+
+It starts a local Ray cluster, deploys the config's app with the pipelined
+router, and replays first turns of a workload through `clients` concurrent
+streaming chat clients (greedy, `max_tokens` each): throughput, time to first
+token and inter-token latency. Then the same with the sequential router (one
+round at a time), then one client alone, and finally the same prompts in this
+process without Serve (`hierspec generate`'s path) for the HTTP overhead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from deploy.bench import _cpu_name, load_workload
+from deploy.config import HierspecConfig
+
+
+@dataclass
+class StreamResult:
+    tokens: int
+    seconds: float
+    ttft: float
+    chunk_gaps: list[float] = field(default_factory=list)
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def stream_chat(url: str, model: str, prompt: str, max_tokens: int) -> StreamResult:
+    """One streamed chat completion, timed at the client."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    arrivals, tokens = [], 0
+    with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=1800) as reply:
+        reply.raise_for_status()
+        for line in reply.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                arrivals.append(time.perf_counter())
+    end = time.perf_counter()
+    ttft = (arrivals[0] if arrivals else end) - start
+    return StreamResult(tokens, end - start, ttft, [b - a for a, b in zip(arrivals, arrivals[1:])])
+
+
+def run_load(url: str, model: str, prompts: list[str], clients: int, max_tokens: int) -> dict:
+    """`clients` concurrent streams over all prompts; aggregate throughput and latencies."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda p: stream_chat(url, model, p, max_tokens), prompts))
+    wall = time.perf_counter() - start
+    tokens = sum(r.tokens for r in results)
+    itl = [(r.seconds - r.ttft) / (r.tokens - 1) for r in results if r.tokens > 1]
+    gaps = [g for r in results for g in r.chunk_gaps]
+    ms = lambda v: None if v is None else round(1000 * v, 1)  # noqa: E731
+    return {
+        "clients": clients, "requests": len(results), "tokens": tokens, "seconds": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 3),
+        "stream_tokens_per_s": round(tokens / sum(r.seconds for r in results), 3),
+        "ttft_ms": {"p50": ms(_percentile([r.ttft for r in results], 0.5)),
+                    "p99": ms(_percentile([r.ttft for r in results], 0.99))},
+        "itl_ms": {"p50": ms(_percentile(itl, 0.5)), "p99": ms(_percentile(itl, 0.99))},
+        "chunk_gap_ms": {"p50": ms(_percentile(gaps, 0.5)), "p99": ms(_percentile(gaps, 0.99))},
+    }
+
+
+def _in_process(config: HierspecConfig, method: str, prompts: list[str], max_tokens: int) -> dict:
+    """The same prompts through the engine in this process: what HTTP serving is compared with."""
+    from deploy.builder import RunnerPool, build_decoder, configure_torch
+    from services.prompts import chat_prompt_ids, stop_token_ids
+    from services.sampling import SamplingParams
+
+    configure_torch(config)
+    decoder = build_decoder(config, method, pool=RunnerPool())
+    tokenizer = decoder.target.runner.tokenizer
+    stops = stop_token_ids(tokenizer)
+    ids = [chat_prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    decoder.generate(ids[0], SamplingParams(), 4, stops)  # warm-up
+    tokens, seconds = 0, 0.0
+    for prompt_ids in ids:
+        start = time.perf_counter()
+        tokens += len(decoder.generate(prompt_ids, SamplingParams(), max_tokens, stops).token_ids)
+        seconds += time.perf_counter() - start
+    return {"requests": len(ids), "tokens": tokens, "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 3)}
+
+
+def run_serve_bench(config: HierspecConfig, workload: str, out: str, clients: int = 8, requests_: int = 16,
+                    max_tokens: int = 64, method: str | None = None, categories: str | None = None,
+                    port: int = 8000, single_requests: int = 4) -> dict:
+    import ray
+    from ray import serve
+
+    from deploy.app import build_from_config
+
+    method = method or config.default_method
+    questions = load_workload(workload, None, categories)
+    prompts = [q.turns[0] for q in questions][:requests_]
+    url = f"http://127.0.0.1:{port}"
+    result = {"config": config.name, "method": method, "dtype": config.dtype, "max_tokens": max_tokens,
+              "machine": {"processor": _cpu_name()}, "modes": {}}
+    levels = len(config.chain(method)) * config.serving.replicas_per_level
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as `hierspec serve` runs it
+    ray.init(num_cpus=max(4, levels + 2), include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        for mode, pipelined in (("pipelined", True), ("sequential", False)):
+            variant = config.model_copy(update={"serving": config.serving.model_copy(update={"pipelined": pipelined})})
+            print(f"[{mode}] deploying {config.name} ({method})", flush=True)
+            serve.run(build_from_config(variant, method), name=config.name, route_prefix="/")
+            stream_chat(url, config.name, prompts[0], 4)  # warm-up
+            print(f"[{mode}] {len(prompts)} requests, {clients} concurrent clients", flush=True)
+            result["modes"][mode] = run_load(url, config.name, prompts, clients, max_tokens)
+            print(f"[{mode}] {result['modes'][mode]['tokens_per_s']} tokens/s", flush=True)
+            if pipelined:
+                print("[single stream] one client", flush=True)
+                result["modes"]["single_stream"] = run_load(url, config.name, prompts[:single_requests], 1,
+                                                            max_tokens)
+            serve.delete(config.name)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print("[in-process] the same prompts without Serve", flush=True)
+    result["modes"]["in_process"] = _in_process(config, method, prompts[:single_requests], max_tokens)
+    modes = result["modes"]
+    result["pipelined_vs_sequential"] = round(modes["pipelined"]["tokens_per_s"] /
+                                              modes["sequential"]["tokens_per_s"], 3)
+    result["single_stream_vs_in_process"] = round(modes["single_stream"]["stream_tokens_per_s"] /
+                                                  modes["in_process"]["tokens_per_s"], 3)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2))
+    print(format_serve_table(result))
+    print(f"\nwrote {out}")
+    return result
+
+
+def format_serve_table(result: dict) -> str:
+    header = ["mode", "clients", "requests", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"]
+    rows = [header]
+    for name, m in result["modes"].items():
+        rows.append([name, str(m.get("clients", 1)), str(m["requests"]), f"{m['tokens_per_s']:.2f}",
+                     *[str(m.get(k, {}).get(q, "-")) for k in ("ttft_ms", "itl_ms") for q in ("p50", "p99")]])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [f"{result['config']} ({result['method']}, {result['dtype']}), max {result['max_tokens']} tokens, "
+             f"{result['machine']['processor']}"]
+    lines += ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
+    lines.append(f"pipelined / sequential router: {result['pipelined_vs_sequential']:.2f}x; "
+                 f"one HTTP stream / in-process: {result['single_stream_vs_in_process']:.2f}x")
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""The router and the HTTP text assembly, on tiny models in one process: bounds, timeouts,
+cancellation, pipelining, stop strings."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from tiny_models import tiny_runner
+
+from services.hsd import HierarchicalDecoder
+from services.levels import LocalLevel
+from services.openai_api import TextAssembler
+from services.router import Overloaded, RequestTimeout, Router
+from services.sampling import SamplingParams
+
+GREEDY = SamplingParams()
+PROMPT = [1, 2, 3, 4]
+
+
+class SlowLevel(LocalLevel):
+    """A level that takes `delay` seconds per call, yielding to the event loop like a remote one."""
+
+    def __init__(self, runner, delay: float):
+        super().__init__(runner)
+        self.delay = delay
+        self.calls = self.active = self.most_active = 0
+
+    async def logits(self, request_id, token_ids, num_logits, greedy=False):
+        self.calls += 1
+        self.active += 1
+        self.most_active = max(self.most_active, self.active)
+        try:
+            await asyncio.sleep(self.delay)
+        finally:
+            self.active -= 1
+        return await super().logits(request_id, token_ids, num_logits, greedy)
+
+
+def _router(delay: float = 0.0, **kwargs) -> tuple[Router, SlowLevel]:
+    level = SlowLevel(tiny_runner(3, vocab=32), delay)
+    return Router(HierarchicalDecoder([level], []), **{"max_in_flight": 4, "timeout_s": 60.0, **kwargs}), level
+
+
+async def _collect(router: Router, generation) -> list[int]:
+    return [t async for tokens in router.rounds(generation) for t in tokens]
+
+
+def test_router_output_equals_the_decoder():
+    router, level = _router()
+    plain = HierarchicalDecoder([level.runner], []).generate(PROMPT, GREEDY, 20).token_ids
+    assert asyncio.run(_collect(router, router.start(PROMPT, GREEDY, 20, frozenset()))) == plain
+    assert router.in_flight == 0 and level.runner.cached_requests() == 0
+
+
+def test_overload_is_refused_and_counted_requests_come_back():
+    async def main():
+        router, _ = _router(delay=0.01, max_in_flight=2)
+        running = [asyncio.create_task(_collect(router, router.start(PROMPT, GREEDY, 5, frozenset())))
+                   for _ in range(2)]
+        await asyncio.sleep(0.005)
+        with pytest.raises(Overloaded):
+            router.start(PROMPT, GREEDY, 5, frozenset())
+        await asyncio.gather(*running)
+        router.start(PROMPT, GREEDY, 5, frozenset())  # room again
+
+    asyncio.run(main())
+
+
+def test_timeout_ends_the_request_and_frees_its_caches():
+    async def main():
+        router, level = _router(delay=0.05, timeout_s=0.12)
+        with pytest.raises(RequestTimeout):
+            await _collect(router, router.start(PROMPT, GREEDY, 50, frozenset()))
+        assert router.in_flight == 0 and level.runner.cached_requests() == 0
+
+    asyncio.run(main())
+
+
+def test_a_client_that_goes_away_cancels_the_work():
+    async def main():
+        router, level = _router(delay=0.02)
+        task = asyncio.create_task(_collect(router, router.start(PROMPT, GREEDY, 200, frozenset())))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        calls = level.calls
+        await asyncio.sleep(0.1)
+        assert level.calls == calls < 200  # nothing runs after the cancellation
+        assert router.in_flight == 0 and level.runner.cached_requests() == 0
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_pipelined_router_overlaps_requests_and_sequential_does_not(pipelined):
+    async def main():
+        router, level = _router(delay=0.01, pipelined=pipelined)
+        outs = await asyncio.gather(*(_collect(router, router.start(PROMPT, GREEDY, 5, frozenset()))
+                                      for _ in range(4)))
+        return level.most_active, outs
+
+    most_active, outs = asyncio.run(main())
+    assert all(out == outs[0] for out in outs)
+    assert (most_active == 4) if pipelined else (most_active == 1)
+
+
+class CharTokenizer:
+    """Token i is chr(i); a stand-in for detokenization with multi-token stop strings."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def _assemble(text: str, stops: list[str], step: int = 1) -> tuple[str, bool]:
+    assembler = TextAssembler(CharTokenizer(), stops)
+    out = []
+    ids = [ord(c) for c in text]
+    for i in range(0, len(ids), step):
+        out.append(assembler.add(ids[i:i + step]))
+        if assembler.stopped:
+            break
+    else:
+        out.append(assembler.flush())
+    return "".join(out), assembler.stopped
+
+
+@pytest.mark.parametrize("step", [1, 2, 5])
+def test_stop_strings_cut_the_text_wherever_rounds_end(step):
+    assert _assemble("hello END world", ["END"], step) == ("hello ", True)
+    assert _assemble("hello EN", ["END"], step) == ("hello EN", False)  # a partial match is sent at the end
+    assert _assemble("a\nb", ["\n", "b"], step) == ("a", True)
+    assert _assemble("no stop here", [], step) == ("no stop here", False)
