@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from deploy.config import DrafterSettings, HierspecConfig
+from deploy.config import ConfigError, DrafterSettings, HierspecConfig
 from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
 from drafter_db.model_db import ModelDB
+from drafter_db.shared_outputs import SharedOutputs
 from drafter_db.stores import EmbeddedStore, RedisStore, tokenizer_namespace
 from services.hsd import DraftPolicy, HierarchicalDecoder
 from services.model_store import cache_dir
@@ -51,10 +52,14 @@ def build_decoder(config: HierspecConfig, method: str, dtype: str | None = None,
                                proposer=proposer)
 
 
+def redis_url(settings: DrafterSettings) -> str | None:
+    return settings.redis_url or os.environ.get("HIERSPEC_REDIS_URL")
+
+
 def statistics_store(settings: DrafterSettings, namespace: str):
     """The configured statistics store: Redis when a URL is set (config or $HIERSPEC_REDIS_URL),
     else the embedded store file."""
-    url = settings.redis_url or os.environ.get("HIERSPEC_REDIS_URL")
+    url = redis_url(settings)
     if url:
         return RedisStore(url)
     path = settings.statistics_path or cache_dir() / "stats" / f"{namespace}.pkl"
@@ -63,7 +68,10 @@ def statistics_store(settings: DrafterSettings, namespace: str):
 
 def build_drafter(settings: DrafterSettings, tokenizer) -> HierarchicalDrafter:
     namespace = tokenizer_namespace(tokenizer)
-    model_db = ModelDB(max_key=settings.max_key, max_keys=settings.model_db_max_keys)
+    if settings.share_model_db and not redis_url(settings):
+        raise ConfigError("drafter.share_model_db needs Redis: set drafter.redis_url or $HIERSPEC_REDIS_URL")
+    mirror = SharedOutputs(redis_url(settings), namespace) if settings.share_model_db else None
+    model_db = ModelDB(max_key=settings.max_key, max_keys=settings.model_db_max_keys, mirror=mirror)
     if settings.model_db_path and Path(settings.model_db_path).expanduser().exists():
         model_db.load(Path(settings.model_db_path).expanduser())
     config = DrafterConfig(max_key=settings.max_key, max_depth=settings.max_depth,

@@ -48,6 +48,9 @@ class DrafterSettings(BaseModel):
         None, description="embedded statistics store file; default: <model cache>/stats/<tokenizer>.pkl")
     model_db_path: str | None = Field(None, description="load the model DB from / save it to this file")
     model_db_max_keys: int = Field(200_000, ge=1000, description="model DB bound (keys) before eviction")
+    share_model_db: bool = Field(
+        False, description="mirror the model DB through the statistics Redis, so router replicas learn from each "
+                           "other's requests (needs redis_url or $HIERSPEC_REDIS_URL)")
     max_key: int = Field(4, ge=1, le=8, description="longest n-gram key tried")
     max_depth: int = Field(12, ge=1, le=32, description="longest drafted continuation")
     max_candidates: int = Field(4, ge=1, le=16, description="candidates merged into one token tree")

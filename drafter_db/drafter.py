@@ -77,6 +77,8 @@ class HierarchicalDrafter:
 
     # request lifecycle -------------------------------------------------------------------------
     def start(self, request_id: str, prompt_ids: list[int]) -> None:
+        if self.model_db is not None:
+            self.model_db.sync()  # other replicas' outputs, at most once per sync interval
         self._requests[request_id] = _RequestState(self.config, prompt_ids)
 
     def commit(self, request_id: str, token_ids: list[int]) -> None:

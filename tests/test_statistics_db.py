@@ -117,3 +117,27 @@ def test_redis_outage_mid_generation_keeps_output_and_recovers(redis_server):
     again = decoder.generate(PROMPT, SamplingParams(), 60)
     assert again.token_ids == plain
     assert again.stats.sources.get("statistics") and again.stats.sources["statistics"].drafted > 0
+
+
+def test_model_db_mirror_shares_outputs_between_replicas(redis_server):
+    from drafter_db.model_db import ModelDB
+    from drafter_db.shared_outputs import SharedOutputs
+
+    def replica() -> ModelDB:
+        return ModelDB(max_key=2, mirror=SharedOutputs(redis_server.url, "ns", sync_seconds=0.0))
+
+    a, b = replica(), replica()
+    a.add_output([1, 2, 3, 4, 5])
+    assert b.lookup((1, 2)) == ()
+    b.sync()
+    assert b.lookup((1, 2)) == a.lookup((1, 2)) != ()
+    a.sync()  # its own output is not counted twice
+    assert a.total((1, 2)) == b.total((1, 2)) == 1
+    late = replica()  # a replica that starts later catches up
+    late.sync()
+    assert late.lookup((1, 2)) == a.lookup((1, 2))
+
+    redis_server.stop()  # an outage costs sharing, never the local model DB
+    a.add_output([7, 8, 9])
+    b.sync()
+    assert a.lookup((7, 8)) != () and a.mirror.errors >= 1
