@@ -78,7 +78,8 @@ class HierspecServer:
         chain = self.config.chain(method)
         proposer = build_drafter(self.config.drafter, self.tokenizer) if method.startswith("hd") else None
         decoder = HierarchicalDecoder(levels, [DraftPolicy(c.draft_tokens, c.min_confidence) for _, c in chain[:-1]],
-                                      proposer=proposer, on_forward=self.metrics.on_forward)
+                                      proposer=proposer, on_forward=self.metrics.on_forward,
+                                      lookahead=self.config.serving.pipelined)
         serving = self.config.serving
         self.router = Router(decoder, serving.max_in_flight, serving.request_timeout_s, pipelined=serving.pipelined,
                              metrics=self.metrics)

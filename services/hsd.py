@@ -88,6 +88,7 @@ class GenerationStats:
     seconds: float = 0.0
     sources: dict[str, SourceStats] = field(default_factory=dict)
     draft_seconds: list[float] = field(default_factory=list)  # one entry per proposer call
+    lookahead_used: int = 0  # target rounds whose draft was ready (drafted during the previous verification)
 
     @property
     def mean_accepted(self) -> float:
@@ -104,6 +105,7 @@ class GenerationStats:
             "levels": [level.as_dict() for level in self.levels],
             "accepted_by_source": {name: src.accepted for name, src in self.sources.items()},
             "drafted_by_source": {name: src.drafted for name, src in self.sources.items()},
+            "lookahead_used": self.lookahead_used,
             "drafter_us_per_draft": round(1e6 * sum(self.draft_seconds) / len(self.draft_seconds), 1)
             if self.draft_seconds else None,
         }
@@ -170,6 +172,7 @@ class Generation:
         self._decoder = decoder
         self._prompt_ids = list(prompt_ids)
         self._max_tokens = max_tokens
+        self.lookahead: tuple[int, Draft] | None = None  # (sequence length it continues, draft)
 
     def __iter__(self) -> Iterator[list[int]]:
         loop = asyncio.new_event_loop()
@@ -195,7 +198,7 @@ class Generation:
         try:
             while len(self.token_ids) < self._max_tokens:
                 budget = self._max_tokens - len(self.token_ids)
-                new = (await decoder.verify_at(self, len(decoder.levels) - 1, seq, budget)).tokens
+                new = (await decoder._target_round(self, seq, budget)).tokens
                 committed = []
                 for token in new:
                     if token in self.stop_ids:
@@ -226,7 +229,7 @@ class HierarchicalDecoder:
 
     def __init__(self, levels: list[Level | LevelRunner], policies: list[DraftPolicy | int],
                  sampler: RejectionSampler | None = None, proposer: TreeProposer | None = None,
-                 on_forward: Callable[[str, float], None] | None = None):
+                 on_forward: Callable[[str, float], None] | None = None, lookahead: bool = False):
         levels = [as_level(level) for level in levels]
         if len(policies) != len(levels) - 1:
             raise ValueError("need one draft policy per non-target level")
@@ -243,6 +246,7 @@ class HierarchicalDecoder:
         self.proposer = proposer
         self.sampler = sampler or RejectionSampler()
         self.on_forward = on_forward  # (level name, seconds) after every forward: serving metrics
+        self.lookahead = lookahead  # see _target_round: pays off only when levels run in other processes
 
     @property
     def target(self) -> Level:
@@ -272,6 +276,42 @@ class HierarchicalDecoder:
             if len(tree):
                 return await self._verify_tree(req, seq, tree)
         draft = await self._draft(req, level_index - 1, seq, limit - 1) if level_index > 0 else Draft()
+        return await self._verify_draft(req, level_index, seq, draft)
+
+    async def _target_round(self, req: Generation, seq: list[int], limit: int) -> Draft:
+        """One round of the target. With `lookahead` (greedy, remote levels), the level below drafts
+        the next batch from the optimistic end of this one (all accepted) while the target verifies;
+        the next round uses it when the target did accept everything and its bonus token is the
+        draft's first token. A draft is only a proposal, so this cannot change the output."""
+        top = len(self.levels) - 1
+        if top == 0 or not self.lookahead or not req.params.greedy:
+            return await self.verify_at(req, top, seq, limit)
+        ready, req.lookahead = req.lookahead, None
+        if ready is not None and ready[0] == len(seq) and ready[1].tokens:
+            draft = ready[1]
+            req.stats.lookahead_used += 1
+        else:
+            draft = await self._draft(req, top - 1, seq, limit - 1)
+        verifying = asyncio.ensure_future(self._verify_draft(req, top, seq, draft))
+        room = limit - 1 - len(draft.tokens)
+        ahead = asyncio.ensure_future(self._draft(req, top - 1, seq + draft.tokens, room)) \
+            if draft.tokens and room > 1 else None
+        try:
+            out = await verifying
+        except BaseException:
+            if ahead is not None:
+                ahead.cancel()
+            raise
+        if ahead is not None:
+            if len(out.tokens) == len(draft.tokens) + 1:
+                following = await ahead
+                if following.tokens[:1] == out.tokens[-1:]:
+                    req.lookahead = (len(seq) + len(out.tokens), Draft(following.tokens[1:]))
+            else:
+                ahead.cancel()
+        return out
+
+    async def _verify_draft(self, req: Generation, level_index: int, seq: list[int], draft: Draft) -> Draft:
         scores = await self._forward(req, level_index, seq + draft.tokens, len(draft.tokens) + 1)
         req.stats.levels[level_index].verifications += 1
         if req.params.greedy:

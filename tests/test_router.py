@@ -132,3 +132,23 @@ def test_stop_strings_cut_the_text_wherever_rounds_end(step):
     assert _assemble("hello EN", ["END"], step) == ("hello EN", False)  # a partial match is sent at the end
     assert _assemble("a\nb", ["\n", "b"], step) == ("a", True)
     assert _assemble("no stop here", [], step) == ("no stop here", False)
+
+
+@pytest.mark.parametrize("draft_seed", [3, 5])  # 3: the draft is the target (all accepted); 5: a different model
+def test_lookahead_drafts_during_verification_without_changing_the_output(draft_seed):
+    from services.hsd import DraftPolicy
+
+    target = SlowLevel(tiny_runner(3, vocab=32), 0.005)
+    draft = SlowLevel(tiny_runner(draft_seed, vocab=32), 0.001)
+    plain = HierarchicalDecoder([target.runner], []).generate(PROMPT, GREEDY, 40).token_ids
+    decoder = HierarchicalDecoder([draft, target], [DraftPolicy(4)], lookahead=True)
+
+    async def run():
+        generation = decoder.start(PROMPT, GREEDY, 40, frozenset())
+        tokens = [t async for chunk in generation.stream() for t in chunk]
+        return tokens, generation.stats
+
+    tokens, stats = asyncio.run(run())
+    assert tokens == plain
+    assert (stats.lookahead_used > 0) if draft_seed == 3 else True
+    assert target.runner.cached_requests() == draft.runner.cached_requests() == 0
