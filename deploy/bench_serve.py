@@ -101,7 +101,7 @@ def _in_process(config: HierspecConfig, method: str, prompts: list[str], max_tok
             "tokens_per_s": round(tokens / seconds, 3)}
 
 
-def run_serve_bench(config: HierspecConfig, workload: str, out: str, clients: int = 8, requests_: int = 16,
+def run_serve_bench(config: HierspecConfig, workload: str, out: str, clients: int = 8, num_requests: int = 16,
                     max_tokens: int = 64, method: str | None = None, categories: str | None = None,
                     port: int = 8000, single_requests: int = 4) -> dict:
     import ray
@@ -111,7 +111,7 @@ def run_serve_bench(config: HierspecConfig, workload: str, out: str, clients: in
 
     method = method or config.default_method
     questions = load_workload(workload, None, categories)
-    prompts = [q.turns[0] for q in questions][:requests_]
+    prompts = [q.turns[0] for q in questions][:num_requests]
     url = f"http://127.0.0.1:{port}"
     result = {"config": config.name, "method": method, "dtype": config.dtype, "max_tokens": max_tokens,
               "machine": {"processor": _cpu_name()}, "modes": {}}

@@ -45,11 +45,16 @@ def build_decoder(config: HierspecConfig, method: str, dtype: str | None = None,
                   pool: RunnerPool | None = None) -> HierarchicalDecoder:
     pool = pool or RunnerPool()
     dtype = dtype or config.dtype
-    chain = config.chain(method)
-    levels = [pool.get(model, dtype, config.device) for model, _ in chain]
-    proposer = pool.drafter(config, levels[-1].tokenizer) if method.startswith("hd") else None
-    return HierarchicalDecoder(levels, [DraftPolicy(c.draft_tokens, c.min_confidence) for _, c in chain[:-1]],
-                               proposer=proposer)
+    levels = [pool.get(model, dtype, config.device) for model, _ in config.chain(method)]
+    return chain_decoder(config, method, levels, lambda: pool.drafter(config, levels[-1].tokenizer))
+
+
+def chain_decoder(config: HierspecConfig, method: str, levels: list, drafter, **options) -> HierarchicalDecoder:
+    """The hierarchy of `method` over loaded levels (runners here, or remote levels in the Serve app);
+    `drafter()` gives the database drafter, asked for only by the hd methods."""
+    policies = [DraftPolicy(c.draft_tokens, c.min_confidence) for _, c in config.chain(method)[:-1]]
+    proposer = drafter() if method.startswith("hd") else None
+    return HierarchicalDecoder(levels, policies, proposer=proposer, **options)
 
 
 def redis_url(settings: DrafterSettings) -> str | None:

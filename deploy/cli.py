@@ -133,7 +133,7 @@ def _cmd_bench_serve(args) -> None:
     config = load_config(args.config)
     if args.dtype:
         config = config.model_copy(update={"dtype": args.dtype})
-    run_serve_bench(config, args.workload, args.out, clients=args.clients, requests_=args.requests,
+    run_serve_bench(config, args.workload, args.out, clients=args.clients, num_requests=args.requests,
                     max_tokens=args.max_tokens, method=args.method, categories=args.categories, port=args.port)
 
 

@@ -19,9 +19,8 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deploy.builder import build_drafter
+from deploy.builder import build_drafter, chain_decoder
 from deploy.config import HierspecConfig
-from services.hsd import DraftPolicy, HierarchicalDecoder
 from services.level_service import RemoteLevel
 from services.metrics import ServingMetrics
 from services.model_store import load_tokenizer
@@ -75,17 +74,11 @@ class HierspecServer:
         self._api_key = os.environ.get(self.config.serving.api_key_env) or None
         self._created = now()
         levels = [await RemoteLevel.connect(handle) for handle in level_handles]  # waits for the levels to load
-        chain = self.config.chain(method)
-        proposer = build_drafter(self.config.drafter, self.tokenizer) if method.startswith("hd") else None
-        decoder = HierarchicalDecoder(levels, [DraftPolicy(c.draft_tokens, c.min_confidence) for _, c in chain[:-1]],
-                                      proposer=proposer, on_forward=self.metrics.on_forward,
-                                      lookahead=self.config.serving.pipelined)
         serving = self.config.serving
+        decoder = chain_decoder(self.config, method, levels, lambda: build_drafter(self.config.drafter, self.tokenizer),
+                                on_forward=self.metrics.on_forward, lookahead=serving.pipelined)
         self.router = Router(decoder, serving.max_in_flight, serving.request_timeout_s, pipelined=serving.pipelined,
                              metrics=self.metrics)
-
-    def check_health(self) -> None:
-        """Serve's replica health check."""
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -113,8 +106,7 @@ class HierspecServer:
 
     async def _start(self, body, prompt_ids: list[int], request_id: str):
         self._check_model(body.model)
-        router = self.router
-        window = router.decoder.target.context_window
+        window = self.router.decoder.target.context_window
         room = window - len(prompt_ids)
         if room < 1:
             raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this model's context window is "
@@ -126,16 +118,14 @@ class HierspecServer:
                            code="context_length_exceeded")
         limit = limit or min(self.config.max_tokens, room)
         try:
-            generation = router.start(prompt_ids, body.sampling(), limit, self.stop_ids, request_id)
+            return self.router.start(prompt_ids, body.sampling(), limit, self.stop_ids, request_id)
         except Overloaded as exc:
             raise APIError(503, str(exc), type="overloaded_error", code="overloaded",
                            headers={"Retry-After": str(exc.retry_after)}) from None
-        return router, generation
 
-    async def _pieces(self, router: Router, generation, assembler: TextAssembler,
-                      arrival: float) -> AsyncIterator[str]:
+    async def _pieces(self, generation, assembler: TextAssembler, arrival: float) -> AsyncIterator[str]:
         """Text deltas until the generation ends or a stop string appears."""
-        rounds = router.rounds(generation, arrival)
+        rounds = self.router.rounds(generation, arrival)
         try:
             async for tokens in rounds:
                 delta = assembler.add(tokens)
@@ -153,9 +143,8 @@ class HierspecServer:
     async def _run(self, body, prompt_ids: list[int], chat: bool):
         arrival = time.perf_counter()
         rid, created = completion_id("chatcmpl" if chat else "cmpl"), now()
-        router, generation = await self._start(body, prompt_ids, rid)
-        assembler = TextAssembler(self.tokenizer, body.stop_strings)
-        pieces = self._pieces(router, generation, assembler, arrival)
+        generation = await self._start(body, prompt_ids, rid)
+        pieces = self._pieces(generation, TextAssembler(self.tokenizer, body.stop_strings), arrival)
         if body.stream:
             return StreamingResponse(self._stream(body, rid, created, pieces, generation, len(prompt_ids), chat),
                                      media_type="text/event-stream")

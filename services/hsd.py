@@ -375,10 +375,10 @@ class HierarchicalDecoder:
         tokens: list[int] = []
         rows: list[torch.Tensor] = []
         for _ in range(want):
-            scores = await self._forward(req, 0, seq + tokens, 1)
+            scores = await self._forward(req, 0, seq + tokens, 1, confidence=min_confidence > 0.0)
             if req.params.greedy:
                 token = scores.tokens[0]
-                confident = scores.probs[0] >= min_confidence
+                confident = min_confidence == 0.0 or scores.probs[0] >= min_confidence
             else:
                 p = req.params.probs(scores)
                 rows.append(p)
@@ -389,10 +389,12 @@ class HierarchicalDecoder:
                 break
         return Draft(tokens, torch.cat(rows) if rows else None)
 
-    async def _forward(self, req: Generation, level_index: int, token_ids: list[int], num_logits: int) -> Scores:
-        """Logits when sampling, GreedyScores when greedy."""
+    async def _forward(self, req: Generation, level_index: int, token_ids: list[int], num_logits: int,
+                       confidence: bool = False) -> Scores:
+        """Logits when sampling, GreedyScores when greedy (with the argmax probabilities if `confidence`)."""
         level = self.levels[level_index]
-        return await self._counted(req, level_index, level.logits(req.id, token_ids, num_logits, req.params.greedy))
+        forward = level.logits(req.id, token_ids, num_logits, req.params.greedy, confidence)
+        return await self._counted(req, level_index, forward)
 
     async def _counted(self, req: Generation, level_index: int, forward) -> Scores:
         """Await one forward of a level and charge its latency (compute, plus transport for a

@@ -16,7 +16,7 @@ import torch
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from services.levels import Level, Scores, scores
+from services.levels import Scores, scores
 from services.runner import LevelRunner
 from services.tree import TokenTree
 
@@ -46,8 +46,9 @@ class LevelService:
         async with self._lock:
             return await asyncio.to_thread(method, *args)
 
-    async def logits(self, request_id: str, token_ids: list[int], num_logits: int, greedy: bool = False) -> Scores:
-        return scores(await self._call(self.runner.logits, request_id, token_ids, num_logits), greedy)
+    async def logits(self, request_id: str, token_ids: list[int], num_logits: int, greedy: bool = False,
+                     confidence: bool = False) -> Scores:
+        return scores(await self._call(self.runner.logits, request_id, token_ids, num_logits), greedy, confidence)
 
     async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree,
                           greedy: bool = False) -> Scores:
@@ -70,7 +71,7 @@ RETRY_ATTEMPTS = 20
 RETRY_BACKOFF_S = 0.25
 
 
-class RemoteLevel(Level):
+class RemoteLevel:
     """The router's view of a level deployment; calls for one request share a replica when they can."""
 
     def __init__(self, handle, info: dict):
@@ -93,8 +94,9 @@ class RemoteLevel(Level):
                     raise
                 await asyncio.sleep(RETRY_BACKOFF_S)
 
-    async def logits(self, request_id: str, token_ids: list[int], num_logits: int, greedy: bool = False) -> Scores:
-        return await self._call("logits", request_id, token_ids, num_logits, greedy)
+    async def logits(self, request_id: str, token_ids: list[int], num_logits: int, greedy: bool = False,
+                     confidence: bool = False) -> Scores:
+        return await self._call("logits", request_id, token_ids, num_logits, greedy, confidence)
 
     async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree,
                           greedy: bool = False) -> Scores:

@@ -18,31 +18,31 @@ from services.tree import TokenTree
 
 @dataclass(frozen=True)
 class GreedyScores:
-    """All that greedy decoding needs from a forward: each row's argmax and that token's probability
-    (a drafter's confidence). A few numbers instead of [rows, vocab] logits, which matters when a
-    level answers over the network."""
+    """All that greedy decoding needs from a forward: each row's argmax and, when asked for (a
+    drafter's confidence), that token's probability. A few numbers instead of [rows, vocab] logits,
+    which matters when a level answers over the network."""
 
     tokens: list[int]
-    probs: list[float]
+    probs: list[float]  # empty unless asked for: a softmax over the vocabulary costs as much as the argmax
 
     @classmethod
-    def of(cls, logits: torch.Tensor) -> GreedyScores:
+    def of(cls, logits: torch.Tensor, confidence: bool = False) -> GreedyScores:
         tokens = logits.argmax(-1)  # on the logits: rounded probabilities could tie where logits do not
-        probs = logits.softmax(-1).gather(-1, tokens[:, None])[:, 0]
-        return cls(tokens.tolist(), probs.tolist())
+        probs = logits.softmax(-1).gather(-1, tokens[:, None])[:, 0].tolist() if confidence else []
+        return cls(tokens.tolist(), probs)
 
 
 Scores = torch.Tensor | GreedyScores  # logits [rows, vocab] when sampling, else GreedyScores
 
 
 class Level(Protocol):
-    """`greedy=True` asks for GreedyScores instead of logits."""
+    """`greedy=True` asks for GreedyScores instead of logits (`confidence=True`: with probabilities)."""
 
     name: str
     vocab_size: int
 
-    async def logits(self, request_id: str, token_ids: list[int], num_logits: int, greedy: bool = False) -> Scores:
-        ...
+    async def logits(self, request_id: str, token_ids: list[int], num_logits: int, greedy: bool = False,
+                     confidence: bool = False) -> Scores: ...
 
     async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree,
                           greedy: bool = False) -> Scores: ...
@@ -50,8 +50,8 @@ class Level(Protocol):
     async def release(self, request_id: str) -> None: ...
 
 
-def scores(logits: torch.Tensor, greedy: bool) -> Scores:
-    return GreedyScores.of(logits) if greedy else logits
+def scores(logits: torch.Tensor, greedy: bool, confidence: bool = False) -> Scores:
+    return GreedyScores.of(logits, confidence) if greedy else logits
 
 
 class LocalLevel:
@@ -62,8 +62,9 @@ class LocalLevel:
         self.name = runner.name
         self.vocab_size = runner.vocab_size
 
-    async def logits(self, request_id: str, token_ids: list[int], num_logits: int, greedy: bool = False) -> Scores:
-        return scores(self.runner.logits(request_id, token_ids, num_logits), greedy)
+    async def logits(self, request_id: str, token_ids: list[int], num_logits: int, greedy: bool = False,
+                     confidence: bool = False) -> Scores:
+        return scores(self.runner.logits(request_id, token_ids, num_logits), greedy, confidence)
 
     async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree,
                           greedy: bool = False) -> Scores:

@@ -26,7 +26,7 @@ class SlowLevel(LocalLevel):
         self.delay = delay
         self.calls = self.active = self.most_active = 0
 
-    async def logits(self, request_id, token_ids, num_logits, greedy=False):
+    async def logits(self, request_id, token_ids, num_logits, greedy=False, confidence=False):
         self.calls += 1
         self.active += 1
         self.most_active = max(self.most_active, self.active)
@@ -34,7 +34,7 @@ class SlowLevel(LocalLevel):
             await asyncio.sleep(self.delay)
         finally:
             self.active -= 1
-        return await super().logits(request_id, token_ids, num_logits, greedy)
+        return await super().logits(request_id, token_ids, num_logits, greedy, confidence)
 
 
 def _router(delay: float = 0.0, **kwargs) -> tuple[Router, SlowLevel]:
