@@ -15,6 +15,7 @@ from pathlib import Path
 from ray import serve
 from ray.serve import Application
 
+from deploy.auto import resolve_auto
 from deploy.config import ConfigError, HierspecConfig, load_config
 from deploy.server import HierspecServer
 from services.level_service import LevelService
@@ -39,8 +40,8 @@ def level_options(config: HierspecConfig, method: str) -> list[dict]:
 
 
 def build_from_config(config: HierspecConfig, method: str | None = None, dtype: str | None = None) -> Application:
-    method = method or config.default_method
     dtype = dtype or config.dtype
+    config, method = resolve_auto(config, method or config.default_method, dtype)
     serving = config.serving
     threads = serving.level_threads or config.threads
     levels = [serve.deployment(LevelService).options(**options).bind(
@@ -76,7 +77,7 @@ def serve_foreground(config_path: str, method: str | None = None, dtype: str | N
     import ray
 
     config = load_config(config_path)
-    method = method or config.default_method
+    config, method = resolve_auto(config, method or config.default_method, dtype or config.dtype)
     port = port or config.serving.port
     serving = config.serving
     replicas = len(config.chain(method)) * serving.replicas_per_level

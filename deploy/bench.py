@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 
 from deploy.builder import RunnerPool, build_decoder, configure_torch
+from deploy.chart import draw_chart
 from deploy.config import ConfigError, HierspecConfig
 from services.model_store import load_pretrained
 from services.prompts import chat_prompt_ids, stop_token_ids
 from services.sampling import SamplingParams
 
-OUR_METHODS = ("ar", "hsd", "hd", "hd+hsd")
+OUR_METHODS = ("ar", "hsd", "hd", "hd+hsd", "auto")
 HF_METHODS = ("hf-ar", "hf-pld", "hf-assisted")
 
 
@@ -140,7 +141,8 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
     configure_torch(config)
     run_methods = ["ar"] + [m for m in methods if m != "ar"]  # ar is the reference for identity
     pool = RunnerPool()
-    decoders = {m: build_decoder(config, m, dtype, pool) for m in run_methods if m in OUR_METHODS}
+    # each method its own drafter: a model DB shared between methods would hold the same prompt's output
+    decoders = {m: build_decoder(config, m, dtype, pool.sibling()) for m in run_methods if m in OUR_METHODS}
     hf = _HFMethods(config, dtype) if any(m in HF_METHODS for m in run_methods) else None
     ar = decoders["ar"]
     tokenizer = ar.target.runner.tokenizer
@@ -230,8 +232,9 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
         result["methods"][method] = summary
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2))
+    chart = draw_chart(result, Path(out).with_suffix(".png"))
     print(format_table(result))
-    print(f"\nwrote {out}")
+    print(f"\nwrote {out} and {chart}")
     return result
 
 

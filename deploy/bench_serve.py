@@ -108,8 +108,9 @@ def run_serve_bench(config: HierspecConfig, workload: str, out: str, clients: in
     from ray import serve
 
     from deploy.app import build_from_config
+    from deploy.auto import resolve_auto
 
-    method = method or config.default_method
+    config, method = resolve_auto(config, method or config.default_method, config.dtype)
     questions = load_workload(workload, None, categories)
     prompts = [q.turns[0] for q in questions][:num_requests]
     url = f"http://127.0.0.1:{port}"

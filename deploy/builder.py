@@ -8,26 +8,38 @@ from pathlib import Path
 import torch
 
 from deploy.config import ConfigError, DrafterSettings, HierspecConfig
+from deploy.planner import Plan
 from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
 from drafter_db.model_db import ModelDB
 from drafter_db.shared_outputs import SharedOutputs
 from drafter_db.stores import EmbeddedStore, RedisStore, tokenizer_namespace
 from services.hsd import DraftPolicy, HierarchicalDecoder
+from services.levels import LocalLevel
 from services.model_store import cache_dir
 from services.runner import LevelRunner
 
 
 class RunnerPool:
     """Loaded levels keyed by (model, dtype, device), so methods of one process share weights,
-    and one database drafter per process (its model DB learns from every request)."""
+    and one database drafter per pool (its model DB learns from every request it drafts for)."""
 
-    def __init__(self):
-        self._runners: dict[tuple[str, str, str], LevelRunner] = {}
+    def __init__(self, shared: RunnerPool | None = None):
+        self._runners: dict[tuple[str, str, str], LevelRunner] = shared._runners if shared else {}
+        self._levels: dict[tuple[str, str, str], LocalLevel] = shared._levels if shared else {}
+        self._statistics: dict[str, StatisticsDB] = shared._statistics if shared else {}
         self._drafter: HierarchicalDrafter | None = None
+
+    def sibling(self) -> RunnerPool:
+        """The same loaded models and statistics DB with a drafter of its own: benchmarked methods
+        must not draft from a model DB that learnt another method's output for the same prompt."""
+        return RunnerPool(self)
 
     def drafter(self, config: HierspecConfig, tokenizer) -> HierarchicalDrafter:
         if self._drafter is None:
-            self._drafter = build_drafter(config.drafter, tokenizer)
+            namespace = tokenizer_namespace(tokenizer)
+            if namespace not in self._statistics:
+                self._statistics[namespace] = StatisticsDB(statistics_store(config.drafter, namespace), namespace)
+            self._drafter = build_drafter(config.drafter, tokenizer, self._statistics[namespace])
         return self._drafter
 
     def get(self, model: str, dtype: str, device: str) -> LevelRunner:
@@ -35,6 +47,13 @@ class RunnerPool:
         if key not in self._runners:
             self._runners[key] = LevelRunner.load(model, dtype, device)
         return self._runners[key]
+
+    def level(self, model: str, dtype: str, device: str) -> LocalLevel:
+        """One level object per runner, so hierarchies switching per round share it."""
+        key = (model, dtype, device)
+        if key not in self._levels:
+            self._levels[key] = LocalLevel(self.get(model, dtype, device))
+        return self._levels[key]
 
 
 def configure_torch(config: HierspecConfig) -> None:
@@ -45,16 +64,37 @@ def build_decoder(config: HierspecConfig, method: str, dtype: str | None = None,
                   pool: RunnerPool | None = None) -> HierarchicalDecoder:
     pool = pool or RunnerPool()
     dtype = dtype or config.dtype
-    levels = [pool.get(model, dtype, config.device) for model, _ in config.chain(method)]
-    return chain_decoder(config, method, levels, lambda: pool.drafter(config, levels[-1].tokenizer))
+    if method == "auto":
+        from deploy.auto import auto_decoder
+
+        return auto_decoder(config, dtype, pool)
+    return plan_decoder(config, config_plan(config, method), dtype, pool)
+
+
+def plan_decoder(config: HierspecConfig, plan: Plan, dtype: str, pool: RunnerPool) -> HierarchicalDecoder:
+    levels = [pool.level(model, dtype, config.device) for model in plan.models]
+    return assemble(plan, levels, lambda: pool.drafter(config, levels[-1].runner.tokenizer))
+
+
+def config_plan(config: HierspecConfig, method: str) -> Plan:
+    """The hierarchy a config writes out for `method`."""
+    chain = config.chain(method)
+    return Plan(models=[model for model, _ in chain], draft_tokens=[c.draft_tokens for _, c in chain[:-1]],
+                drafter=method.startswith("hd"), min_confidence=chain[0][1].min_confidence if len(chain) > 1 else 0.0)
 
 
 def chain_decoder(config: HierspecConfig, method: str, levels: list, drafter, **options) -> HierarchicalDecoder:
-    """The hierarchy of `method` over loaded levels (runners here, or remote levels in the Serve app);
-    `drafter()` gives the database drafter, asked for only by the hd methods."""
-    policies = [DraftPolicy(c.draft_tokens, c.min_confidence) for _, c in config.chain(method)[:-1]]
-    proposer = drafter() if method.startswith("hd") else None
-    return HierarchicalDecoder(levels, policies, proposer=proposer, **options)
+    """The hierarchy of `method` over loaded levels (remote levels in the Serve app)."""
+    return assemble(config_plan(config, method), levels, drafter, **options)
+
+
+def assemble(plan: Plan, levels: list, drafter, **options) -> HierarchicalDecoder:
+    """A decoder running `plan` over `levels` (one per plan model); `drafter()` gives the database
+    drafter, asked for only when the plan has it. The confidence stop applies to an autoregressive
+    bottom level."""
+    policies = [DraftPolicy(t, plan.min_confidence if i == 0 and not plan.drafter else 0.0)
+                for i, t in enumerate(plan.draft_tokens)]
+    return HierarchicalDecoder(levels, policies, proposer=drafter() if plan.drafter else None, **options)
 
 
 def redis_url(settings: DrafterSettings) -> str | None:
@@ -71,7 +111,7 @@ def statistics_store(settings: DrafterSettings, namespace: str):
     return EmbeddedStore(Path(path).expanduser())
 
 
-def build_drafter(settings: DrafterSettings, tokenizer) -> HierarchicalDrafter:
+def build_drafter(settings: DrafterSettings, tokenizer, statistics: StatisticsDB | None = None) -> HierarchicalDrafter:
     namespace = tokenizer_namespace(tokenizer)
     if settings.share_model_db and not redis_url(settings):
         raise ConfigError("drafter.share_model_db needs Redis: set drafter.redis_url or $HIERSPEC_REDIS_URL")
@@ -81,4 +121,5 @@ def build_drafter(settings: DrafterSettings, tokenizer) -> HierarchicalDrafter:
         model_db.load(Path(settings.model_db_path).expanduser())
     config = DrafterConfig(max_key=settings.max_key, max_depth=settings.max_depth,
                            max_candidates=settings.max_candidates, max_nodes=settings.max_nodes)
-    return HierarchicalDrafter(config, model_db, StatisticsDB(statistics_store(settings, namespace), namespace))
+    statistics = statistics or StatisticsDB(statistics_store(settings, namespace), namespace)
+    return HierarchicalDrafter(config, model_db, statistics)

@@ -127,6 +127,31 @@ def _cmd_bench(args) -> None:
               max_tokens=args.max_tokens, dtype=args.dtype, categories=args.categories)
 
 
+def _cmd_profile(args) -> None:
+    from deploy.builder import configure_torch
+    from deploy.planning import profile_summary, split_workload
+    from deploy.profiler import run_profile, stderr_log
+
+    config = load_config(args.config)
+    configure_torch(config)
+    settings = config.planner
+    calibration, _ = split_workload(args.workload or settings.workload, args.per_category or settings.per_category,
+                                    0, args.categories)
+    profile, path = run_profile(config, args.dtype or config.dtype, calibration,
+                                args.max_tokens or settings.max_tokens, settings.max_draft, refresh=args.refresh,
+                                log=stderr_log)
+    print(json.dumps({"profile": str(path), **profile_summary(profile)}, indent=2))
+
+
+def _cmd_plan(args) -> None:
+    from deploy.planning import run_plan
+
+    config = load_config(args.config)
+    run_plan(config, args.workload, args.out, args.dtype, per_category=args.per_category,
+             measure_per_category=args.measure_per_category, max_tokens=args.max_tokens,
+             categories=args.categories, refresh=args.refresh)
+
+
 def _cmd_bench_serve(args) -> None:
     from deploy.bench_serve import run_serve_bench
 
@@ -222,6 +247,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="results/bench.json")
     bench.set_defaults(func=_cmd_bench)
 
+    prof = sub.add_parser("profile", help="measure forward costs and acceptance for the planner (cached)")
+    _add_config_args(prof)
+    prof.add_argument("--workload", default=None, help="calibration JSONL (default: the config's planner.workload)")
+    prof.add_argument("--per-category", type=int, default=None, help="calibration prompts per category")
+    prof.add_argument("--categories", default=None, help="comma-separated categories (default: all)")
+    prof.add_argument("--max-tokens", type=int, default=None, help="tokens generated per calibration prompt")
+    prof.add_argument("--refresh", action="store_true", help="measure again even if a cached profile fits")
+    prof.set_defaults(func=_cmd_profile)
+
+    plan = sub.add_parser("plan", help="choose the latency-optimal hierarchy and check it against measurement")
+    _add_config_args(plan)
+    plan.add_argument("--workload", required=True, help="JSONL with question_id, category, turns")
+    plan.add_argument("--per-category", type=int, default=3, help="calibration prompts per category")
+    plan.add_argument("--measure-per-category", type=int, default=2,
+                      help="further prompts per category to measure the chosen plan and the runners-up on")
+    plan.add_argument("--categories", default=None, help="comma-separated categories (default: all)")
+    plan.add_argument("--max-tokens", type=int, default=128)
+    plan.add_argument("--refresh", action="store_true", help="profile again even if a cached profile fits")
+    plan.add_argument("--out", default="results/plan.json")
+    plan.set_defaults(func=_cmd_plan)
+
     bench_serve = sub.add_parser("bench-serve", help="benchmark the Serve app with concurrent streaming clients")
     _add_config_args(bench_serve)
     bench_serve.add_argument("--workload", required=True, help="JSONL with question_id, category, turns")
@@ -238,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("max_tokens", "per_category", "clients", "requests"):
+    for name in ("max_tokens", "per_category", "clients", "requests", "measure_per_category"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -12,7 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-METHODS: tuple[str, ...] = ("ar", "hsd", "hd", "hd+hsd")
+METHODS: tuple[str, ...] = ("ar", "hsd", "hd", "hd+hsd", "auto")
 
 
 class ConfigError(Exception):
@@ -55,6 +55,20 @@ class DrafterSettings(BaseModel):
     max_depth: int = Field(12, ge=1, le=32, description="longest drafted continuation")
     max_candidates: int = Field(4, ge=1, le=16, description="candidates merged into one token tree")
     max_nodes: int = Field(12, ge=1, le=64, description="tree size: rows of one verification forward")
+
+
+class PlannerSettings(BaseModel):
+    """How `auto` chooses the hierarchy (`hierspec plan`, DESIGN 1.2): calibration and adaptation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workload: str = Field("deploy/calibration.jsonl",
+                          description="calibration prompts (Spec-Bench JSONL), relative to the working directory")
+    per_category: int = Field(2, ge=1, le=100, description="calibration prompts per category")
+    max_tokens: int = Field(128, ge=8, le=4096, description="tokens generated per calibration prompt")
+    max_draft: int = Field(16, ge=1, le=32, description="largest T_i considered")
+    adaptive: bool = Field(True, description="switch plans during a request when its acceptance says another "
+                                              "category's plan is faster")
 
 
 class ServingSettings(BaseModel):
@@ -109,27 +123,34 @@ class HierspecConfig(BaseModel):
 
     name: str = Field(min_length=1, description="the served model name")
     models: ModelsConfig
-    hierarchy: list[LevelConfig] = Field(
-        default_factory=list, description="draft levels, smallest first; the target is the implied top level"
-    )
+    hierarchy: list[LevelConfig] | Literal["auto"] = Field(
+        default_factory=list,
+        description="draft levels, smallest first (the target is the implied top level), or `auto`: planned from "
+                    "a measured profile at start-up")
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     device: str = Field("cpu", description="torch device of every level, e.g. cpu or cuda")
     threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads; default: all cores")
     max_tokens: int = Field(256, ge=1, le=32768, description="default limit on generated tokens per request")
-    method: Literal["ar", "hsd", "hd", "hd+hsd"] | None = Field(
-        None, description="what --method defaults to; default: hd+hsd with draft levels, else hd")
+    method: Literal["ar", "hsd", "hd", "hd+hsd", "auto"] | None = Field(
+        None, description="what --method defaults to; default: auto for `hierarchy: auto`, hd+hsd with draft "
+                          "levels, else hd")
     drafter: DrafterSettings = Field(default_factory=DrafterSettings)
+    planner: PlannerSettings = Field(default_factory=PlannerSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
 
     @property
     def default_method(self) -> str:
-        return self.method or ("hd+hsd" if self.hierarchy else "hd")
+        if self.method:
+            return self.method
+        if self.hierarchy == "auto":
+            return "auto"
+        return "hd+hsd" if self.hierarchy else "hd"
 
     @model_validator(mode="after")
     def _check_hierarchy(self) -> HierspecConfig:
         seen = set()
-        for index, level in enumerate(self.hierarchy):
+        for index, level in enumerate(self.hierarchy if self.hierarchy != "auto" else []):
             if level.model not in self.models.drafts:
                 raise ValueError(f"hierarchy[{index}].model {level.model!r} is not listed in models.drafts")
             if level.model in seen:
@@ -143,7 +164,12 @@ class HierspecConfig(BaseModel):
         """(model reference, level config) from the bottom level to the target (whose config is None)."""
         if method in ("ar", "hd"):
             levels = []
+        elif method == "auto":
+            raise ConfigError("method auto is chosen from a measured profile when a process starts; here a fixed "
+                              "hierarchy is needed: run `hierspec plan` and write its choice into the config")
         elif method in ("hsd", "hd+hsd"):
+            if self.hierarchy == "auto":
+                raise ConfigError(f"config {self.name!r} says `hierarchy: auto`: use --method auto (or ar, hd)")
             if not self.hierarchy:
                 raise ConfigError(f"config {self.name!r} has no draft levels: method {method!r} needs a hierarchy")
             levels = [(level.model, level) for level in self.hierarchy]

@@ -89,6 +89,13 @@ class GenerationStats:
     sources: dict[str, SourceStats] = field(default_factory=dict)
     draft_seconds: list[float] = field(default_factory=list)  # one entry per proposer call
     lookahead_used: int = 0  # target rounds whose draft was ready (drafted during the previous verification)
+    plans_used: dict[str, int] = field(default_factory=dict)  # switching decoders: target rounds per plan
+
+    def __post_init__(self):
+        self._by_name = {level.name: level for level in self.levels}
+
+    def of(self, name: str) -> LevelStats:
+        return self._by_name[name]
 
     @property
     def mean_accepted(self) -> float:
@@ -106,6 +113,7 @@ class GenerationStats:
             "accepted_by_source": {name: src.accepted for name, src in self.sources.items()},
             "drafted_by_source": {name: src.drafted for name, src in self.sources.items()},
             "lookahead_used": self.lookahead_used,
+            **({"plans_used": self.plans_used} if self.plans_used else {}),
             "drafter_us_per_draft": round(1e6 * sum(self.draft_seconds) / len(self.draft_seconds), 1)
             if self.draft_seconds else None,
         }
@@ -173,6 +181,10 @@ class Generation:
         self._prompt_ids = list(prompt_ids)
         self._max_tokens = max_tokens
         self.lookahead: tuple[int, Draft] | None = None  # (sequence length it continues, draft)
+
+    @property
+    def max_tokens(self) -> int:
+        return self._max_tokens
 
     def __iter__(self) -> Iterator[list[int]]:
         loop = asyncio.new_event_loop()
@@ -313,7 +325,7 @@ class HierarchicalDecoder:
 
     async def _verify_draft(self, req: Generation, level_index: int, seq: list[int], draft: Draft) -> Draft:
         scores = await self._forward(req, level_index, seq + draft.tokens, len(draft.tokens) + 1)
-        req.stats.levels[level_index].verifications += 1
+        req.stats.of(self.levels[level_index].name).verifications += 1
         if req.params.greedy:
             verdict = self.sampler.greedy(draft.tokens, scores.tokens)
             rows = None
@@ -322,13 +334,17 @@ class HierarchicalDecoder:
             verdict = self.sampler.sampled(draft.tokens, draft.probs, probs, req.generator)
             rows = probs[: verdict.num_accepted + 1]
         if level_index > 0:
-            below = req.stats.levels[level_index - 1]
+            below = req.stats.of(self.levels[level_index - 1].name)
             below.drafted += len(draft.tokens)
             below.accepted += verdict.num_accepted
         return Draft(draft.tokens[: verdict.num_accepted] + [verdict.next_token], rows)
 
     async def _draft(self, req: Generation, level_index: int, seq: list[int], limit: int) -> Draft:
-        """At most `limit` tokens from level `level_index` for the level above, aiming at T_i."""
+        """At most `limit` tokens from level `level_index` for the level above: T_i when it can.
+
+        A level verifying drafts from below runs verifications until it holds T_i tokens and hands
+        up exactly the first T_i (what the last one yields beyond is dropped), so the cost of a batch
+        depends only on T_i and the levels below, which is what the planner's latency model prices."""
         if limit <= 0:
             return Draft()
         policy = self.policies[level_index]
@@ -344,7 +360,7 @@ class HierarchicalDecoder:
                 rows.append(out.probs)
             if req.stop_ids.intersection(out.tokens):
                 break
-        return Draft(held, torch.cat(rows) if rows else None)
+        return Draft(held[:want], torch.cat(rows)[:want] if rows else None)
 
     def _propose(self, req: Generation, seq: list[int], max_depth: int) -> TokenTree:
         start = time.perf_counter()
@@ -356,7 +372,7 @@ class HierarchicalDecoder:
         """Level 0 verifies the proposer's tree in one forward and keeps the accepted path."""
         level = self.levels[0]
         scores = await self._counted(req, 0, level.tree_logits(req.id, seq, tree, req.params.greedy))
-        req.stats.levels[0].verifications += 1
+        req.stats.of(level.name).verifications += 1
         if req.params.greedy:
             verdict = self.sampler.greedy_tree(tree, scores.tokens)
             rows = None
@@ -402,7 +418,7 @@ class HierarchicalDecoder:
         start = time.perf_counter()
         scores = await forward
         seconds = time.perf_counter() - start
-        stats = req.stats.levels[level_index]
+        stats = req.stats.of(self.levels[level_index].name)
         stats.forwards += 1
         stats.forward_seconds += seconds
         if self.on_forward is not None:

@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from sim_levels import RandomChooser
 from torch import nn
 
 from drafter_db import table
@@ -20,9 +21,11 @@ from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
 from drafter_db.model_db import ModelDB
 from drafter_db.stores import EmbeddedStore, full_key, tokenizer_namespace
 from services.hsd import DraftPolicy, HierarchicalDecoder
+from services.levels import LocalLevel
 from services.prompts import chat_prompt_ids, stop_token_ids
 from services.runner import LevelRunner
 from services.sampling import SamplingParams
+from services.switching import SwitchingDecoder
 
 pytestmark = pytest.mark.slow
 
@@ -111,9 +114,14 @@ def filled_drafter(runner: LevelRunner) -> HierarchicalDrafter:
 def test_smollm2_tree_drafts_equal_plain_decoding(smollm2):
     bf16 = LevelRunner(LevelRunner.load("smollm2-135m", "bfloat16").decoder, smollm2.tokenizer, "smollm2-bf16")
     drafter = filled_drafter(smollm2)
+    target, draft = LocalLevel(smollm2), LocalLevel(bf16)
+    members = [HierarchicalDecoder([target], [], proposer=drafter),
+               HierarchicalDecoder([draft, target], [6], proposer=drafter),
+               HierarchicalDecoder([draft, target], [DraftPolicy(5, 0.4)])]
     hierarchies = {
-        "hd": HierarchicalDecoder([smollm2], [], proposer=drafter),
-        "hd+hsd": HierarchicalDecoder([bf16, smollm2], [6], proposer=drafter),
+        "hd": members[0],
+        "hd+hsd": members[1],
+        "switching every round": SwitchingDecoder(members, ["hd", "hd+hsd", "hsd"], RandomChooser(len(members))),
     }
     sources = assert_identical(smollm2, hierarchies, max_tokens=[40, 45, 13])
     assert sources == {"context", "model", "statistics"}

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import chisquare
+from sim_levels import RandomChooser
 from tiny_models import tiny_runner
 
 from drafter_db import table
@@ -21,7 +22,9 @@ from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
 from drafter_db.model_db import ModelDB
 from drafter_db.stores import EmbeddedStore, full_key
 from services.hsd import HierarchicalDecoder
+from services.levels import LocalLevel
 from services.sampling import SamplingParams, sample
+from services.switching import SwitchingDecoder
 from services.verify import RejectionSampler
 
 PROMPT = [1, 4, 2]
@@ -130,3 +133,13 @@ def test_tree_drafts_sampling_matches_target(tiny):
 def test_tree_drafts_under_a_model_level_sampling_matches_target(tiny):
     decoder = HierarchicalDecoder([tiny["small"], tiny["target"]], [2], proposer=tiny_drafter(2))
     assert chi_square_p(decoder, SamplingParams(temperature=0.9, top_p=0.9)) > 1e-3
+
+
+def test_switching_hierarchies_every_round_sampling_matches_target(tiny):
+    small, middle, target = (LocalLevel(tiny[name]) for name in ("small", "middle", "target"))
+    drafter = tiny_drafter(3)
+    members = [HierarchicalDecoder([target], [], proposer=drafter),
+               HierarchicalDecoder([small, target], [2]),
+               HierarchicalDecoder([small, middle, target], [1, 2], proposer=drafter)]
+    decoder = SwitchingDecoder(members, ["hd", "hsd", "hd+hsd"], RandomChooser(len(members), seed=5))
+    assert chi_square_p(decoder, SamplingParams(temperature=1.0)) > 1e-3

@@ -1,0 +1,188 @@
+"""`auto`: the planner's hierarchy, chosen at start-up and re-chosen while a request runs.
+
+At start-up the profile of the config's calibration workload is loaded (or
+measured once and cached) and the planner picks the best plan overall and the
+best plan of every calibration category. While generating, the request's own
+rounds tell which category it resembles: the database drafter proposes a
+shadow tree every round (microseconds) that is checked against what the round
+committed, and the target's verification of the active plan's draft is scored
+too, both under each category's measured distributions. A decaying posterior
+over categories prices every candidate plan (its predicted ms per token per
+category); the request switches when the expected saving on its remaining
+tokens outweighs prefilling the levels the new plan adds, by a margin. Every
+choice is lossless (services.switching).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from deploy.builder import RunnerPool, plan_decoder
+from deploy.config import HierspecConfig, LevelConfig
+from deploy.planner import Plan, plan_latency
+from deploy.planning import choose, split_workload
+from deploy.profiler import UNBOUNDED_DEPTH, Profile, run_profile, stderr_log
+from services.hsd import Generation
+from services.switching import SwitchingDecoder
+from services.tree import TokenTree
+
+DECAY = 0.9  # weight of older rounds' evidence: a request can drift between kinds of text
+MARGIN = 0.05  # a switch must save this share of the current plan's expected time
+
+
+def load_profile(config: HierspecConfig, dtype: str, pool: RunnerPool) -> Profile:
+    settings = config.planner
+    calibration, _ = split_workload(settings.workload, settings.per_category, 0, None)
+    profile, _ = run_profile(config, dtype, calibration, settings.max_tokens, settings.max_draft, pool=pool,
+                             log=stderr_log)
+    return profile
+
+
+def candidate_plans(profile: Profile) -> list[Plan]:
+    """The best plan overall first, then each category's best (distinct ones)."""
+    plans = [choose(profile)[0]]
+    for name in sorted(profile.categories):
+        best = choose(profile, [name])[0]
+        if all(best.model_dump(exclude={"predicted_ms_per_token"}) != p.model_dump(exclude={"predicted_ms_per_token"})
+               for p in plans):
+            plans.append(best)
+    return plans
+
+
+def _log_pmf(values: np.ndarray, size: int) -> np.ndarray:
+    """log P(X = k) for k < size - 1 and log P(X >= k) tails, smoothed so no outcome is impossible."""
+    counts = np.bincount(np.minimum(values, size - 1), minlength=size).astype(float) + 0.5
+    return np.log(counts / counts.sum())
+
+
+@dataclass
+class _Evidence:
+    """One category's distributions of what a round can show."""
+
+    tree: np.ndarray | None  # log P(accepted = k), HD tree verified by the target
+    tree_tail: np.ndarray | None  # log P(accepted >= k)
+    runs: dict[str, tuple[np.ndarray, np.ndarray]]  # model below the target -> (log P(run = k), log P(run >= k))
+
+
+def _with_tail(log_pmf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pmf = np.exp(log_pmf)
+    tail = np.log(np.maximum(np.cumsum(pmf[::-1])[::-1], 1e-12))
+    return log_pmf, tail
+
+
+@dataclass
+class _RequestState:
+    loglik: np.ndarray
+    current: int | None = None
+    warm: set[str] = field(default_factory=set)
+    shadow: TokenTree | None = None
+    counts: tuple[int, int] = (0, 0)  # drafted/accepted of the level below the target, before the round
+
+
+class CategoryChooser:
+    def __init__(self, profile: Profile, plans: list[Plan], proposer, adaptive: bool = True):
+        self.plans = plans
+        self.categories = sorted(profile.categories)
+        self.latency = np.array([[plan_latency(p, profile.tables([c])) for c in self.categories] for p in plans])
+        self.costs = profile.costs
+        self.target = profile.target
+        self.proposer = proposer
+        self.adaptive = adaptive
+        size = profile.max_draft + 2
+        self.evidence = []
+        for name in self.categories:
+            tables = profile.tables([name])
+            tree = tables.trees.get(profile.target)
+            tree_pmf = _with_tail(_log_pmf(tree.accepted, size * 2)) if tree is not None else (None, None)
+            runs = {lower: _with_tail(_log_pmf(t.runs, size)) for (lower, upper), t in tables.pairs.items()
+                    if upper == profile.target}
+            self.evidence.append(_Evidence(*tree_pmf, runs))
+        self._states: weakref.WeakKeyDictionary[Generation, _RequestState] = weakref.WeakKeyDictionary()
+
+    def _state(self, req: Generation) -> _RequestState:
+        if req not in self._states:
+            self._states[req] = _RequestState(np.zeros(len(self.categories)))
+        return self._states[req]
+
+    def choose(self, req: Generation, seq: list[int]) -> int:
+        state = self._state(req)
+        if self.proposer is not None and self.adaptive:
+            state.shadow = self.proposer.propose(req.id, seq, UNBOUNDED_DEPTH)
+        plan_below = self.plans[state.current].models[-2] if state.current is not None and \
+            len(self.plans[state.current].models) > 1 else None
+        if plan_below is not None:
+            stats = req.stats.of(plan_below)
+            state.counts = (stats.drafted, stats.accepted)
+        if state.current is not None and not self.adaptive:
+            return state.current
+        posterior = np.exp(state.loglik - state.loglik.max())
+        expected = self.latency @ (posterior / posterior.sum())
+        remaining = max(1, req.max_tokens - len(req.token_ids))
+        prefill = np.array([sum(float(self.costs[m](len(seq))) for m in p.models[:-1] if m not in state.warm)
+                            for p in self.plans])
+        total = expected * remaining + prefill
+        best = int(np.argmin(total))
+        if state.current is None or total[best] < total[state.current] - MARGIN * expected[state.current] * remaining:
+            state.current = best
+        state.warm.update(self.plans[state.current].models)
+        return state.current
+
+    def observe(self, req: Generation, member: int, seq: list[int], out: list[int]) -> None:
+        if not self.adaptive:
+            return
+        state = self._state(req)
+        evidence = np.zeros(len(self.categories))
+        if state.shadow is not None and len(state.shadow):
+            accepted, censored = _walk(state.shadow, out)
+            for i, e in enumerate(self.evidence):
+                if e.tree is not None:
+                    index = min(accepted, len(e.tree) - 1)
+                    evidence[i] += e.tree_tail[index] if censored else e.tree[index]
+        plan = self.plans[member]
+        if len(plan.models) > 1:
+            below = plan.models[-2]
+            stats = req.stats.of(below)
+            drafted, accepted = stats.drafted - state.counts[0], stats.accepted - state.counts[1]
+            if drafted > 0:
+                for i, e in enumerate(self.evidence):
+                    if below in e.runs:
+                        pmf, tail = e.runs[below]
+                        index = min(accepted, len(pmf) - 1)
+                        evidence[i] += tail[index] if accepted >= drafted else pmf[index]
+        state.loglik = DECAY * state.loglik + evidence
+
+
+def _walk(tree: TokenTree, out: list[int]) -> tuple[int, bool]:
+    """How far the committed tokens follow the tree, and whether they ran out first (censored)."""
+    node, depth = -1, 0
+    for token in out:
+        child = tree.children(node).get(token)
+        if child is None:
+            return depth, False
+        node, depth = child, depth + 1
+    return depth, bool(tree.children(node))
+
+
+def resolve_auto(config: HierspecConfig, method: str, dtype: str) -> tuple[HierspecConfig, str]:
+    """For the Serve app, whose level deployments are fixed at start-up: `auto` becomes the plan that is
+    best overall, written out as a config hierarchy (no switching during requests there)."""
+    if method != "auto":
+        return config, method
+    plan = choose(load_profile(config, dtype, RunnerPool()))[0]
+    stderr_log(f"auto: serving {plan.describe()}")
+    levels = [LevelConfig(model=m, draft_tokens=t, min_confidence=plan.min_confidence if i == 0 else 0.0)
+              for i, (m, t) in enumerate(zip(plan.models, plan.draft_tokens))]
+    return config.model_copy(update={"hierarchy": levels, "method": plan.method}), plan.method
+
+
+def auto_decoder(config: HierspecConfig, dtype: str, pool: RunnerPool) -> SwitchingDecoder:
+    profile = load_profile(config, dtype, pool)
+    plans = candidate_plans(profile)
+    members = [plan_decoder(config, plan, dtype, pool) for plan in plans]
+    drafter = pool.drafter(config, members[0].target.runner.tokenizer)
+    stderr_log("auto: candidate plans " + "; ".join(p.describe() for p in plans))
+    chooser = CategoryChooser(profile, plans, drafter, adaptive=config.planner.adaptive)
+    return SwitchingDecoder(members, [p.describe() for p in plans], chooser, proposer=drafter)

@@ -1,0 +1,249 @@
+"""The planner: its optimizer against brute force, its latency model against a Monte Carlo run of the
+real decoder on synthetic levels, and profiles through JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+
+import numpy as np
+import pytest
+from sim_levels import Clock, SimDrafter, SimLevel, World
+
+from deploy.latency import CostCurve, PairTable, TreeTable, rounds_to_reach
+from deploy.planner import CONFIDENCE_STOPS, Plan, Tables, optimize, plan_latency, rank_structures
+from deploy.profiler import CategoryProfile, Profile, measure_category
+from services.hsd import DraftPolicy, HierarchicalDecoder
+from services.sampling import SamplingParams
+
+
+def _geometric_runs(rng: random.Random, alpha: float, n: int, cap: int) -> list[int]:
+    runs = []
+    for _ in range(n):
+        k = 0
+        while k < cap and rng.random() < alpha:
+            k += 1
+        runs.append(k)
+    return runs
+
+
+def synthetic_tables(costs: dict[str, tuple[float, float]], alpha: dict[tuple[str, str], float],
+                     trees: dict[str, float] | None = None, max_draft: int = 5, seed: int = 0) -> Tables:
+    """Cost c(n) = a + b n per model, geometric acceptance runs per pair, random confidences, and
+    drafter trees whose paths are accepted token by token with the given probability."""
+    rng = random.Random(seed)
+    tables = Tables(costs={m: CostCurve(tokens=[1, 20], ms=[a + b, a + 20 * b]) for m, (a, b) in costs.items()},
+                    pairs={}, max_draft=max_draft)
+    for pair, a in alpha.items():
+        runs = _geometric_runs(rng, a, 400, max_draft)
+        conf = [[rng.random() for _ in range(min(k + 1, max_draft))] for k in runs]
+        tables.pairs[pair] = PairTable(runs, conf, max_draft)
+    for model, hit in (trees or {}).items():
+        nodes = [rng.choice([0, 3, 6, 9]) for _ in range(400)]
+        accepted = [min(n, r) for n, r in zip(nodes, _geometric_runs(rng, hit, 400, 9))]
+        tables.trees[model] = TreeTable(nodes, accepted, drafter_ms=0.05)
+    return tables
+
+
+def brute_force(tables: Tables, target: str, drafts: list[str]) -> Plan:
+    """Every subset of drafts (in order), with or without the drafter, every T_i and confidence stop."""
+    best = None
+    for drafter in (False, True) if tables.trees else (False,):
+        for size in range(len(drafts) + 1):
+            for subset in itertools.combinations(drafts, size):
+                stops = CONFIDENCE_STOPS if subset and not drafter else (0.0,)
+                for tokens in itertools.product(range(1, tables.max_draft + 1), repeat=size):
+                    for stop in stops:
+                        plan = Plan(models=[*subset, target], draft_tokens=list(tokens), drafter=drafter,
+                                    min_confidence=stop)
+                        plan.predicted_ms_per_token = plan_latency(plan, tables)
+                        if best is None or plan.predicted_ms_per_token < best.predicted_ms_per_token - 1e-12:
+                            best = plan
+    return best
+
+
+ALL_PAIRS = ("a", "b"), ("a", "c"), ("a", "t"), ("b", "c"), ("b", "t"), ("c", "t")
+
+
+@pytest.mark.parametrize("case", ["middle-helps", "middle-hurts", "drafter", "random"])
+def test_optimizer_matches_brute_force(case):
+    if case == "random":
+        rng = random.Random(7)
+        costs = {"a": (rng.uniform(1, 5), 0.3), "b": (rng.uniform(5, 20), 1.0), "c": (rng.uniform(20, 60), 2.0),
+                 "t": (100.0, 4.0)}
+        alpha = {pair: rng.uniform(0.3, 0.95) for pair in ALL_PAIRS}
+        tables = synthetic_tables(costs, alpha, trees={m: rng.uniform(0.2, 0.8) for m in costs}, seed=3)
+        drafts = ["a", "b", "c"]
+    else:
+        middle_cost = (10.0, 1.0) if case != "middle-hurts" else (85.0, 3.0)
+        costs = {"a": (2.0, 0.2), "b": middle_cost, "t": (100.0, 4.0)}
+        alpha = {("a", "b"): 0.9, ("a", "t"): 0.6, ("b", "t"): 0.9}
+        trees = {"a": 0.85, "b": 0.5, "t": 0.3} if case == "drafter" else None
+        tables = synthetic_tables(costs, alpha, trees=trees)
+        drafts = ["a", "b"]
+    expected = brute_force(tables, "t", drafts)
+    chosen = optimize(tables, "t", drafts)
+    assert chosen.predicted_ms_per_token == pytest.approx(expected.predicted_ms_per_token, rel=1e-9)
+    assert plan_latency(chosen, tables) == pytest.approx(chosen.predicted_ms_per_token, rel=1e-9)
+    ranked = rank_structures(tables, "t", drafts)
+    assert ranked[0].predicted_ms_per_token == pytest.approx(expected.predicted_ms_per_token, rel=1e-9)
+    if case == "middle-helps":
+        assert chosen.models == ["a", "b", "t"]  # a cheap, well-aligned middle level pays for itself
+    elif case == "middle-hurts":
+        assert chosen.models == ["a", "t"]  # a middle level almost as slow as the target does not
+    elif case == "drafter":
+        assert chosen.drafter
+
+
+def test_rounds_to_reach_is_a_renewal_count():
+    # yields of exactly 2 tokens: T tokens take ceil(T / 2) rounds
+    h = rounds_to_reach(np.array([0.0, 0.0, 1.0]), 6)
+    assert list(h) == [0, 1, 1, 2, 2, 3, 3]
+
+
+def test_cost_curve_interpolates_and_extrapolates():
+    curve = CostCurve(tokens=[1, 4, 8], ms=[10.0, 16.0, 20.0])
+    assert curve(2) == pytest.approx(12.0)
+    assert curve(12) == pytest.approx(24.0)
+    assert list(curve(np.array([1, 8]))) == [10.0, 20.0]
+    with pytest.raises(ValueError):
+        CostCurve(tokens=[4, 1], ms=[1.0, 2.0])
+
+
+def _simulate(world_agree, costs, plan_levels, policies, drafter_hit, prompts, max_tokens):
+    """Run the real decoder on the synthetic world; returns (virtual ms per token, decoder levels)."""
+    clock = Clock()
+    world = World(world_agree)
+    levels = [SimLevel(world, i, costs[i], clock) for i in plan_levels]
+    proposer = SimDrafter(world, drafter_hit, clock, cost_ms=0.05) if drafter_hit is not None else None
+    decoder = HierarchicalDecoder(levels, policies, proposer=proposer)
+    tokens = 0
+    for prompt in prompts:
+        tokens += len(decoder.generate(prompt, SamplingParams(), max_tokens).token_ids)
+    return clock.ms / tokens
+
+
+def test_latency_model_matches_monte_carlo_of_the_decoder():
+    """Profile synthetic levels with the profiler's own measurement code, predict ms per token for
+    several hierarchies, and run the real decoder on a virtual clock: within 3%."""
+    agree = [0.8, 0.85]  # level 0 -> 1, level 1 -> target (2)
+    costs = [CostCurve(tokens=[1, 17], ms=[2.0, 4.0]), CostCurve(tokens=[1, 17], ms=[12.0, 30.0]),
+             CostCurve(tokens=[1, 17], ms=[50.0, 110.0])]
+    names = ["sim-0", "sim-1", "sim-2"]
+    hit = 0.7
+    rng = random.Random(1)
+    prompts = [[rng.randrange(1000) for _ in range(8)] for _ in range(3)]
+    max_tokens = 1500
+
+    # the profile: target texts, teacher-forced draft choices, replayed drafter rounds
+    clock = Clock()
+    world = World(agree)
+    levels = {name: SimLevel(world, i, costs[i], clock) for i, name in enumerate(names)}
+    texts = []
+    for prompt in prompts:
+        text = list(prompt)
+        for _ in range(max_tokens):
+            text.append(world.choice(2, text, len(text)))
+        texts.append(text[len(prompt):])
+    category = CategoryProfile()
+    asyncio.run(measure_category(levels, names, SimDrafter(world, hit, clock, 0.05), prompts, texts, 16, category))
+    profile = Profile(target="sim-2", drafts=names[:2], costs=dict(zip(names, costs)), categories={"x": category})
+    tables = profile.tables()
+    for tree in tables.trees.values():
+        tree.drafter_ms = 0.05  # the virtual clock's price, not this machine's lookup time
+
+    cases = [
+        (Plan(models=["sim-2"]), [2], []),
+        (Plan(models=["sim-0", "sim-2"], draft_tokens=[4]), [0, 2], [4]),
+        (Plan(models=["sim-1", "sim-2"], draft_tokens=[6]), [1, 2], [6]),
+        (Plan(models=["sim-0", "sim-1", "sim-2"], draft_tokens=[3, 7]), [0, 1, 2], [3, 7]),
+        (Plan(models=["sim-2"], drafter=True), [2], []),
+        (Plan(models=["sim-0", "sim-2"], draft_tokens=[5], drafter=True), [0, 2], [5]),
+        (Plan(models=["sim-0", "sim-1", "sim-2"], draft_tokens=[4, 8], drafter=True), [0, 1, 2], [4, 8]),
+    ]
+    for plan, indices, tokens in cases:
+        predicted = plan_latency(plan, tables)
+        measured = _simulate(agree, costs, indices, [DraftPolicy(t) for t in tokens],
+                             hit if plan.drafter else None, prompts, max_tokens)
+        assert measured == pytest.approx(predicted, rel=0.03), plan.describe()
+
+
+def test_profile_round_trips_through_json():
+    category = CategoryProfile(prompts=1, tokens=3)
+    category.pair("a", "t").runs.extend([0, 2, 5])
+    category.pair("a", "t").confidence.extend([[0.5], [0.9, 0.8, 0.1], [0.99] * 5])
+    tree = category.tree("t")
+    tree.nodes.extend([0, 4])
+    tree.accepted.extend([0, 3])
+    tree.drafter_us.extend([20.0, 30.0])
+    profile = Profile(key={"dtype": "float32"}, target="t", drafts=["a"], max_draft=5,
+                      costs={"a": CostCurve(tokens=[1, 4], ms=[1.0, 2.0]),
+                             "t": CostCurve(tokens=[1, 4], ms=[9.0, 12.0])},
+                      categories={"code": category})
+    again = Profile.model_validate_json(profile.model_dump_json())
+    assert again == profile
+    plan = Plan(models=["a", "t"], draft_tokens=[3], min_confidence=0.2)
+    assert plan_latency(plan, again.tables()) == pytest.approx(plan_latency(plan, profile.tables()))
+    assert again.tables().trees["t"].drafter_ms == pytest.approx(0.025)
+
+
+def test_adaptive_auto_beats_the_best_static_plan_on_alternating_categories():
+    """Requests alternate between text the databases know (the drafter's tokens are right 95% of the
+    time) and text they do not (5%). Per category a different plan is best; `auto` tells them apart
+    from each request's own rounds and beats every static plan on the mixed stream."""
+    from deploy.auto import CategoryChooser, candidate_plans
+    from deploy.builder import assemble
+    from services.switching import SwitchingDecoder
+
+    agree = [0.75]
+    costs = [CostCurve(tokens=[1, 17], ms=[6.0, 10.0]), CostCurve(tokens=[1, 17], ms=[50.0, 90.0])]
+    names = ["sim-0", "sim-1"]
+
+    def hit(context):
+        return 0.95 if context[0] % 2 == 0 else 0.05
+
+    rng = random.Random(2)
+    prompts = {kind: [[2 * rng.randrange(500) + kind] + [rng.randrange(1000) for _ in range(7)] for _ in range(4)]
+               for kind in (0, 1)}
+    clock = Clock()
+    world = World(agree)
+    levels = {name: SimLevel(world, i, costs[i], clock) for i, name in enumerate(names)}
+    drafter = SimDrafter(world, hit, clock, cost_ms=0.05)
+
+    def texts(prompt_list, length=400):
+        out = []
+        for prompt in prompt_list:
+            text = list(prompt)
+            for _ in range(length):
+                text.append(world.choice(1, text, len(text)))
+            out.append(text[len(prompt):])
+        return out
+
+    categories = {}
+    for kind, label in ((0, "known"), (1, "novel")):
+        categories[label] = CategoryProfile()
+        calibration = prompts[kind][:2]
+        asyncio.run(measure_category(levels, names, drafter, calibration, texts(calibration), 16, categories[label]))
+    profile = Profile(target="sim-1", drafts=["sim-0"], costs=dict(zip(names, costs)), categories=categories)
+    for category in profile.categories.values():
+        for tree in category.trees:
+            tree.drafter_us = [50.0] * len(tree.nodes)
+
+    stream = [p for pair in zip(prompts[0][2:], prompts[1][2:]) for p in pair]  # alternating, unseen prompts
+
+    def run(decoder) -> float:
+        clock.ms = 0.0
+        tokens = sum(len(decoder.generate(p, SamplingParams(), 200).token_ids) for p in stream)
+        return clock.ms / tokens
+
+    def build(plan):
+        return assemble(plan, [levels[m] for m in plan.models], lambda: drafter)
+
+    static = {plan.describe(): run(build(plan)) for plan in rank_structures(profile.tables(), "sim-1", ["sim-0"])}
+    plans = candidate_plans(profile)
+    assert len(plans) > 1, "each category should have its own best plan"
+    members = [build(plan) for plan in plans]
+    chooser = CategoryChooser(profile, plans, drafter)
+    adaptive = run(SwitchingDecoder(members, [p.describe() for p in plans], chooser, proposer=drafter))
+    assert adaptive < min(static.values()), (adaptive, static)
