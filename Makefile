@@ -11,7 +11,7 @@ STATS_DIR := $(or $(HIERSPEC_MODEL_DIR),$(HOME)/.cache/hierspec/models)/stats
 # A corpus every machine has: the Python standard library (code and docstrings), capped at 1M tokens.
 STATS_CORPUS ?= $(shell python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 
-.PHONY: setup redis models stats run demo test bench bench-serve image lint clean
+.PHONY: setup redis models stats run demo test bench bench-full plan bench-serve image lint clean
 
 setup: $(STAMP) redis
 
@@ -51,13 +51,27 @@ demo: setup models stats
 test: setup models
 	$(PY) -m pytest
 
+# The default CPU suite (under 20 minutes; the first run also profiles for `auto`, about 4 of them):
+# every method on the Qwen pair, code and chat. Prints the table, the JSON and the chart's paths.
 bench: setup models stats
 	$(HIERSPEC) bench --config deploy/configs/qwen-coder-cpu.yaml --workload $(WORKLOAD) \
-	  --categories coding_humaneval --per-category 4 --max-tokens 128 \
-	  --methods ar,hf-ar,hf-pld,hf-assisted,hsd,hd,hd+hsd --out results/bench-qwen-coder.json
+	  --categories coding_humaneval,mt_bench --per-category 1 --max-tokens 128 \
+	  --methods ar,hf-pld,hf-assisted,hsd,hd,hd+hsd,auto --out results/bench.json
+
+# The longer suites of the acceptance notes (about an hour).
+bench-full: setup models stats
+	$(HIERSPEC) bench --config deploy/configs/qwen-coder-cpu.yaml --workload $(WORKLOAD) \
+	  --categories coding_humaneval,mt_bench --per-category 4 --max-tokens 128 \
+	  --methods ar,hf-ar,hf-pld,hf-assisted,hsd,hd,hd+hsd,auto --out results/bench-qwen-coder.json
 	$(HIERSPEC) bench --config deploy/configs/smollm2-cpu.yaml --workload $(WORKLOAD) \
 	  --categories mt_bench,translation,summarization,coding_humaneval --per-category 5 --max-tokens 256 \
 	  --methods ar,hf-ar,hf-pld,hd --out results/bench-smollm2.json
+
+# The planner on the Qwen pair: profile, choose, and measure the choice and two runners-up.
+plan: setup models stats
+	$(HIERSPEC) plan --config deploy/configs/qwen-coder-cpu.yaml --workload $(WORKLOAD) \
+	  --categories coding_humaneval,mt_bench --per-category 4 --measure-per-category 4 --max-tokens 128 \
+	  --out results/plan-qwen-coder.json
 
 # The Serve app under 8 concurrent streaming clients: pipelined vs sequential router, HTTP vs in-process.
 bench-serve: setup models stats

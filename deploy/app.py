@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 from ray import serve
 from ray.serve import Application
 
 from deploy.auto import resolve_auto
-from deploy.config import ConfigError, HierspecConfig, load_config
+from deploy.config import ConfigError, HierspecConfig, load_config, packaged_path
 from deploy.server import HierspecServer
 from services.level_service import LevelService
 
@@ -58,17 +57,7 @@ def build_app(args: dict) -> Application:
     unknown = set(args) - {"config", "method", "dtype"}
     if unknown or "config" not in args:
         raise ConfigError(f"application args: expected config (and optionally method, dtype); got {sorted(args)}")
-    return build_from_config(load_config(_resolve(args["config"])), args.get("method"), args.get("dtype"))
-
-
-def _resolve(path: str) -> Path:
-    """A config path as given, else relative to the installed `deploy` package (images without the repo)."""
-    given = Path(path)
-    if given.exists() or given.is_absolute():
-        return given
-    packaged = Path(__file__).parent / given.relative_to("deploy") if given.parts[:1] == ("deploy",) else \
-        Path(__file__).parent / given
-    return packaged if packaged.exists() else given
+    return build_from_config(load_config(packaged_path(args["config"])), args.get("method"), args.get("dtype"))
 
 
 def serve_foreground(config_path: str, method: str | None = None, dtype: str | None = None,

@@ -8,7 +8,9 @@ shadow tree every round (microseconds) that is checked against what the round
 committed, and the target's verification of the active plan's draft is scored
 too, both under each category's measured distributions. A decaying posterior
 over categories prices every candidate plan (its predicted ms per token per
-category); the request switches when the expected saving on its remaining
+category); the drafter-only plan is also priced directly from the request's
+own recent shadow trees (the request's text may copy more, or less, than any
+calibration category did); the request switches when the expected saving on its remaining
 tokens outweighs prefilling the levels the new plan adds, by a margin. Every
 choice is lossless (services.switching).
 """
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from deploy.builder import RunnerPool, plan_decoder
-from deploy.config import HierspecConfig, LevelConfig
+from deploy.config import HierspecConfig, LevelConfig, packaged_path
 from deploy.planner import Plan, plan_latency
 from deploy.planning import choose, split_workload
 from deploy.profiler import UNBOUNDED_DEPTH, Profile, run_profile, stderr_log
@@ -31,11 +33,13 @@ from services.tree import TokenTree
 
 DECAY = 0.9  # weight of older rounds' evidence: a request can drift between kinds of text
 MARGIN = 0.05  # a switch must save this share of the current plan's expected time
+SHADOW_WINDOW = 16  # recent shadow trees that price "HD under the target" for this very request
+SHADOW_PRIOR_ROUNDS = 4  # ... weighed against the category prior as this many rounds
 
 
 def load_profile(config: HierspecConfig, dtype: str, pool: RunnerPool) -> Profile:
     settings = config.planner
-    calibration, _ = split_workload(settings.workload, settings.per_category, 0, None)
+    calibration, _ = split_workload(str(packaged_path(settings.workload)), settings.per_category, 0, None)
     profile, _ = run_profile(config, dtype, calibration, settings.max_tokens, settings.max_draft, pool=pool,
                              log=stderr_log)
     return profile
@@ -79,6 +83,7 @@ class _RequestState:
     current: int | None = None
     warm: set[str] = field(default_factory=set)
     shadow: TokenTree | None = None
+    trees: list[tuple[int, int]] = field(default_factory=list)  # (nodes, accepted) of every shadow tree
     counts: tuple[int, int] = (0, 0)  # drafted/accepted of the level below the target, before the round
 
 
@@ -89,6 +94,10 @@ class CategoryChooser:
         self.latency = np.array([[plan_latency(p, profile.tables([c])) for c in self.categories] for p in plans])
         self.costs = profile.costs
         self.target = profile.target
+        tables = profile.tables()
+        self.drafter_ms = tables.trees[profile.target].drafter_ms if profile.target in tables.trees else 0.0
+        # the plan "HD under the target alone" can be priced from the request's own shadow trees
+        self.hd_plan = next((i for i, p in enumerate(plans) if p.drafter and len(p.models) == 1), None)
         self.proposer = proposer
         self.adaptive = adaptive
         size = profile.max_draft + 2
@@ -97,8 +106,8 @@ class CategoryChooser:
             tables = profile.tables([name])
             tree = tables.trees.get(profile.target)
             tree_pmf = _with_tail(_log_pmf(tree.accepted, size * 2)) if tree is not None else (None, None)
-            runs = {lower: _with_tail(_log_pmf(t.runs, size)) for (lower, upper), t in tables.pairs.items()
-                    if upper == profile.target}
+            runs = {lower: _with_tail(_log_pmf(t.rounds(profile.max_draft, None)[1], size))
+                    for (lower, upper), t in tables.pairs.items() if upper == profile.target}
             self.evidence.append(_Evidence(*tree_pmf, runs))
         self._states: weakref.WeakKeyDictionary[Generation, _RequestState] = weakref.WeakKeyDictionary()
 
@@ -120,6 +129,11 @@ class CategoryChooser:
             return state.current
         posterior = np.exp(state.loglik - state.loglik.max())
         expected = self.latency @ (posterior / posterior.sum())
+        if self.hd_plan is not None and state.trees:
+            nodes, accepted = np.array(state.trees[-SHADOW_WINDOW:]).T
+            direct = (self.drafter_ms + float(np.mean(self.costs[self.target](nodes + 1)))) / (1 + accepted.mean())
+            weight = len(nodes) / (len(nodes) + SHADOW_PRIOR_ROUNDS)
+            expected[self.hd_plan] = weight * direct + (1 - weight) * expected[self.hd_plan]
         remaining = max(1, req.max_tokens - len(req.token_ids))
         prefill = np.array([sum(float(self.costs[m](len(seq))) for m in p.models[:-1] if m not in state.warm)
                             for p in self.plans])
@@ -135,8 +149,10 @@ class CategoryChooser:
             return
         state = self._state(req)
         evidence = np.zeros(len(self.categories))
-        if state.shadow is not None and len(state.shadow):
+        if state.shadow is not None:
             accepted, censored = _walk(state.shadow, out)
+            state.trees.append((len(state.shadow), accepted))
+        if state.shadow is not None and len(state.shadow):
             for i, e in enumerate(self.evidence):
                 if e.tree is not None:
                     index = min(accepted, len(e.tree) - 1)

@@ -186,6 +186,16 @@ def _format_validation_error(path: str, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def packaged_path(path: str) -> Path:
+    """A path as given, else relative to the installed `deploy` package (images without the repo)."""
+    given = Path(path)
+    if given.exists() or given.is_absolute():
+        return given
+    here = Path(__file__).parent
+    packaged = here / given.relative_to("deploy") if given.parts[:1] == ("deploy",) else here / given
+    return packaged if packaged.exists() else given
+
+
 def load_config(path: str | Path) -> HierspecConfig:
     path = Path(path)
     try:

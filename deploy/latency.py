@@ -62,13 +62,18 @@ class CostCurve(BaseModel):
 
 
 class PairTable:
-    """Measured outcomes of a lower model drafting autoregressively for an upper one.
+    """Measured outcomes of a lower model drafting autoregressively for an upper one, at every position
+    of some texts (the upper model's greedy output for calibration prompts).
 
-    Sample s: `runs[s]` is how many of the lower model's greedy tokens in a row the upper model
-    accepts (capped at `max_draft`); `confidence[s]` the lower model's probability of each of those
-    tokens and of the first rejected one (what an early confidence stop looks at)."""
+    Position s: `runs[s]` is how many of the lower model's greedy tokens in a row the upper model
+    accepts from there (capped at `max_draft`); `confidence[s]` the lower model's probability of each
+    of those tokens and of the first rejected one (what an early confidence stop looks at); `starts`
+    are the first positions of each text. Rounds are replayed over the texts, not drawn from every
+    position: a long run of agreement is consumed by a few rounds, so per-position statistics would
+    count it many times over."""
 
-    def __init__(self, runs: list[int], confidence: list[list[float]], max_draft: int):
+    def __init__(self, runs: list[int], confidence: list[list[float]], max_draft: int,
+                 starts: list[int] | None = None):
         if not runs:
             raise ValueError("a pair table needs samples")
         self.max_draft = max_draft
@@ -77,7 +82,29 @@ class PairTable:
         for row, probs in enumerate(confidence):
             probs = probs[:max_draft]
             self.confidence[row, : len(probs)] = probs
+        self.starts = list(starts or [0])
         self._stops: dict[float, np.ndarray] = {}
+        self._rounds: dict[tuple[int, float | None], tuple[np.ndarray, np.ndarray]] = {}
+
+    def rounds(self, draft_tokens: int, min_confidence: float | None) -> tuple[np.ndarray, np.ndarray]:
+        """(drafted, accepted) of each round replayed over the texts: at position p the lower level
+        drafts T tokens (fewer when its confidence stop fires; None: a batch of exactly T), the upper
+        accepts min(run, drafted), and the next round starts after those and the bonus token."""
+        key = (draft_tokens, min_confidence)
+        if key not in self._rounds:
+            stops = self.stop_lengths(min_confidence) if min_confidence is not None else None
+            runs = self.runs.tolist()
+            drafted, accepted = [], []
+            for start, end in zip(self.starts, [*self.starts[1:], len(runs)]):
+                p = start
+                while p < end:
+                    n = draft_tokens if stops is None else min(draft_tokens, int(stops[p]))
+                    a = min(runs[p], n)
+                    drafted.append(n)
+                    accepted.append(a)
+                    p += a + 1
+            self._rounds[key] = (np.asarray(drafted), np.asarray(accepted))
+        return self._rounds[key]
 
     def stop_lengths(self, min_confidence: float) -> np.ndarray:
         """Tokens drafted before the confidence stop; max_draft when it never stops (or where the
@@ -149,13 +176,12 @@ def tree_round(trees: TreeTable, upper: CostCurve) -> SubRound:
 def autoregressive_round(pair: PairTable, lower: CostCurve, upper: CostCurve, draft_tokens: int,
                          min_confidence: float) -> SubRound:
     """The lower (bottom) model drafts up to T tokens one at a time, stopping after an unsure one."""
-    drafted = np.minimum(draft_tokens, pair.stop_lengths(min_confidence))
-    accepted = np.minimum(pair.runs, drafted)
+    drafted, accepted = pair.rounds(draft_tokens, min_confidence)
     cost = float(np.mean(drafted)) * lower(1) + float(np.mean(upper(drafted + 1)))
     return SubRound(cost, _pmf(accepted + 1))
 
 
 def batch_round(pair: PairTable, batch_ms: float, upper: CostCurve, draft_tokens: int) -> SubRound:
     """A lower model level hands up exactly T tokens (costing `batch_ms`); the upper verifies them."""
-    accepted = np.minimum(pair.runs, draft_tokens)
+    _, accepted = pair.rounds(draft_tokens, None)
     return SubRound(batch_ms + upper(draft_tokens + 1), _pmf(accepted + 1))

@@ -42,7 +42,7 @@ from services.levels import Level
 from services.model_store import cache_dir
 from services.tree import TokenTree
 
-PROFILE_VERSION = 3
+PROFILE_VERSION = 4
 COST_SIZES = (1, 2, 3, 4, 6, 8, 12, 17, 64, 256)  # up to T_max + 1 (a verification of 16 drafts), then prefills
 UNBOUNDED_DEPTH = 1 << 16  # the engine lets the drafter's own depth limit apply
 
@@ -52,6 +52,7 @@ class PairSamples(BaseModel):
     upper: str
     runs: list[int] = Field(default_factory=list)
     confidence: list[list[float]] = Field(default_factory=list)
+    starts: list[int] = Field(default_factory=list, description="index of each text's first position")
 
 
 class TreeSamples(BaseModel):
@@ -96,12 +97,13 @@ class Profile(BaseModel):
         """The latency model's inputs for some categories pooled (default: all)."""
         names = categories or list(self.categories)
         prompts = sum(self.categories[n].prompts for n in names)
-        pairs: dict[tuple[str, str], tuple[list, list]] = {}
+        pairs: dict[tuple[str, str], tuple[list, list, list]] = {}
         trees: dict[str, tuple[list, list, list]] = {}
         for name in names:
             category = self.categories[name]
             for p in category.pairs:
-                runs, conf = pairs.setdefault((p.lower, p.upper), ([], []))
+                runs, conf, starts = pairs.setdefault((p.lower, p.upper), ([], [], []))
+                starts.extend(len(runs) + s for s in p.starts or [0])
                 runs.extend(p.runs)
                 conf.extend(p.confidence)
             for t in category.trees:
@@ -111,7 +113,8 @@ class Profile(BaseModel):
                 us.extend(t.drafter_us)
         return Tables(
             costs=self.costs,
-            pairs={k: PairTable(runs, conf, self.max_draft) for k, (runs, conf) in pairs.items() if runs},
+            pairs={k: PairTable(runs, conf, self.max_draft, starts) for k, (runs, conf, starts) in pairs.items()
+                   if runs},
             trees={k: TreeTable(nodes, acc, statistics.fmean(us) / 1000 if us else 0.0)
                    for k, (nodes, acc, us) in trees.items() if nodes},
             max_draft=self.max_draft,
@@ -157,6 +160,7 @@ def pair_outcomes(lower: list[int], lower_probs: list[float], upper: list[int], 
     lower model's confidence along them and at the first mismatch. Positions whose outcome runs past
     the end of the text are unknown and skipped."""
     length = len(upper)
+    samples.starts.append(len(samples.runs))
     for p in range(length):
         k = 0
         while k < max_draft and p + k < length and lower[p + k] == upper[p + k]:

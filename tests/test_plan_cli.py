@@ -58,7 +58,7 @@ def test_plan_profiles_once_chooses_and_measures(workspace):
     assert "reusing" in hierspec(env, *args).stderr  # same models, dtype, device and calibration: cached
 
 
-def test_generate_auto_equals_plain_decoding(workspace):
+def test_generate_auto_equals_plain_decoding(workspace, monkeypatch):
     tmp_path, workload, env = workspace
     config = yaml.safe_load((ROOT / "deploy/configs/smollm2-cpu.yaml").read_text())
     config.update(hierarchy="auto", planner={"workload": str(workload), "per_category": 1, "max_tokens": 16})
@@ -71,6 +71,17 @@ def test_generate_auto_equals_plain_decoding(workspace):
     assert auto["method"] == "auto"
     assert auto["token_ids"] == plain["token_ids"]
     assert sum(auto["stats"]["plans_used"].values()) == auto["stats"]["levels"][-1]["verifications"]
+
+    # the Serve app's levels are fixed at start-up: there `auto` is the best plan overall, from the cached profile
+    from deploy.auto import resolve_auto
+    from deploy.builder import configure_torch
+    from deploy.config import load_config
+
+    monkeypatch.setenv("HIERSPEC_PROFILE_DIR", env["HIERSPEC_PROFILE_DIR"])
+    config = load_config(path)
+    configure_torch(config)  # as the CLI did: the profile is keyed by thread count too
+    resolved, method = resolve_auto(config, "auto", "float32")
+    assert method in ("ar", "hd") and resolved.chain(method)[-1][0] == "smollm2-135m"
 
 
 def test_bench_writes_json_and_chart(workspace):
