@@ -179,10 +179,19 @@ class HierspecConfig(BaseModel):
 
 
 def _format_validation_error(path: str, error: ValidationError) -> str:
+    """One line per mistake. For `hierarchy` (a list of levels, or "auto") pydantic reports each union
+    branch; the branch names are dropped, and the "auto" branch's complaint kept only when alone."""
+    def branch(part) -> bool:
+        return isinstance(part, str) and part.startswith(("list[", "literal["))
+
+    items = error.errors()
+    plain = [i for i in items if not any(isinstance(p, str) and p.startswith("literal[") for p in i["loc"])]
     lines = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"{path}: {where}: {item['msg']}")
+    for item in plain or items:
+        where = ".".join(str(part) for part in item["loc"] if not branch(part)) or "(top level)"
+        message = item["msg"] + (" (or the string auto)" if item["loc"][:1] == ("hierarchy",) and
+                                 any(branch(p) for p in item["loc"]) and len(item["loc"]) == 2 else "")
+        lines.append(f"{path}: {where}: {message}")
     return "\n".join(lines)
 
 
