@@ -46,6 +46,13 @@ class World:
                 token = (token + 1) % VOCAB
         return token
 
+    def greedy_text(self, level: int, prompt: list[int], length: int) -> list[int]:
+        """`length` tokens of a level's greedy decoding after `prompt`."""
+        text = list(prompt)
+        for _ in range(length):
+            text.append(self.choice(level, text, len(text)))
+        return text[len(prompt):]
+
     def confidence(self, level: int, tokens: list[int], end: int) -> float:
         return 0.2 + 0.8 * _uniform("confidence", level, _key(tokens, end))
 

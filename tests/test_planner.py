@@ -140,12 +140,7 @@ def test_latency_model_matches_monte_carlo_of_the_decoder():
     clock = Clock()
     world = World(agree)
     levels = {name: SimLevel(world, i, costs[i], clock) for i, name in enumerate(names)}
-    texts = []
-    for prompt in prompts:
-        text = list(prompt)
-        for _ in range(max_tokens):
-            text.append(world.choice(2, text, len(text)))
-        texts.append(text[len(prompt):])
+    texts = [world.greedy_text(2, prompt, max_tokens) for prompt in prompts]
     category = CategoryProfile()
     asyncio.run(measure_category(levels, names, SimDrafter(world, hit, clock, 0.05), prompts, texts, 16, category))
     profile = Profile(target="sim-2", drafts=names[:2], costs=dict(zip(names, costs)), categories={"x": category})
@@ -211,20 +206,12 @@ def test_adaptive_auto_beats_the_best_static_plan_on_alternating_categories():
     levels = {name: SimLevel(world, i, costs[i], clock) for i, name in enumerate(names)}
     drafter = SimDrafter(world, hit, clock, cost_ms=0.05)
 
-    def texts(prompt_list, length=400):
-        out = []
-        for prompt in prompt_list:
-            text = list(prompt)
-            for _ in range(length):
-                text.append(world.choice(1, text, len(text)))
-            out.append(text[len(prompt):])
-        return out
-
     categories = {}
     for kind, label in ((0, "known"), (1, "novel")):
         categories[label] = CategoryProfile()
         calibration = prompts[kind][:2]
-        asyncio.run(measure_category(levels, names, drafter, calibration, texts(calibration), 16, categories[label]))
+        texts = [world.greedy_text(1, p, 400) for p in calibration]
+        asyncio.run(measure_category(levels, names, drafter, calibration, texts, 16, categories[label]))
     profile = Profile(target="sim-1", drafts=["sim-0"], costs=dict(zip(names, costs)), categories=categories)
     for category in profile.categories.values():
         for tree in category.trees:
