@@ -18,6 +18,7 @@ choice is lossless (services.switching).
 from __future__ import annotations
 
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,7 +84,8 @@ class _RequestState:
     current: int | None = None
     warm: set[str] = field(default_factory=set)
     shadow: TokenTree | None = None
-    trees: list[tuple[int, int]] = field(default_factory=list)  # (nodes, accepted) of every shadow tree
+    # (nodes, accepted) of the recent shadow trees
+    trees: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=SHADOW_WINDOW))
     counts: tuple[int, int] = (0, 0)  # drafted/accepted of the level below the target, before the round
 
 
@@ -130,7 +132,7 @@ class CategoryChooser:
         posterior = np.exp(state.loglik - state.loglik.max())
         expected = self.latency @ (posterior / posterior.sum())
         if self.hd_plan is not None and state.trees:
-            nodes, accepted = np.array(state.trees[-SHADOW_WINDOW:]).T
+            nodes, accepted = np.array(state.trees).T
             direct = (self.drafter_ms + float(np.mean(self.costs[self.target](nodes + 1)))) / (1 + accepted.mean())
             weight = len(nodes) / (len(nodes) + SHADOW_PRIOR_ROUNDS)
             expected[self.hd_plan] = weight * direct + (1 - weight) * expected[self.hd_plan]
@@ -152,9 +154,8 @@ class CategoryChooser:
         if state.shadow is not None:
             accepted, censored = _walk(state.shadow, out)
             state.trees.append((len(state.shadow), accepted))
-        if state.shadow is not None and len(state.shadow):
             for i, e in enumerate(self.evidence):
-                if e.tree is not None:
+                if e.tree is not None and len(state.shadow):
                     index = min(accepted, len(e.tree) - 1)
                     evidence[i] += e.tree_tail[index] if censored else e.tree[index]
         plan = self.plans[member]
