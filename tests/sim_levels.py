@@ -19,6 +19,12 @@ from services.tree import TokenTree
 VOCAB = 1000
 
 
+# What each draw is for. Integers, not strings: a string's hash changes with every process
+# (PYTHONHASHSEED), a tuple of integers hashes the same everywhere, so every run sees one world.
+TARGET, AGREE, CONFIDENCE, DEPTH, HIT = range(5)
+SALT = 20
+
+
 def _uniform(*key) -> float:
     return ((hash(key) * 2654435761) % (1 << 32)) / (1 << 32)
 
@@ -40,9 +46,9 @@ class World:
 
     def choice(self, level: int, tokens: list[int], end: int) -> int:
         key = _key(tokens, end)
-        token = int(_uniform("target", key) * VOCAB)
+        token = int(_uniform(TARGET, key) * VOCAB)
         for i in range(len(self.agree) - 1, level - 1, -1):
-            if _uniform("agree", i, key) >= self.agree[i]:
+            if _uniform(AGREE, i, key) >= self.agree[i]:
                 token = (token + 1) % VOCAB
         return token
 
@@ -54,7 +60,7 @@ class World:
         return text[len(prompt):]
 
     def confidence(self, level: int, tokens: list[int], end: int) -> float:
-        return 0.2 + 0.8 * _uniform("confidence", level, _key(tokens, end))
+        return 0.2 + 0.8 * _uniform(CONFIDENCE, level, _key(tokens, end))
 
 
 class SimLevel:
@@ -99,12 +105,12 @@ class SimDrafter:
 
     def propose(self, request_id, context, max_depth):
         self.clock.ms += self.cost_ms
-        depth = min(max_depth, (0, 2, 4)[int(_uniform("depth", _key(context, len(context))) * 3)])
+        depth = min(max_depth, (0, 2, 4)[int(_uniform(DEPTH, _key(context, len(context))) * 3)])
         tree, path = TokenTree(), []
         for _ in range(depth):
             tokens = context + path
             token = self.world.choice(len(self.world.agree), tokens, len(tokens))
-            if _uniform("hit", _key(tokens, len(tokens))) >= self.hit(context):
+            if _uniform(HIT, _key(tokens, len(tokens))) >= self.hit(context):
                 token = (token + 7) % VOCAB
             path.append(token)
         tree.add_path(path, "context", 64)
