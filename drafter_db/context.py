@@ -45,14 +45,14 @@ class ContextIndex:
                     if len(ends) > self.max_positions:
                         del ends[0]
 
-    def continuations(self, key: list[int], length: int, limit: int) -> list[list[int]]:
+    def continuations(self, key: int, length: int, limit: int) -> list[list[int]]:
         """Up to `limit` distinct continuations (each at most `length` tokens, most recent occurrence
-        first) of the n-gram `key` in the indexed tokens."""
-        tokens = self.tokens
-        end = len(tokens)
-        ends = self._ends.get(ngram_key(key))
+        first) of the n-gram with `ngram_key` `key` in the indexed tokens."""
+        ends = self._ends.get(key)
         if not ends:
             return []
+        tokens = self.tokens
+        end = len(tokens)
         out: list[list[int]] = []
         for e in reversed(ends):
             if e >= end:

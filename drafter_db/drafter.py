@@ -15,13 +15,15 @@ back to nothing, never to an error, when its store is away.
 
 from __future__ import annotations
 
+import itertools
+import time
 from dataclasses import dataclass
 
 from drafter_db import table
 from drafter_db.context import ContextIndex
-from drafter_db.keys import ngram_bytes
+from drafter_db.keys import ngram_bytes, suffix_keys
 from drafter_db.model_db import ModelDB
-from drafter_db.stores import CachedLookup, TableStore, full_key
+from drafter_db.stores import TableStore, full_key
 from drafter_db.table import Continuations
 from services.tree import TokenTree
 
@@ -35,7 +37,6 @@ class DrafterConfig:
 
     max_key: int = 4  # longest n-gram key tried
     min_context_key: int = 1  # shortest key the context DB may match on
-    min_db_key: int = 1  # shortest key the model/statistics DBs may match on
     max_depth: int = 12  # longest candidate
     max_candidates: int = 4  # candidates merged into a tree
     max_nodes: int = 12  # tree size budget (one verification forward)
@@ -44,17 +45,56 @@ class DrafterConfig:
 
 
 class StatisticsDB:
-    """Read side of the global corpus statistics: namespaced keys, cached already decoded."""
+    """Read side of the global corpus statistics: namespaced keys, and a bounded local cache of decoded
+    values keyed by `ngram_key` (a warm lookup is one dict probe). Absent keys are cached too; the
+    "no data" of an outage never is. Entries expire after `ttl_seconds` so that a rebuilt store shows."""
 
-    def __init__(self, store: TableStore, namespace: str, cache_capacity: int = 200_000):
+    def __init__(self, store: TableStore, namespace: str, cache_capacity: int = 200_000, ttl_seconds: float = 60.0):
+        self.store = store
         self.namespace = namespace
+        self.cache_capacity = cache_capacity
+        self.ttl_seconds = ttl_seconds
         self._prefix = full_key(namespace, ())
-        self.lookup_cache = CachedLookup(store, table.decode, capacity=cache_capacity)
+        self._cache: dict[int, tuple[float, int, Continuations]] = {}  # key -> (expiry, total, continuations)
 
-    def lookup_many(self, keys: list[tuple[int, ...]]) -> list[Continuations]:
-        prefix = self._prefix
-        values = self.lookup_cache.get_many([prefix + ngram_bytes(key) for key in keys])
-        return [value or () for value in values]
+    def lookup(self, context: list[int], keys: list[int]) -> list[tuple[int, Continuations]]:
+        """(total count, ranked continuations) for each of `keys`, the `suffix_keys` of `context`
+        (keys[i] is the last len(keys) - i tokens); the keys the cache lacks are fetched in one batch."""
+        now = time.monotonic()
+        cache = self._cache
+        out: list[tuple[int, Continuations]] = []
+        missing: list[int] = []
+        for i, key in enumerate(keys):
+            entry = cache.get(key)
+            if entry is not None and entry[0] > now:
+                out.append(entry[1:])
+            else:
+                out.append(_ABSENT)
+                missing.append(i)
+        if missing:
+            self._fetch(context, keys, missing, out, now)
+        return out
+
+    def _fetch(self, context: list[int], keys: list[int], missing: list[int], out: list, now: float) -> None:
+        longest = len(keys)
+        values = self.store.get_many([self._prefix + ngram_bytes(context[-(longest - i):]) for i in missing])
+        cacheable = getattr(self.store, "available", True)
+        cache = self._cache
+        for i, value in zip(missing, values):
+            conts = table.decode(value) if value is not None else ()
+            out[i] = (sum(count for count, _ in conts), conts)
+            if cacheable:
+                cache[keys[i]] = (now + self.ttl_seconds, *out[i])
+        if len(cache) > self.cache_capacity:  # drop the oldest tenth (insertion order): amortised
+            for key in list(itertools.islice(cache, len(cache) - int(self.cache_capacity * 0.9))):
+                del cache[key]
+
+    def clear_cache(self) -> None:
+        """Forget every cached value (after a rebuild of the store, or to test the store itself)."""
+        self._cache.clear()
+
+
+_ABSENT: tuple[int, Continuations] = (0, ())
 
 
 class _RequestState:
@@ -108,33 +148,31 @@ class HierarchicalDrafter:
         tree = TokenTree()
         state = self._requests.get(request_id)
         depth = min(max_depth, state.depth if state else c.max_depth)
-        if depth <= 0:
+        if depth <= 0 or not context:
             return tree
-        longest = min(c.max_key, len(context))
+        keys = suffix_keys(context, min(c.max_key, len(context)))  # longest first
         found = 0
         if state is not None:
-            for n in range(longest, c.min_context_key - 1, -1):
-                for cont in state.context.continuations(context[-n:], depth, c.max_candidates - found):
+            for key in keys[: len(keys) - c.min_context_key + 1]:
+                for cont in state.context.continuations(key, depth, c.max_candidates):
                     tree.add_path(cont, CONTEXT, c.max_nodes)
                     found += 1
                 if found:
                     break
         if found >= c.max_candidates or len(tree) >= c.max_nodes:
             return tree
-        keys = [tuple(context[-n:]) for n in range(longest, c.min_db_key - 1, -1)]
         if self.model_db is not None:
             for key in keys:
-                found += self._add_ranked(tree, self.model_db.lookup(key), self.model_db.total(key), depth, MODEL,
-                                          c.max_candidates - found)
-                if found:
+                total, conts = self.model_db.lookup(key)
+                added = self._add_ranked(tree, conts, total, depth, MODEL, c.max_candidates - found)
+                found += added
+                if added:
                     break
             if found >= c.max_candidates or len(tree) >= c.max_nodes:
                 return tree
         if self.statistics is not None:
-            for conts in self.statistics.lookup_many(keys):
-                added = self._add_ranked(tree, conts, sum(count for count, _ in conts), depth, STATISTICS,
-                                         c.max_candidates - found)
-                found += added
+            for total, conts in self.statistics.lookup(context, keys):
+                added = self._add_ranked(tree, conts, total, depth, STATISTICS, c.max_candidates - found)
                 if added:
                     break
         return tree
@@ -146,6 +184,6 @@ class HierarchicalDrafter:
         for count, tokens in conts:
             if added >= limit or count < c.min_count or count < c.min_share * total:
                 break
-            tree.add_path(list(tokens[:depth]), source, c.max_nodes)
+            tree.add_path(tokens[:depth], source, c.max_nodes)
             added += 1
         return added

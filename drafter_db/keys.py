@@ -16,6 +16,17 @@ def ngram_key(tokens: list[int]) -> int:
     return key
 
 
+def suffix_keys(tokens: list[int], longest: int) -> list[int]:
+    """`ngram_key` of the last n tokens for n = longest..1 (longest first), built incrementally: the
+    drafter's one key computation per draft, shared by all three databases."""
+    keys, packed = [], 0
+    for n in range(1, longest + 1):
+        packed |= tokens[-n] << (TOKEN_BITS * (n - 1))
+        keys.append((n << (TOKEN_BITS * n)) | packed)
+    keys.reverse()
+    return keys
+
+
 _PACKERS = [struct.Struct(f"<{n}I") for n in range(17)]
 
 

@@ -14,13 +14,18 @@ import pickle
 from pathlib import Path
 
 from drafter_db import table
+from drafter_db.keys import ngram_key
 from drafter_db.shared_outputs import SharedOutputs
 from drafter_db.table import Continuations
 
+FORMAT = 2  # of the saved file: int keys, (total, continuations) entries
+_ABSENT: tuple[int, Continuations] = (0, ())
+
 
 class ModelDB:
-    """Invariant: `len(self._entries) <= max_keys`; each entry's continuations are ranked best first,
-    at most `top` of them; `_totals[key]` is the sum of the counts ever merged into the key."""
+    """Keyed by `ngram_key`. Invariant: `len(self._entries) <= max_keys`; an entry is (total, continuations):
+    the sum of the counts ever merged into the key, and the continuations ranked best first, at most
+    `top` of them (one dict probe per lookup on the drafting hot path)."""
 
     def __init__(self, max_key: int = 4, length: int = 6, top: int = 4, max_keys: int = 200_000,
                  mirror: SharedOutputs | None = None):
@@ -29,17 +34,14 @@ class ModelDB:
         self.length = length
         self.top = top
         self.max_keys = max_keys
-        self._entries: dict[tuple[int, ...], Continuations] = {}
-        self._totals: dict[tuple[int, ...], int] = {}
+        self._entries: dict[int, tuple[int, Continuations]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, key: tuple[int, ...]) -> Continuations:
-        return self._entries.get(key, ())
-
-    def total(self, key: tuple[int, ...]) -> int:
-        return self._totals.get(key, 0)
+    def lookup(self, key: int) -> tuple[int, Continuations]:
+        """(total count, ranked continuations) of the n-gram with `ngram_key` `key`."""
+        return self._entries.get(key, _ABSENT)
 
     def add_output(self, token_ids: list[int], share: bool = True) -> None:
         """Count the n-grams of one completed output (with its last prompt tokens as left context),
@@ -47,9 +49,11 @@ class ModelDB:
         if share and self.mirror is not None:
             self.mirror.publish(token_ids)
         counted = table.count_ngrams(token_ids, self.max_key, self.length)
-        for key, conts in counted.items():
-            self._entries[key] = table.merge(self._entries.get(key, []), ((c, t) for t, c in conts.items()), self.top)
-            self._totals[key] = self._totals.get(key, 0) + sum(conts.values())
+        for ngram, conts in counted.items():
+            key = ngram_key(ngram)
+            total, ranked = self._entries.get(key, _ABSENT)
+            self._entries[key] = (total + sum(conts.values()),
+                                  table.merge(ranked, ((c, t) for t, c in conts.items()), self.top))
         if len(self._entries) > self.max_keys:
             self._evict()
 
@@ -62,22 +66,22 @@ class ModelDB:
     def _evict(self) -> None:
         """Drop the least frequent keys down to 90% of the bound (batched, so eviction is amortised)."""
         keep = int(self.max_keys * 0.9)
-        ranked = sorted(self._totals.items(), key=lambda item: item[1], reverse=True)
-        for key, _ in ranked[keep:]:
-            del self._entries[key]
-            del self._totals[key]
+        ranked = sorted(self._entries.items(), key=lambda item: item[1][0], reverse=True)
+        self._entries = dict(ranked[:keep])
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(path.suffix + ".partial")
         with open(partial, "wb") as f:
-            pickle.dump({"entries": self._entries, "totals": self._totals}, f, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump({"version": FORMAT, "entries": self._entries}, f, protocol=pickle.HIGHEST_PROTOCOL)
         partial.replace(path)
 
     def load(self, path: str | Path) -> None:
         with open(path, "rb") as f:
             data = pickle.load(f)
-        self._entries, self._totals = data["entries"], data["totals"]
+        if not isinstance(data, dict) or data.get("version") != FORMAT:
+            raise ValueError(f"{path}: not a model DB of this hierspec version (delete it; it refills from outputs)")
+        self._entries = data["entries"]
         if len(self._entries) > self.max_keys:
             self._evict()

@@ -10,6 +10,7 @@ tune drafter settings (as ArcticInference's suffix-decoding simulator does).
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ class ReplayResult:
     tokens: int = 0
     steps: int = 0
     seconds: float = 0.0
+    propose_seconds: list[float] = field(default_factory=list)  # wall time of each draft, one per step
     accepted_by_source: Counter = field(default_factory=Counter)
     drafted_by_source: Counter = field(default_factory=Counter)
 
@@ -52,7 +54,9 @@ def replay(drafter, records: Iterable[tuple[list[int], list[int]]], cost: Callab
         position = 0
         while position < len(output):
             context = prompt + output[:position]
+            start = time.perf_counter()
             tree = drafter.propose(request_id, context, len(output) - position - 1)
+            result.propose_seconds.append(time.perf_counter() - start)
             path = accepted_path(tree, output[position:])
             drafter.observe(request_id, tree, path)
             result.steps += 1

@@ -18,11 +18,9 @@ import hashlib
 import os
 import pickle
 import time
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from drafter_db.keys import ngram_bytes
 
@@ -124,44 +122,3 @@ class RedisStore:
                 pending = 0
         if pending:
             pipe.execute()
-
-
-class CachedLookup:
-    """A bounded LRU in front of a store that keeps values decoded: a hot key costs one dict probe and
-    no parsing. Absent keys are cached too (as None), the "no data" of an outage never is."""
-
-    def __init__(self, store: TableStore, decode: Callable[[bytes], Any], capacity: int = 100_000,
-                 ttl_seconds: float = 60.0):
-        self.store = store
-        self.decode = decode
-        self.capacity = capacity
-        self.ttl_seconds = ttl_seconds
-        self._cache: OrderedDict[bytes, tuple[float, Any]] = OrderedDict()
-
-    def get_many(self, keys: list[bytes]) -> list[Any]:
-        """Decoded values in key order, None where the key is absent or the store unavailable."""
-        now = time.monotonic()
-        out: list[Any] = [None] * len(keys)
-        missing: list[int] = []
-        cache = self._cache
-        for i, key in enumerate(keys):
-            entry = cache.get(key)
-            if entry is not None and entry[0] > now:
-                cache.move_to_end(key)
-                out[i] = entry[1]
-            else:
-                missing.append(i)
-        if missing:
-            values = self.store.get_many([keys[i] for i in missing])
-            cacheable = getattr(self.store, "available", True)  # never cache the "no data" of an outage
-            for i, value in zip(missing, values):
-                out[i] = None if value is None else self.decode(value)
-                if cacheable:
-                    cache[keys[i]] = (now + self.ttl_seconds, out[i])
-            while len(cache) > self.capacity:
-                cache.popitem(last=False)
-        return out
-
-    def clear(self) -> None:
-        """Forget every cached value (after a rebuild of the store, say)."""
-        self._cache.clear()

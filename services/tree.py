@@ -11,18 +11,20 @@ children have depth 0), and siblings carry distinct tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 
-@dataclass
 class TokenTree:
-    tokens: list[int] = field(default_factory=list)
-    parents: list[int] = field(default_factory=list)
-    depths: list[int] = field(default_factory=list)
-    sources: list[str] = field(default_factory=list)
-    _children: dict[int, dict[int, int]] = field(default_factory=dict)  # parent -> {token: node}
+    # slots and a plain __init__: the drafter builds one per round, right after a forward has evicted
+    # the CPU caches, so every object and bytecode it touches costs a memory access
+    __slots__ = ("tokens", "parents", "depths", "sources", "_children")
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.depths: list[int] = []
+        self.sources: list[str] = []
+        self._children: dict[int, dict[int, int]] = {}  # parent -> {token: node}
 
     def __len__(self) -> int:
         return len(self.tokens)

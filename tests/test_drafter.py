@@ -5,18 +5,25 @@ from __future__ import annotations
 from drafter_db import table
 from drafter_db.context import ContextIndex
 from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
+from drafter_db.keys import ngram_key, suffix_keys
 from drafter_db.model_db import ModelDB
 from drafter_db.replay import replay
 from drafter_db.stores import EmbeddedStore, full_key
 
 
+def test_suffix_keys_are_the_ngram_keys_of_the_last_tokens_longest_first():
+    tokens = [5, 2_000_000, 3, 77]
+    assert suffix_keys(tokens, 3) == [ngram_key(tokens[-3:]), ngram_key(tokens[-2:]), ngram_key(tokens[-1:])]
+    assert len(set(suffix_keys([0, 0, 0], 3))) == 3  # lengths never collide, even on token 0
+
+
 def test_context_index_finds_recent_continuations_in_order():
     index = ContextIndex(max_key=3)
     index.extend([5, 6, 7, 8, 5, 6, 9, 5, 6])
-    assert index.continuations([5, 6], 2, 4) == [[9, 5], [7, 8]]  # most recent occurrence first
-    assert index.continuations([1, 2], 2, 4) == []
+    assert index.continuations(ngram_key([5, 6]), 2, 4) == [[9, 5], [7, 8]]  # most recent occurrence first
+    assert index.continuations(ngram_key([1, 2]), 2, 4) == []
     index.extend([4])
-    assert index.continuations([6], 3, 1) == [[4]]  # the last occurrence: its continuation is short
+    assert index.continuations(ngram_key([6]), 3, 1) == [[4]]  # the last occurrence: its continuation is short
 
 
 def test_model_db_ranks_by_count_and_evicts_rare_keys(tmp_path):
@@ -24,15 +31,15 @@ def test_model_db_ranks_by_count_and_evicts_rare_keys(tmp_path):
     for _ in range(3):
         db.add_output([1, 2, 3])
     db.add_output([1, 2, 4])
-    assert db.lookup((1, 2))[0] == (3, (3,))
+    assert db.lookup(ngram_key([1, 2])) == (4, [(3, (3,)), (1, (4,))])
     for start in range(0, 3000, 3):
         db.add_output([start + 10, start + 11])
     assert len(db) <= 1000
-    assert db.lookup((1, 2))  # frequent keys survive eviction
+    assert db.lookup(ngram_key([1, 2]))[0]  # frequent keys survive eviction
     db.save(tmp_path / "model.db")
     again = ModelDB(max_key=2, length=2, top=2, max_keys=1000)
     again.load(tmp_path / "model.db")
-    assert again.lookup((1, 2)) == db.lookup((1, 2))
+    assert again.lookup(ngram_key([1, 2])) == db.lookup(ngram_key([1, 2]))
 
 
 def make_drafter(**overrides) -> HierarchicalDrafter:
