@@ -33,7 +33,7 @@ from deploy.chart import draw_chart
 from deploy.config import ConfigError, HierspecConfig
 from drafter_db.replay import replay
 from services.model_store import load_pretrained
-from services.prompts import chat_prompt_ids, stop_token_ids
+from services.prompts import Conversation, chat_prompt_ids, stop_token_ids
 from services.sampling import SamplingParams
 
 OUR_METHODS = ("ar", "hsd", "hd", "hd+hsd", "auto")
@@ -179,13 +179,12 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
         group = category_group(question.category)
         ar_turns: list[tuple[list[int], list[int]]] = []
         for method in run_methods:
-            messages: list[dict[str, str]] = []
             diverged = None
+            chat = Conversation(tokenizer)
             for turn_index, turn in enumerate(question.turns):
-                messages.append({"role": "user", "content": turn})
-                prompt_ids = chat_prompt_ids(tokenizer, messages)
+                prompt_ids = chat.ask(turn)
                 ids, produced, seconds, verifications, draft_seconds = run(method, prompt_ids, max_tokens)
-                messages.append({"role": "assistant", "content": tokenizer.decode(ids, skip_special_tokens=True)})
+                chat.answer(ids)
                 if method == "ar":
                     ar_turns.append((prompt_ids, ids))
                     records.append((prompt_ids, ids))

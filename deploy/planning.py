@@ -17,7 +17,7 @@ from deploy.builder import RunnerPool, configure_torch, plan_decoder
 from deploy.config import HierspecConfig
 from deploy.planner import Plan, rank_structures, request_latency
 from deploy.profiler import Profile, run_profile, stderr_log
-from services.prompts import chat_prompt_ids, stop_token_ids
+from services.prompts import Conversation, chat_prompt_ids, stop_token_ids
 from services.sampling import SamplingParams
 
 RUNNERS_UP = 2
@@ -44,7 +44,7 @@ def choose(profile: Profile, categories: list[str] | None = None) -> list[Plan]:
 
 def measure(config: HierspecConfig, plan: Plan, dtype: str, pool: RunnerPool,
             questions: list[Question], max_tokens: int) -> dict[str, float]:
-    """Measured ms per token of a plan, per category and overall (first turns, greedy). The plan gets
+    """Measured ms per token of a plan, per category and overall (whole conversations, greedy). The plan gets
     a drafter of its own: its model DB must not have learnt another plan's outputs for these prompts."""
     decoder = plan_decoder(config, plan, dtype, pool.sibling())
     tokenizer = decoder.target.runner.tokenizer
@@ -53,12 +53,14 @@ def measure(config: HierspecConfig, plan: Plan, dtype: str, pool: RunnerPool,
                      stop_ids)
     totals: dict[str, list[float]] = {}
     for question in questions:
-        prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": question.turns[0]}])
-        generation = decoder.generate(prompt, SamplingParams(), max_tokens, stop_ids)
-        produced = len(generation.token_ids) + (generation.finish_reason == "stop")
-        for key in (category_group(question.category), "_all"):
-            seconds, tokens = totals.setdefault(key, [0.0, 0])
-            totals[key] = [seconds + generation.stats.seconds, tokens + produced]
+        chat = Conversation(tokenizer)
+        for turn in question.turns:
+            generation = decoder.generate(chat.ask(turn), SamplingParams(), max_tokens, stop_ids)
+            chat.answer(generation.token_ids)
+            produced = len(generation.token_ids) + (generation.finish_reason == "stop")
+            for key in (category_group(question.category), "_all"):
+                seconds, tokens = totals.setdefault(key, [0.0, 0])
+                totals[key] = [seconds + generation.stats.seconds, tokens + produced]
     return {key: round(1000 * seconds / tokens, 3) for key, (seconds, tokens) in totals.items()}
 
 

@@ -42,7 +42,7 @@ from services.levels import Level
 from services.model_store import cache_dir
 from services.tree import TokenTree
 
-PROFILE_VERSION = 4
+PROFILE_VERSION = 5
 COST_SIZES = (1, 2, 3, 4, 6, 8, 12, 17, 64, 256)  # up to T_max + 1 (a verification of 16 drafts), then prefills
 UNBOUNDED_DEPTH = 1 << 16  # the engine lets the drafter's own depth limit apply
 
@@ -255,7 +255,7 @@ def run_profile(config: HierspecConfig, dtype: str, questions, max_tokens: int, 
     per calibration prompt, one forward per draft model and prompt, a few cost curves)."""
     from deploy.bench import category_group
     from deploy.builder import RunnerPool, build_decoder
-    from services.prompts import chat_prompt_ids, stop_token_ids
+    from services.prompts import Conversation, stop_token_ids
     from services.sampling import SamplingParams
 
     calibration = {"questions": [str(q.question_id) for q in questions], "max_tokens": max_tokens,
@@ -287,19 +287,22 @@ def run_profile(config: HierspecConfig, dtype: str, questions, max_tokens: int, 
     try:
         for index, question in enumerate(questions, start=1):
             group = category_group(question.category)
-            prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": question.turns[0]}])
-            text = reference.generate(prompt, SamplingParams(), max_tokens, stop_ids).token_ids
-            if not costs:  # at a context as long as mid-generation
-                for name in names:
-                    log(f"profile: forward cost of {name}")
-                    costs[name] = loop.run_until_complete(
-                        measure_cost(levels[name], prompt + text[: max_tokens // 2], vocab=runners[name].vocab_size))
-                order = [*sorted(config.models.drafts, key=lambda n: costs[n](1)), config.models.target]
-            loop.run_until_complete(measure_category(levels, order, drafter, [prompt], [text], max_draft,
-                                                     categories.setdefault(group, CategoryProfile()),
-                                                     label=str(question.question_id)))
-            log(f"profile: [{index}/{len(questions)}] {question.category} #{question.question_id}, "
-                f"{len(text)} tokens, {time.perf_counter() - started:.0f} s elapsed")
+            chat = Conversation(tokenizer)
+            for turn, user_text in enumerate(question.turns):
+                prompt = chat.ask(user_text)
+                text = reference.generate(prompt, SamplingParams(), max_tokens, stop_ids).token_ids
+                chat.answer(text)
+                if not costs:  # at a context as long as mid-generation
+                    for name in names:
+                        log(f"profile: forward cost of {name}")
+                        costs[name] = loop.run_until_complete(measure_cost(
+                            levels[name], prompt + text[: max_tokens // 2], vocab=runners[name].vocab_size))
+                    order = [*sorted(config.models.drafts, key=lambda n: costs[n](1)), config.models.target]
+                loop.run_until_complete(measure_category(levels, order, drafter, [prompt], [text], max_draft,
+                                                         categories.setdefault(group, CategoryProfile()),
+                                                         label=f"{question.question_id}-{turn}"))
+                log(f"profile: [{index}/{len(questions)}] {question.category} #{question.question_id} "
+                    f"turn {turn + 1}, {len(text)} tokens, {time.perf_counter() - started:.0f} s elapsed")
     finally:
         loop.close()
     profile = Profile(key=key, target=config.models.target, drafts=order[:-1], max_draft=max_draft, costs=costs,

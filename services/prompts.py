@@ -14,6 +14,25 @@ def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return list(ids)
 
 
+class Conversation:
+    """A chat that grows turn by turn, each answer appended before the next user turn: how the
+    benchmark, the profiler and chat apps run multi-turn questions (a second turn that asks to
+    rework the first answer is where the context DB shines)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.messages: list[dict[str, str]] = []
+
+    def ask(self, text: str) -> list[int]:
+        """The prompt ids of the chat with this user turn added."""
+        self.messages.append({"role": "user", "content": text})
+        return chat_prompt_ids(self.tokenizer, self.messages)
+
+    def answer(self, token_ids: list[int]) -> None:
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        self.messages.append({"role": "assistant", "content": text})
+
+
 def text_prompt_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text))
 
