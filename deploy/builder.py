@@ -118,7 +118,10 @@ def build_drafter(settings: DrafterSettings, tokenizer, statistics: StatisticsDB
     mirror = SharedOutputs(redis_url(settings), namespace) if settings.share_model_db else None
     model_db = ModelDB(max_key=settings.max_key, max_keys=settings.model_db_max_keys, mirror=mirror)
     if settings.model_db_path and Path(settings.model_db_path).expanduser().exists():
-        model_db.load(Path(settings.model_db_path).expanduser())
+        try:
+            model_db.load(Path(settings.model_db_path).expanduser())
+        except ValueError as error:  # a file from another format version
+            raise ConfigError(f"drafter.model_db_path: {error}") from None
     config = DrafterConfig(max_key=settings.max_key, max_depth=settings.max_depth,
                            max_candidates=settings.max_candidates, max_nodes=settings.max_nodes)
     statistics = statistics or StatisticsDB(statistics_store(settings, namespace), namespace)

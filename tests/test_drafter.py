@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
+
+import pytest
+
 from drafter_db import table
 from drafter_db.context import ContextIndex
 from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
@@ -40,6 +44,9 @@ def test_model_db_ranks_by_count_and_evicts_rare_keys(tmp_path):
     again = ModelDB(max_key=2, length=2, top=2, max_keys=1000)
     again.load(tmp_path / "model.db")
     assert again.lookup(ngram_key([1, 2])) == db.lookup(ngram_key([1, 2]))
+    (tmp_path / "old.db").write_bytes(pickle.dumps({"entries": {}, "totals": {}}))  # before format versions
+    with pytest.raises(ValueError, match="not a model DB of this hierspec version"):
+        again.load(tmp_path / "old.db")
 
 
 def make_drafter(**overrides) -> HierarchicalDrafter:
