@@ -69,7 +69,7 @@ class StatisticsDB:
             if entry is not None and entry[0] > now:
                 out.append(entry[1:])
             else:
-                out.append(_ABSENT)
+                out.append(table.NO_ENTRY)
                 missing.append(i)
         if missing:
             self._fetch(context, keys, missing, out, now)
@@ -92,9 +92,6 @@ class StatisticsDB:
     def clear_cache(self) -> None:
         """Forget every cached value (after a rebuild of the store, or to test the store itself)."""
         self._cache.clear()
-
-
-_ABSENT: tuple[int, Continuations] = (0, ())
 
 
 class _RequestState:
@@ -148,7 +145,7 @@ class HierarchicalDrafter:
         tree = TokenTree()
         state = self._requests.get(request_id)
         depth = min(max_depth, state.depth if state else c.max_depth)
-        if depth <= 0 or not context:
+        if depth <= 0:
             return tree
         keys = suffix_keys(context, min(c.max_key, len(context)))  # longest first
         found = 0

@@ -19,7 +19,6 @@ from drafter_db.shared_outputs import SharedOutputs
 from drafter_db.table import Continuations
 
 FORMAT = 2  # of the saved file: int keys, (total, continuations) entries
-_ABSENT: tuple[int, Continuations] = (0, ())
 
 
 class ModelDB:
@@ -41,7 +40,7 @@ class ModelDB:
 
     def lookup(self, key: int) -> tuple[int, Continuations]:
         """(total count, ranked continuations) of the n-gram with `ngram_key` `key`."""
-        return self._entries.get(key, _ABSENT)
+        return self._entries.get(key, table.NO_ENTRY)
 
     def add_output(self, token_ids: list[int], share: bool = True) -> None:
         """Count the n-grams of one completed output (with its last prompt tokens as left context),
@@ -51,7 +50,7 @@ class ModelDB:
         counted = table.count_ngrams(token_ids, self.max_key, self.length)
         for ngram, conts in counted.items():
             key = ngram_key(ngram)
-            total, ranked = self._entries.get(key, _ABSENT)
+            total, ranked = self._entries.get(key, table.NO_ENTRY)
             self._entries[key] = (total + sum(conts.values()),
                                   table.merge(ranked, ((c, t) for t, c in conts.items()), self.top))
         if len(self._entries) > self.max_keys:

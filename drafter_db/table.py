@@ -16,6 +16,7 @@ import struct
 from collections.abc import Iterable
 
 Continuations = list[tuple[int, tuple[int, ...]]]  # (count, tokens), best first
+NO_ENTRY: tuple[int, Continuations] = (0, ())  # (total count, continuations) of a key no database holds
 
 _HEADER = struct.Struct("<IB")
 
