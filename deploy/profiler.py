@@ -125,25 +125,33 @@ class Profile(BaseModel):
 
 # measurements ------------------------------------------------------------------------------------
 
-async def measure_cost(level: Level, context: list[int], sizes=COST_SIZES, repeats: int = 7,
-                       vocab: int | None = None) -> CostCurve:
+async def measure_cost(level: Level, context: list[int], sizes=COST_SIZES, repeats: int = 7) -> CostCurve:
     """Median ms of a forward of n new tokens after `context` (cached first, as during decoding), made
     non-decreasing in n (more tokens never cost less; what says otherwise is this machine's noise)."""
     rng = random.Random(0)
-    vocab = vocab or level.vocab_size
     request = "profile-cost"
     await level.logits(request, context, 1, greedy=True)
     ms = []
     for n in sizes:
         times = []
         for _ in range(repeats if n <= 32 else 3):  # a prefill takes seconds
-            extra = [rng.randrange(vocab) for _ in range(n)]
+            extra = [rng.randrange(level.vocab_size) for _ in range(n)]
             start = time.perf_counter()
             await level.logits(request, context + extra, n, greedy=True)
             times.append(1000 * (time.perf_counter() - start))
         ms.append(max([statistics.median(times), *ms[-1:]]))
     await level.release(request)
     return CostCurve(tokens=list(sizes), ms=ms)
+
+
+def measure_costs(levels: dict[str, Level], context: list[int], loop: asyncio.AbstractEventLoop,
+                  log=print) -> dict[str, CostCurve]:
+    """The cost curve of every level, after `context`."""
+    costs = {}
+    for name, level in levels.items():
+        log(f"profile: forward cost of {name}")
+        costs[name] = loop.run_until_complete(measure_cost(level, context))
+    return costs
 
 
 async def teacher_forced(level: Level, prompt: list[int], text: list[int]) -> tuple[list[int], list[float]]:
@@ -258,8 +266,10 @@ def run_profile(config: HierspecConfig, dtype: str, questions, max_tokens: int, 
     from services.prompts import Conversation, stop_token_ids
     from services.sampling import SamplingParams
 
-    calibration = {"questions": [str(q.question_id) for q in questions], "max_tokens": max_tokens,
-                   "max_draft": max_draft}
+    calibration = {"questions": [str(q.question_id) for q in questions],
+                   # the prompts themselves: an edited calibration file is measured again
+                   "prompts_sha256": hashlib.sha256(json.dumps([q.turns for q in questions]).encode()).hexdigest(),
+                   "max_tokens": max_tokens, "max_draft": max_draft}
     key = profile_key(config, dtype, calibration)
     path = profile_path(key)
     if path.exists() and not refresh:
@@ -271,8 +281,7 @@ def run_profile(config: HierspecConfig, dtype: str, questions, max_tokens: int, 
     pool = pool or RunnerPool()
     names = [config.models.target, *config.models.drafts]
     levels = {name: pool.level(name, dtype, config.device) for name in names}
-    runners = {name: level.runner for name, level in levels.items()}
-    tokenizer = runners[config.models.target].tokenizer
+    tokenizer = levels[config.models.target].runner.tokenizer
     stop_ids = stop_token_ids(tokenizer)
     reference = build_decoder(config, "hd", dtype, pool)
     drafter = reference.proposer
@@ -293,10 +302,7 @@ def run_profile(config: HierspecConfig, dtype: str, questions, max_tokens: int, 
                 text = reference.generate(prompt, SamplingParams(), max_tokens, stop_ids).token_ids
                 chat.answer(text)
                 if not costs:  # at a context as long as mid-generation
-                    for name in names:
-                        log(f"profile: forward cost of {name}")
-                        costs[name] = loop.run_until_complete(measure_cost(
-                            levels[name], prompt + text[: max_tokens // 2], vocab=runners[name].vocab_size))
+                    costs = measure_costs(levels, prompt + text[: max_tokens // 2], loop, log)
                     order = [*sorted(config.models.drafts, key=lambda n: costs[n](1)), config.models.target]
                 loop.run_until_complete(measure_category(levels, order, drafter, [prompt], [text], max_draft,
                                                          categories.setdefault(group, CategoryProfile()),
