@@ -4,17 +4,10 @@ Calibration and measurement use different prompts of the workload (the first
 `per_category` of each category, then the next `measure_per_category`), so the
 drafter's model DB, which learns every calibration output, cannot flatter the
 plans it is measured on.
-
-Each plan is also predicted again with cost curves measured just before its
-run ("re-priced"): the same acceptance tables, the machine as fast as it is
-now. A shared CPU drifts by 15-20% over the half hour between profiling and
-measuring, and plain decoding, whose prediction is one forward per token, shows
-that drift alone; the re-priced error is the latency model's own.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
@@ -23,7 +16,7 @@ from deploy.bench import Question, category_group, load_workload
 from deploy.builder import RunnerPool, configure_torch, plan_decoder
 from deploy.config import HierspecConfig
 from deploy.planner import Plan, rank_structures, request_latency
-from deploy.profiler import Profile, measure_costs, run_profile, stderr_log
+from deploy.profiler import Profile, run_profile, stderr_log
 from services.prompts import Conversation, chat_prompt_ids, stop_token_ids
 from services.sampling import SamplingParams
 
@@ -71,41 +64,16 @@ def measure(config: HierspecConfig, plan: Plan, dtype: str, pool: RunnerPool,
     return {key: round(1000 * seconds / tokens, 3) for key, (seconds, tokens) in totals.items()}
 
 
-def current_costs(config: HierspecConfig, profile: Profile, dtype: str, pool: RunnerPool,
-                  questions: list[Question], max_tokens: int) -> Profile:
-    """The profile with its cost curves measured again now, after the first question's prompt padded to
-    mid-generation length (as the profiler measures them)."""
-    levels = {name: pool.level(name, dtype, config.device) for name in profile.costs}
-    prompt = Conversation(levels[profile.target].runner.tokenizer).ask(questions[0].turns[0])
-    context = (prompt * (1 + max_tokens // (2 * len(prompt))))[: len(prompt) + max_tokens // 2]
-    loop = asyncio.new_event_loop()
-    try:
-        return profile.model_copy(update={"costs": measure_costs(levels, context, loop, stderr_log)})
-    finally:
-        loop.close()
-
-
-def _predictions(plan: Plan, profile: Profile, categories: list[str]) -> dict[str, float]:
-    return {"_all": round(request_latency(plan, profile.tables(categories)), 3),
-            **{name: round(request_latency(plan, profile.tables([name])), 3) for name in categories}}
-
-
-def _errors(predicted: dict[str, float], measured: dict[str, float]) -> dict[str, float]:
-    return {key: round(predicted[key] / value - 1, 4) for key, value in measured.items() if key in predicted}
-
-
-def _plan_record(plan: Plan, profile: Profile, categories: list[str], measured: dict[str, float] | None,
-                 repriced: Profile | None = None) -> dict:
+def _plan_record(plan: Plan, profile: Profile, categories: list[str], measured: dict[str, float] | None) -> dict:
     record = {"method": plan.method, "hierarchy": plan.describe(),
               **plan.model_dump(exclude={"predicted_ms_per_token"}),
-              "predicted_ms_per_token": _predictions(plan, profile, categories)}
+              "predicted_ms_per_token": {"_all": round(request_latency(plan, profile.tables(categories)), 3)}}
+    for category in categories:
+        record["predicted_ms_per_token"][category] = round(request_latency(plan, profile.tables([category])), 3)
     if measured is not None:
         record["measured_ms_per_token"] = measured
-        record["error"] = _errors(record["predicted_ms_per_token"], measured)
-    if repriced is not None:
-        record["repriced_ms_per_token"] = _predictions(plan, repriced, categories)
-        if measured is not None:
-            record["repriced_error"] = _errors(record["repriced_ms_per_token"], measured)
+        record["error"] = {key: round(record["predicted_ms_per_token"][key] / value - 1, 4)
+                           for key, value in measured.items() if key in record["predicted_ms_per_token"]}
     return record
 
 
@@ -138,14 +106,10 @@ def run_plan(config: HierspecConfig, workload: str, out: str, dtype: str | None,
     plans = choose(profile)[: 1 + RUNNERS_UP]
     records = []
     for plan in plans:
-        if not measurement:
-            records.append(_plan_record(plan, profile, names, None))
-            continue
         started = time.perf_counter()
-        repriced = current_costs(config, profile, dtype, pool, measurement, max_tokens)
-        measured = measure(config, plan, dtype, pool, measurement, max_tokens)
+        measured = measure(config, plan, dtype, pool, measurement, max_tokens) if measurement else None
         stderr_log(f"plan: measured {plan.describe()} in {time.perf_counter() - started:.0f} s")
-        records.append(_plan_record(plan, profile, names, measured, repriced))
+        records.append(_plan_record(plan, profile, names, measured))
     result = {
         "config": config.name, "dtype": dtype, "workload": workload, "max_tokens": max_tokens,
         "calibration_questions": len(calibration), "measurement_questions": len(measurement),
@@ -168,11 +132,8 @@ def format_plans(result: dict) -> str:
     for label, record in [("chosen", result["chosen"])] + [("runner-up", r) for r in result["runners_up"]]:
         predicted = record["predicted_ms_per_token"]
         measured = record.get("measured_ms_per_token", {})
-        repriced = record.get("repriced_ms_per_token", {})
         cells = [f"{key}: {predicted[key]:.1f} predicted"
                  + (f" / {measured[key]:.1f} measured ({100 * record['error'][key]:+.0f}%)" if key in measured else "")
-                 + (f"; re-priced {repriced[key]:.1f} ({100 * record['repriced_error'][key]:+.0f}%)"
-                    if key in repriced and key in measured else "")
                  for key in predicted]
         lines.append(f"  {label:>9}  {record['hierarchy']}")
         lines.extend(f"             {cell}" for cell in cells)
