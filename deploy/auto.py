@@ -4,8 +4,8 @@ At start-up the profile of the config's calibration workload is loaded (or
 measured once and cached) and the planner picks the best plan overall and the
 best plan of every calibration category. While generating, the request's own
 rounds tell which category it resembles: the database drafter proposes a
-shadow tree every round (microseconds) that is checked against what the round
-committed, and the target's verification of the active plan's draft is scored
+shadow tree every round (microseconds) that is checked against what the rounds
+commit, and the target's verification of the active plan's draft is scored
 too, both under each category's measured distributions. A decaying posterior
 over categories prices every candidate plan (its predicted ms per token per
 category); the drafter-only plan is also priced directly from the request's
@@ -68,7 +68,6 @@ class _Evidence:
     """One category's distributions of what a round can show."""
 
     tree: np.ndarray | None  # log P(accepted = k), HD tree verified by the target
-    tree_tail: np.ndarray | None  # log P(accepted >= k)
     runs: dict[str, tuple[np.ndarray, np.ndarray]]  # model below the target -> (log P(run = k), log P(run >= k))
 
 
@@ -79,11 +78,32 @@ def _with_tail(log_pmf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclass
+class _ShadowWalk:
+    """A shadow tree followed along the committed tokens until they leave it. A round of plain decoding
+    commits one token, so its shadow tree is followed over the next rounds too: scored on that round's
+    token alone, every tree would look at most one token deep, and a request that switched to plain
+    decoding would never see HD pay again."""
+
+    tree: TokenTree
+    node: int = -1
+    depth: int = 0
+
+    def follow(self, tokens: list[int]) -> bool:
+        """Walk on; True while the tokens so far stay on the tree and it goes deeper."""
+        for token in tokens:
+            child = self.tree.children(self.node).get(token)
+            if child is None:
+                return False
+            self.node, self.depth = child, self.depth + 1
+        return bool(self.tree.children(self.node))
+
+
+@dataclass
 class _RequestState:
     loglik: np.ndarray
     current: int | None = None
     warm: set[str] = field(default_factory=set)
-    shadow: TokenTree | None = None
+    walks: list[_ShadowWalk] = field(default_factory=list)  # shadow trees not yet left by the committed tokens
     # (nodes, accepted) of the recent shadow trees
     trees: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=SHADOW_WINDOW))
     counts: tuple[int, int] = (0, 0)  # drafted/accepted of the level below the target, before the round
@@ -107,10 +127,10 @@ class CategoryChooser:
         for name in self.categories:
             tables = profile.tables([name])
             tree = tables.trees.get(profile.target)
-            tree_pmf = _with_tail(_log_pmf(tree.accepted, size * 2)) if tree is not None else (None, None)
+            tree_pmf = _log_pmf(tree.accepted, size * 2) if tree is not None else None
             runs = {lower: _with_tail(_log_pmf(t.rounds(profile.max_draft, None)[1], size))
                     for (lower, upper), t in tables.pairs.items() if upper == profile.target}
-            self.evidence.append(_Evidence(*tree_pmf, runs))
+            self.evidence.append(_Evidence(tree_pmf, runs))
         self._states: weakref.WeakKeyDictionary[Generation, _RequestState] = weakref.WeakKeyDictionary()
 
     def _state(self, req: Generation) -> _RequestState:
@@ -121,7 +141,7 @@ class CategoryChooser:
     def choose(self, req: Generation, seq: list[int]) -> int:
         state = self._state(req)
         if self.proposer is not None and self.adaptive:
-            state.shadow = self.proposer.propose(req.id, seq, UNBOUNDED_DEPTH)
+            state.walks.append(_ShadowWalk(self.proposer.propose(req.id, seq, UNBOUNDED_DEPTH)))
         plan_below = self.plans[state.current].models[-2] if state.current is not None and \
             len(self.plans[state.current].models) > 1 else None
         if plan_below is not None:
@@ -151,13 +171,16 @@ class CategoryChooser:
             return
         state = self._state(req)
         evidence = np.zeros(len(self.categories))
-        if state.shadow is not None:
-            accepted, censored = _walk(state.shadow, out)
-            state.trees.append((len(state.shadow), accepted))
+        walking = []
+        for walk in state.walks:
+            if walk.follow(out):
+                walking.append(walk)
+                continue
+            state.trees.append((len(walk.tree), walk.depth))
             for i, e in enumerate(self.evidence):
-                if e.tree is not None and len(state.shadow):
-                    index = min(accepted, len(e.tree) - 1)
-                    evidence[i] += e.tree_tail[index] if censored else e.tree[index]
+                if e.tree is not None and len(walk.tree):
+                    evidence[i] += e.tree[min(walk.depth, len(e.tree) - 1)]
+        state.walks = walking
         plan = self.plans[member]
         if len(plan.models) > 1:
             below = plan.models[-2]
@@ -170,17 +193,6 @@ class CategoryChooser:
                         index = min(accepted, len(pmf) - 1)
                         evidence[i] += tail[index] if accepted >= drafted else pmf[index]
         state.loglik = DECAY * state.loglik + evidence
-
-
-def _walk(tree: TokenTree, out: list[int]) -> tuple[int, bool]:
-    """How far the committed tokens follow the tree, and whether they ran out first (censored)."""
-    node, depth = -1, 0
-    for token in out:
-        child = tree.children(node).get(token)
-        if child is None:
-            return depth, False
-        node, depth = child, depth + 1
-    return depth, bool(tree.children(node))
 
 
 def resolve_auto(config: HierspecConfig, method: str, dtype: str) -> tuple[HierspecConfig, str]:

@@ -16,6 +16,7 @@ from deploy.planner import CONFIDENCE_STOPS, Plan, Tables, optimize, plan_latenc
 from deploy.profiler import CategoryProfile, Profile, measure_category
 from services.hsd import DraftPolicy, HierarchicalDecoder
 from services.sampling import SamplingParams
+from services.tree import TokenTree
 
 
 def _geometric_runs(rng: random.Random, alpha: float, n: int, cap: int) -> list[int]:
@@ -234,3 +235,19 @@ def test_adaptive_auto_beats_the_best_static_plan_on_alternating_categories():
     chooser = CategoryChooser(profile, plans, drafter)
     adaptive = run(SwitchingDecoder(members, [p.describe() for p in plans], chooser, proposer=drafter))
     assert adaptive < min(static.values()), (adaptive, static)
+
+
+def test_shadow_trees_are_followed_across_one_token_rounds():
+    """Under plain decoding a round commits one token: a shadow tree is scored by how far the following
+    rounds stay on it, not cut at that one token (else `auto` could never see HD pay again)."""
+    from deploy.auto import _ShadowWalk
+
+    tree = TokenTree()
+    tree.add_path([5, 6, 7], "context", budget=8)
+    tree.add_path([5, 9], "model", budget=8)
+    walk = _ShadowWalk(tree)
+    assert walk.follow([5]) and walk.follow([6])
+    assert not walk.follow([7]) and walk.depth == 3  # reached a leaf: all of it accepted
+    walk = _ShadowWalk(tree)
+    assert not walk.follow([5, 8]) and walk.depth == 1  # left the tree after one token
+    assert not _ShadowWalk(TokenTree()).follow([1])  # an empty tree is done at once
