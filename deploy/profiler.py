@@ -144,16 +144,6 @@ async def measure_cost(level: Level, context: list[int], sizes=COST_SIZES, repea
     return CostCurve(tokens=list(sizes), ms=ms)
 
 
-def measure_costs(levels: dict[str, Level], context: list[int], loop: asyncio.AbstractEventLoop,
-                  log=print) -> dict[str, CostCurve]:
-    """The cost curve of every level, after `context`."""
-    costs = {}
-    for name, level in levels.items():
-        log(f"profile: forward cost of {name}")
-        costs[name] = loop.run_until_complete(measure_cost(level, context))
-    return costs
-
-
 async def teacher_forced(level: Level, prompt: list[int], text: list[int]) -> tuple[list[int], list[float]]:
     """The level's greedy choice and its probability at every position of `text` after `prompt`."""
     request = "profile-teacher"
@@ -302,7 +292,10 @@ def run_profile(config: HierspecConfig, dtype: str, questions, max_tokens: int, 
                 text = reference.generate(prompt, SamplingParams(), max_tokens, stop_ids).token_ids
                 chat.answer(text)
                 if not costs:  # at a context as long as mid-generation
-                    costs = measure_costs(levels, prompt + text[: max_tokens // 2], loop, log)
+                    for name in names:
+                        log(f"profile: forward cost of {name}")
+                        costs[name] = loop.run_until_complete(measure_cost(levels[name],
+                                                                           prompt + text[: max_tokens // 2]))
                     order = [*sorted(config.models.drafts, key=lambda n: costs[n](1)), config.models.target]
                 loop.run_until_complete(measure_category(levels, order, drafter, [prompt], [text], max_draft,
                                                          categories.setdefault(group, CategoryProfile()),
