@@ -10,9 +10,14 @@ too, both under each category's measured distributions. A decaying posterior
 over categories prices every candidate plan (its predicted ms per token per
 category); the drafter-only plan is also priced directly from the request's
 own recent shadow trees (the request's text may copy more, or less, than any
-calibration category did); the request switches when the expected saving on its remaining
-tokens outweighs prefilling the levels the new plan adds, by a margin. Every
-choice is lossless (services.switching).
+calibration category did), their counts pooled with the posterior's expected
+tree as prior pseudo-rounds: averaging ms per token instead would let one
+12-node miss in a request's first round (466 ms for one token on the Qwen
+pair) price HD out of a function that then copies its whole signature. Trees
+the committed tokens are still walking count with the depth reached so far.
+The request switches when the expected saving on its remaining tokens
+outweighs prefilling the levels the new plan adds, by a margin. Every choice
+is lossless (services.switching).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from services.tree import TokenTree
 DECAY = 0.9  # weight of older rounds' evidence: a request can drift between kinds of text
 MARGIN = 0.05  # a switch must save this share of the current plan's expected time
 SHADOW_WINDOW = 16  # recent shadow trees that price "HD under the target" for this very request
-SHADOW_PRIOR_ROUNDS = 4  # ... weighed against the category prior as this many rounds
+SHADOW_PRIOR_ROUNDS = 4  # ... pooled with the category prior's expected tree as this many rounds
 
 
 def load_profile(config: HierspecConfig, dtype: str, pool: RunnerPool) -> Profile:
@@ -118,6 +123,13 @@ class CategoryChooser:
         self.target = profile.target
         tables = profile.tables()
         self.drafter_ms = tables.trees[profile.target].drafter_ms if profile.target in tables.trees else 0.0
+        # per category: mean (verification ms, accepted tokens) of an HD tree under the target
+        self.tree_means = np.zeros((len(self.categories), 2))
+        for i, name in enumerate(self.categories):
+            tree = profile.tables([name]).trees.get(profile.target)
+            if tree is not None:
+                verify_ms = float(np.mean(self.costs[self.target](tree.nodes + 1)))
+                self.tree_means[i] = verify_ms, float(tree.accepted.mean())
         # the plan "HD under the target alone" can be priced from the request's own shadow trees
         self.hd_plan = next((i for i, p in enumerate(plans) if p.drafter and len(p.models) == 1), None)
         self.proposer = proposer
@@ -150,12 +162,10 @@ class CategoryChooser:
         if state.current is not None and not self.adaptive:
             return state.current
         posterior = np.exp(state.loglik - state.loglik.max())
-        expected = self.latency @ (posterior / posterior.sum())
-        if self.hd_plan is not None and state.trees:
-            nodes, accepted = np.array(state.trees).T
-            direct = (self.drafter_ms + float(np.mean(self.costs[self.target](nodes + 1)))) / (1 + accepted.mean())
-            weight = len(nodes) / (len(nodes) + SHADOW_PRIOR_ROUNDS)
-            expected[self.hd_plan] = weight * direct + (1 - weight) * expected[self.hd_plan]
+        posterior /= posterior.sum()
+        expected = self.latency @ posterior
+        if self.hd_plan is not None:
+            expected[self.hd_plan] = self._direct_hd(state, posterior)
         remaining = max(1, req.max_tokens - len(req.token_ids))
         prefill = np.array([sum(float(self.costs[m](len(seq))) for m in p.models[:-1] if m not in state.warm)
                             for p in self.plans])
@@ -165,6 +175,16 @@ class CategoryChooser:
             state.current = best
         state.warm.update(self.plans[state.current].models)
         return state.current
+
+    def _direct_hd(self, state: _RequestState, posterior: np.ndarray) -> float:
+        """ms per token of HD under the target alone: the request's own shadow trees (finished, and the
+        ones still being walked, at their depth so far) pooled with the posterior's expected tree."""
+        prior_ms, prior_accepted = posterior @ self.tree_means
+        rounds = [*state.trees, *((len(w.tree), w.depth) for w in state.walks[:-1])]
+        nodes, accepted = np.array(rounds, dtype=np.int64).reshape(-1, 2).T
+        pooled = len(rounds) + SHADOW_PRIOR_ROUNDS
+        ms = (float(np.sum(self.costs[self.target](nodes + 1))) + SHADOW_PRIOR_ROUNDS * prior_ms) / pooled
+        return (self.drafter_ms + ms) / (1 + (accepted.sum() + SHADOW_PRIOR_ROUNDS * prior_accepted) / pooled)
 
     def observe(self, req: Generation, member: int, seq: list[int], out: list[int]) -> None:
         if not self.adaptive:

@@ -251,3 +251,36 @@ def test_shadow_trees_are_followed_across_one_token_rounds():
     walk = _ShadowWalk(tree)
     assert not walk.follow([5, 8]) and walk.depth == 1  # left the tree after one token
     assert not _ShadowWalk(TokenTree()).follow([1])  # an empty tree is done at once
+
+
+def test_one_missed_tree_does_not_price_hd_out_but_a_run_of_them_does():
+    """`auto` prices "HD under the target" from the request's own shadow trees pooled with its category
+    prior: one 12-node miss in the first round (the answer's opening words) must not switch a request
+    whose category copies well to plain decoding; a run of misses must; trees still being walked count
+    with the depth the committed tokens reached."""
+    from deploy.auto import CategoryChooser, _RequestState, _ShadowWalk
+
+    category = CategoryProfile(prompts=1, tokens=70)
+    tree = category.tree("t")
+    tree.nodes.extend([12] * 10)
+    tree.accepted.extend([6] * 10)
+    tree.drafter_us.extend([20.0] * 10)
+    profile = Profile(target="t", drafts=[], max_draft=16, categories={"code": category},
+                      costs={"t": CostCurve(tokens=[1, 13], ms=[181.0, 466.0])})
+    plans = [Plan(models=["t"], drafter=True), Plan(models=["t"])]
+    chooser = CategoryChooser(profile, plans, proposer=None)
+    posterior = np.ones(1)
+    plain_ms = 181.0
+
+    state = _RequestState(np.zeros(1))
+    state.trees.append((12, 0))
+    assert chooser._direct_hd(state, posterior) < plain_ms
+    state.trees.extend([(12, 0)] * 15)  # the whole window
+    missing = chooser._direct_hd(state, posterior)
+    assert missing > plain_ms
+    copying = TokenTree()
+    copying.add_path(list(range(12)), "context", budget=12)
+    walk = _ShadowWalk(copying)
+    assert walk.follow(list(range(5)))
+    state.walks = [walk, _ShadowWalk(copying)]  # the last one was proposed this round: nothing known yet
+    assert chooser._direct_hd(state, posterior) < missing
