@@ -90,10 +90,9 @@ def chain_decoder(config: HierspecConfig, method: str, levels: list, drafter, **
 
 def assemble(plan: Plan, levels: list, drafter, **options) -> HierarchicalDecoder:
     """A decoder running `plan` over `levels` (one per plan model); `drafter()` gives the database
-    drafter, asked for only when the plan has it. The confidence stop applies to an autoregressive
-    bottom level."""
-    policies = [DraftPolicy(t, plan.min_confidence if i == 0 and not plan.drafter else 0.0)
-                for i, t in enumerate(plan.draft_tokens)]
+    drafter, asked for only when the plan has it. The confidence stop applies to the bottom model's
+    own one-token steps (all of its drafting, or where the database drafter had no tree)."""
+    policies = [DraftPolicy(t, plan.min_confidence if i == 0 else 0.0) for i, t in enumerate(plan.draft_tokens)]
     return HierarchicalDecoder(levels, policies, proposer=drafter() if plan.drafter else None, **options)
 
 

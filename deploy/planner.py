@@ -64,7 +64,8 @@ class Plan(BaseModel):
     models: list[str] = Field(min_length=1)
     draft_tokens: list[int] = Field(default_factory=list)
     drafter: bool = Field(False, description="the HD drafter proposes token trees to the bottom model")
-    min_confidence: float = Field(0.0, description="early stop of the bottom model's autoregressive drafts")
+    min_confidence: float = Field(0.0, description="early stop of the bottom model's one-token drafting steps "
+                                  "(the optimizer sets it only without the drafter; configs may set it either way)")
     predicted_ms_per_token: float | None = None
 
     @property
@@ -74,7 +75,7 @@ class Plan(BaseModel):
         return "hd+hsd" if self.drafter else "hsd"
 
     def describe(self) -> str:
-        stop = f", stop<{self.min_confidence:g}" if self.min_confidence and not self.drafter else ""
+        stop = f", stop<{self.min_confidence:g}" if self.min_confidence else ""
         parts = (["HD"] if self.drafter else []) + [
             f"{m} (T={t}{stop if i == 0 else ''})" for i, (m, t) in enumerate(zip(self.models, self.draft_tokens))
         ] + [self.models[-1]]

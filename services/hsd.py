@@ -139,8 +139,10 @@ class DraftPolicy:
     """How a non-target level drafts: it hands up batches aiming at `max_tokens` (T_i).
 
     Level 0 also stops a batch early once it drafted a token it gave less than
-    `min_confidence` probability: a rule on the drafter's own output only, so it
-    cannot change what is generated, only how much verification is wasted.
+    `min_confidence` probability (with the database drafter below it: one of its
+    own one-token steps, where no tree was proposed): a rule on the drafter's own
+    output only, so it cannot change what is generated, only how much drafting
+    and verification is wasted.
     """
 
     max_tokens: int
@@ -155,10 +157,12 @@ class DraftPolicy:
 
 @dataclass
 class Draft:
-    """Tokens a level proposes; `probs` ([len(tokens), vocab]) is None in greedy mode."""
+    """Tokens a level proposes; `probs` ([len(tokens), vocab]) is None in greedy mode. `unsure`: the
+    level gave its last token less than its policy's `min_confidence` (its batch should end there)."""
 
     tokens: list[int] = field(default_factory=list)
     probs: torch.Tensor | None = None
+    unsure: bool = False
 
 
 class Generation:
@@ -288,7 +292,9 @@ class HierarchicalDecoder:
             if len(tree):
                 return await self._verify_tree(req, seq, tree)
         draft = await self._draft(req, level_index - 1, seq, limit - 1) if level_index > 0 else Draft()
-        return await self._verify_draft(req, level_index, seq, draft)
+        drafting = level_index < len(self.levels) - 1
+        min_confidence = self.policies[level_index].min_confidence if drafting and not draft.tokens else 0.0
+        return await self._verify_draft(req, level_index, seq, draft, min_confidence)
 
     async def _target_round(self, req: Generation, seq: list[int], limit: int) -> Draft:
         """One round of the target. With `lookahead` (greedy, remote levels), the level below drafts
@@ -323,21 +329,25 @@ class HierarchicalDecoder:
                 ahead.cancel()
         return out
 
-    async def _verify_draft(self, req: Generation, level_index: int, seq: list[int], draft: Draft) -> Draft:
-        scores = await self._forward(req, level_index, seq + draft.tokens, len(draft.tokens) + 1)
+    async def _verify_draft(self, req: Generation, level_index: int, seq: list[int], draft: Draft,
+                            min_confidence: float = 0.0) -> Draft:
+        scores = await self._forward(req, level_index, seq + draft.tokens, len(draft.tokens) + 1,
+                                     confidence=min_confidence > 0.0)
         req.stats.of(self.levels[level_index].name).verifications += 1
         if req.params.greedy:
             verdict = self.sampler.greedy(draft.tokens, scores.tokens)
             rows = None
+            confidence = scores.probs[verdict.num_accepted] if min_confidence > 0.0 else 1.0
         else:
             probs = req.params.probs(scores)
             verdict = self.sampler.sampled(draft.tokens, draft.probs, probs, req.generator)
             rows = probs[: verdict.num_accepted + 1]
+            confidence = float(rows[-1, verdict.next_token])
         if level_index > 0:
             below = req.stats.of(self.levels[level_index - 1].name)
             below.drafted += len(draft.tokens)
             below.accepted += verdict.num_accepted
-        return Draft(draft.tokens[: verdict.num_accepted] + [verdict.next_token], rows)
+        return Draft(draft.tokens[: verdict.num_accepted] + [verdict.next_token], rows, confidence < min_confidence)
 
     async def _draft(self, req: Generation, level_index: int, seq: list[int], limit: int) -> Draft:
         """At most `limit` tokens from level `level_index` for the level above: T_i when it can.
@@ -358,7 +368,7 @@ class HierarchicalDecoder:
             held.extend(out.tokens)
             if out.probs is not None:
                 rows.append(out.probs)
-            if req.stop_ids.intersection(out.tokens):
+            if out.unsure or req.stop_ids.intersection(out.tokens):
                 break
         return Draft(held[:want], torch.cat(rows)[:want] if rows else None)
 

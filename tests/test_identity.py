@@ -116,7 +116,7 @@ def test_smollm2_tree_drafts_equal_plain_decoding(smollm2):
     drafter = filled_drafter(smollm2)
     target, draft = LocalLevel(smollm2), LocalLevel(bf16)
     members = [HierarchicalDecoder([target], [], proposer=drafter),
-               HierarchicalDecoder([draft, target], [6], proposer=drafter),
+               HierarchicalDecoder([draft, target], [DraftPolicy(6, 0.4)], proposer=drafter),
                HierarchicalDecoder([draft, target], [DraftPolicy(5, 0.4)])]
     hierarchies = {
         "hd": members[0],

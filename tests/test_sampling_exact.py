@@ -21,7 +21,7 @@ from drafter_db import table
 from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
 from drafter_db.model_db import ModelDB
 from drafter_db.stores import EmbeddedStore, full_key
-from services.hsd import HierarchicalDecoder
+from services.hsd import DraftPolicy, HierarchicalDecoder
 from services.levels import LocalLevel
 from services.sampling import SamplingParams, sample
 from services.switching import SwitchingDecoder
@@ -133,6 +133,13 @@ def test_tree_drafts_sampling_matches_target(tiny):
 def test_tree_drafts_under_a_model_level_sampling_matches_target(tiny):
     decoder = HierarchicalDecoder([tiny["small"], tiny["target"]], [2], proposer=tiny_drafter(2))
     assert chi_square_p(decoder, SamplingParams(temperature=0.9, top_p=0.9)) > 1e-3
+
+
+def test_confidence_stop_over_tree_drafts_sampling_matches_target(tiny):
+    """The level under the target ends its batch after an unsure one-token step of its own (the
+    database drafter had no tree there): a stopping rule on its own output, so still exact."""
+    decoder = HierarchicalDecoder([tiny["small"], tiny["target"]], [DraftPolicy(3, 0.3)], proposer=tiny_drafter(4))
+    assert chi_square_p(decoder, SamplingParams(temperature=1.0)) > 1e-3
 
 
 def test_switching_hierarchies_every_round_sampling_matches_target(tiny):
