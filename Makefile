@@ -11,7 +11,7 @@ STATS_DIR := $(or $(HIERSPEC_MODEL_DIR),$(HOME)/.cache/hierspec/models)/stats
 # A corpus every machine has: the Python standard library (code and docstrings), capped at 1M tokens.
 STATS_CORPUS ?= $(shell python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 
-.PHONY: setup redis models stats run demo test bench bench-full plan bench-serve image lint clean
+.PHONY: setup redis models stats chat-stats run demo test bench bench-full plan bench-serve image lint clean
 
 setup: $(STAMP) redis
 
@@ -39,6 +39,14 @@ $(STATS_DIR)/.built-%: | models
 	  --corpus $(STATS_CORPUS) --max-corpus-tokens 1000000
 	mkdir -p $(STATS_DIR) && touch $@
 
+# Optional, for chat: SmolLM2's own answers to deploy/chat_prompts.jsonl (125 prompts disjoint from the benchmark,
+# resumable), read before the standard library when its statistics DB is rebuilt.
+CHAT_ANSWERS := $(STATS_DIR)/smollm2-chat-answers.jsonl
+chat-stats: setup models
+	$(HIERSPEC) db answers --config deploy/configs/smollm2-cpu.yaml --out $(CHAT_ANSWERS)
+	$(HIERSPEC) db build --model smollm2-135m --corpus $(CHAT_ANSWERS) $(STATS_CORPUS) --max-corpus-tokens 1000000
+	mkdir -p $(STATS_DIR) && touch $(STATS_DIR)/.built-smollm2
+
 # The main job: the Serve app (SmolLM2, database drafter, embedded statistics store) on a local Ray cluster.
 SERVE_CONFIG ?= deploy/configs/smollm2-cpu.yaml
 run: setup models $(STATS_DIR)/.built-smollm2
@@ -61,7 +69,7 @@ bench: setup models stats
 # The longer suites of the acceptance notes (about an hour).
 bench-full: setup models stats
 	$(HIERSPEC) bench --config deploy/configs/qwen-coder-cpu.yaml --workload $(WORKLOAD) \
-	  --categories coding_humaneval,mt_bench --per-category 4 --max-tokens 128 \
+	  --categories coding_humaneval,mt_bench --per-category 4 --max-tokens 256 \
 	  --methods ar,hf-ar,hf-pld,hf-assisted,hsd,hd,hd+hsd,auto --out results/bench-qwen-coder.json
 	$(HIERSPEC) bench --config deploy/configs/smollm2-cpu.yaml --workload $(WORKLOAD) \
 	  --categories mt_bench,translation,summarization,coding_humaneval --per-category 5 --max-tokens 256 \

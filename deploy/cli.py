@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from deploy.config import METHODS, ConfigError, load_config
 from services.model_store import PACKAGED_MODELS, ModelError
@@ -118,6 +119,17 @@ def _cmd_db_build(args) -> None:
     print(json.dumps(summary))
 
 
+def _cmd_db_answers(args) -> None:
+    from deploy.corpus import write_answers
+    from deploy.profiler import stderr_log
+
+    config = load_config(args.config)
+    out = Path(args.out).expanduser()
+    method = args.method or config.default_method
+    summary = write_answers(config, method, args.dtype, args.prompts, out, args.max_tokens, stderr_log)
+    print(json.dumps(summary))
+
+
 def _cmd_bench(args) -> None:
     from deploy.bench import run_bench
 
@@ -163,8 +175,6 @@ def _cmd_bench_serve(args) -> None:
 
 
 def _cmd_k8s_render(args) -> None:
-    from pathlib import Path
-
     from deploy.k8s import render, write
 
     config = load_config(args.config)
@@ -235,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--min-count", type=int, default=2)
     build.add_argument("--max-corpus-tokens", type=int, default=5_000_000)
     build.set_defaults(func=_cmd_db_build)
+    answers = db_sub.add_parser("answers", help="a chat corpus: the model's own answers to a prompt set (JSONL)")
+    _add_config_args(answers)
+    answers.add_argument("--prompts", default="deploy/chat_prompts.jsonl",
+                         help="workload-style JSONL, disjoint from the benchmark (default: the packaged set)")
+    answers.add_argument("--out", required=True, help="JSONL to append {\"text\": answer} lines to (resumable)")
+    answers.add_argument("--max-tokens", type=int, default=128)
+    answers.set_defaults(func=_cmd_db_answers)
 
     bench = sub.add_parser("bench", help="benchmark methods on a Spec-Bench style workload")
     _add_config_args(bench)

@@ -74,6 +74,29 @@ def test_db_build_cli_reports_bad_corpus(capsys):
     assert code == 2 and "does not exist" in capsys.readouterr().err
 
 
+def test_chat_corpus_of_the_models_own_answers_resumes_and_builds(tmp_path, capsys):
+    """`db answers` appends one answer per prompt turn, picks up where an earlier run stopped, and its
+    file is a corpus `db build` reads."""
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"question_id": "a", "category": "chat", "turns": ["Name a colour."]},
+            {"question_id": "b", "category": "chat", "turns": ["Say hello.", "Now say it in French."]}]
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows[:1]))
+    out = tmp_path / "answers.jsonl"
+    common = ["db", "answers", "--config", "deploy/configs/smollm2-cpu.yaml", "--dtype", "float32",
+              "--out", str(out), "--max-tokens", "8", "--prompts", str(prompts)]
+    assert main(common) == 0
+    first = out.read_text().splitlines()
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(common) == 0
+    lines = out.read_text().splitlines()
+    assert lines[:1] == first and len(lines) == 3 and all(json.loads(line)["text"] for line in lines)
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["generated"] == 2
+    assert main(common) == 0 and len(out.read_text().splitlines()) == 3  # nothing left to do
+    assert main(["db", "build", "--corpus", str(out), "--model", "smollm2-135m", "--out", str(tmp_path / "s.pkl"),
+                 "--min-count", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["path"] == str(tmp_path / "s.pkl")
+
+
 VOCAB = 8
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 1, 2]
 
