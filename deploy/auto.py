@@ -123,23 +123,20 @@ class CategoryChooser:
         self.target = profile.target
         tables = profile.tables()
         self.drafter_ms = tables.trees[profile.target].drafter_ms if profile.target in tables.trees else 0.0
-        # per category: mean (verification ms, accepted tokens) of an HD tree under the target
-        self.tree_means = np.zeros((len(self.categories), 2))
-        for i, name in enumerate(self.categories):
-            tree = profile.tables([name]).trees.get(profile.target)
-            if tree is not None:
-                verify_ms = float(np.mean(self.costs[self.target](tree.nodes + 1)))
-                self.tree_means[i] = verify_ms, float(tree.accepted.mean())
         # the plan "HD under the target alone" can be priced from the request's own shadow trees
         self.hd_plan = next((i for i, p in enumerate(plans) if p.drafter and len(p.models) == 1), None)
         self.proposer = proposer
         self.adaptive = adaptive
         size = profile.max_draft + 2
         self.evidence = []
-        for name in self.categories:
+        # per category: mean (verification ms, accepted tokens) of an HD tree under the target
+        self.tree_means = np.zeros((len(self.categories), 2))
+        for i, name in enumerate(self.categories):
             tables = profile.tables([name])
             tree = tables.trees.get(profile.target)
             tree_pmf = _log_pmf(tree.accepted, size * 2) if tree is not None else None
+            if tree is not None:
+                self.tree_means[i] = float(np.mean(self.costs[self.target](tree.nodes + 1))), tree.accepted.mean()
             runs = {lower: _with_tail(_log_pmf(t.rounds(profile.max_draft, None)[1], size))
                     for (lower, upper), t in tables.pairs.items() if upper == profile.target}
             self.evidence.append(_Evidence(tree_pmf, runs))

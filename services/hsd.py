@@ -43,7 +43,7 @@ import torch
 
 from services.levels import Level, Scores, as_level
 from services.runner import LevelRunner
-from services.sampling import SamplingParams, sample
+from services.sampling import SamplingParams
 from services.tree import TokenTree
 from services.verify import RejectionSampler
 
@@ -342,7 +342,7 @@ class HierarchicalDecoder:
             probs = req.params.probs(scores)
             verdict = self.sampler.sampled(draft.tokens, draft.probs, probs, req.generator)
             rows = probs[: verdict.num_accepted + 1]
-            confidence = float(rows[-1, verdict.next_token])
+            confidence = float(rows[-1, verdict.next_token]) if min_confidence > 0.0 else 1.0
         if level_index > 0:
             below = req.stats.of(self.levels[level_index - 1].name)
             below.drafted += len(draft.tokens)
@@ -354,13 +354,11 @@ class HierarchicalDecoder:
 
         A level verifying drafts from below runs verifications until it holds T_i tokens and hands
         up exactly the first T_i (what the last one yields beyond is dropped), so the cost of a batch
-        depends only on T_i and the levels below, which is what the planner's latency model prices."""
+        depends only on T_i and the levels below, which is what the planner's latency model prices.
+        Level 0 with nothing below it verifies an empty draft each time: one autoregressive step."""
         if limit <= 0:
             return Draft()
-        policy = self.policies[level_index]
-        want = min(policy.max_tokens, limit)
-        if level_index == 0 and self.proposer is None:
-            return await self._draft_autoregressive(req, seq, want, policy.min_confidence)
+        want = min(self.policies[level_index].max_tokens, limit)
         held: list[int] = []
         rows: list[torch.Tensor] = []
         while len(held) < want:
@@ -396,24 +394,6 @@ class HierarchicalDecoder:
             req.stats.sources[tree.sources[node]].accepted += 1
         self.proposer.observe(req.id, tree, verdict.path)
         return Draft([tree.tokens[node] for node in verdict.path] + [verdict.next_token], rows)
-
-    async def _draft_autoregressive(self, req: Generation, seq: list[int], want: int, min_confidence: float) -> Draft:
-        tokens: list[int] = []
-        rows: list[torch.Tensor] = []
-        for _ in range(want):
-            scores = await self._forward(req, 0, seq + tokens, 1, confidence=min_confidence > 0.0)
-            if req.params.greedy:
-                token = scores.tokens[0]
-                confident = min_confidence == 0.0 or scores.probs[0] >= min_confidence
-            else:
-                p = req.params.probs(scores)
-                rows.append(p)
-                token = sample(p[0], req.generator)
-                confident = float(p[0, token]) >= min_confidence
-            tokens.append(token)
-            if token in req.stop_ids or not confident:
-                break
-        return Draft(tokens, torch.cat(rows) if rows else None)
 
     async def _forward(self, req: Generation, level_index: int, token_ids: list[int], num_logits: int,
                        confidence: bool = False) -> Scores:
