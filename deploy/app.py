@@ -42,10 +42,11 @@ def build_from_config(config: HierspecConfig, method: str | None = None, dtype: 
     dtype = dtype or config.dtype
     config, method = resolve_auto(config, method or config.default_method, dtype)
     serving = config.serving
-    threads = serving.level_threads or config.threads
+    chain = config.chain(method)
     levels = [serve.deployment(LevelService).options(**options).bind(
-                  model, dtype, config.device, threads, serving.max_cached_requests)
-              for options, (model, _) in zip(level_options(config, method), config.chain(method))]
+                  model, dtype, config.device, config.threads, serving.level_threads, len(chain),
+                  serving.max_cached_requests)
+              for options, (model, _) in zip(level_options(config, method), chain)]
     ingress = serve.deployment(HierspecServer).options(
         name="ingress", num_replicas=serving.router_replicas, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=2 * serving.max_in_flight)

@@ -81,7 +81,9 @@ class ServingSettings(BaseModel):
     gpus_per_level: float = Field(0.0, ge=0.0, le=8.0, description="GPUs of each level replica (0 on CPU)")
     cpus_per_level: float = Field(1.0, ge=0.0, le=256.0, description="Ray CPUs reserved by each level replica")
     level_threads: int | None = Field(
-        None, ge=1, le=1024, description="torch threads of a level replica; default: `threads`, else all cores")
+        None, ge=1, le=1024,
+        description="torch threads of a level replica while several requests run (default: the cores divided "
+                    "among the levels); a request running alone gets `threads` (default: all cores) at each level")
     router_replicas: int = Field(1, ge=1, le=64, description="replicas of the HTTP ingress and router")
     max_in_flight: int = Field(32, ge=1, le=4096,
                                description="requests a router replica runs at once; more get HTTP 503")

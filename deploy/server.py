@@ -73,10 +73,15 @@ class HierspecServer:
         self.metrics = ServingMetrics(self.model_name)
         self._api_key = os.environ.get(self.config.serving.api_key_env) or None
         self._created = now()
-        levels = [await RemoteLevel.connect(handle) for handle in level_handles]  # waits for the levels to load
         serving = self.config.serving
+        # On CPU the levels share the machine's cores: a request running alone gets them all at each level,
+        # and no lookahead, which would take them from the verification the request waits for.
+        shared_cores = self.config.device == "cpu"
+        alone = (lambda: self.router.in_flight <= 1) if shared_cores else None
+        levels = [await RemoteLevel.connect(handle, alone) for handle in level_handles]  # waits for the levels
+        lookahead = (lambda: not alone()) if shared_cores else True
         decoder = chain_decoder(self.config, method, levels, lambda: build_drafter(self.config.drafter, self.tokenizer),
-                                on_forward=self.metrics.on_forward, lookahead=serving.pipelined)
+                                on_forward=self.metrics.on_forward, lookahead=serving.pipelined and lookahead)
         self.router = Router(decoder, serving.max_in_flight, serving.request_timeout_s, pipelined=serving.pipelined,
                              metrics=self.metrics)
 

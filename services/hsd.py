@@ -245,7 +245,8 @@ class HierarchicalDecoder:
 
     def __init__(self, levels: list[Level | LevelRunner], policies: list[DraftPolicy | int],
                  sampler: RejectionSampler | None = None, proposer: TreeProposer | None = None,
-                 on_forward: Callable[[str, float], None] | None = None, lookahead: bool = False):
+                 on_forward: Callable[[str, float], None] | None = None,
+                 lookahead: bool | Callable[[], bool] = False):
         levels = [as_level(level) for level in levels]
         if len(policies) != len(levels) - 1:
             raise ValueError("need one draft policy per non-target level")
@@ -262,7 +263,8 @@ class HierarchicalDecoder:
         self.proposer = proposer
         self.sampler = sampler or RejectionSampler()
         self.on_forward = on_forward  # (level name, seconds) after every forward: serving metrics
-        self.lookahead = lookahead  # see _target_round: pays off only when levels run in other processes
+        # see _target_round: pays off only when levels run in other processes and do not share cores
+        self.lookahead = lookahead if callable(lookahead) else (lambda: lookahead)
 
     @property
     def target(self) -> Level:
@@ -302,7 +304,7 @@ class HierarchicalDecoder:
         the next round uses it when the target did accept everything and its bonus token is the
         draft's first token. A draft is only a proposal, so this cannot change the output."""
         top = len(self.levels) - 1
-        if top == 0 or not self.lookahead or not req.params.greedy:
+        if top == 0 or not req.params.greedy or not self.lookahead():
             return await self.verify_at(req, top, seq, limit)
         ready, req.lookahead = req.lookahead, None
         if ready is not None and ready[0] == len(seq) and ready[1].tokens:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -36,15 +37,21 @@ TRACKED_REQUESTS = 256
 
 
 class LevelService:
-    def __init__(self, model: str, dtype: str, device: str, threads: int | None, max_cached_requests: int):
+    """`threads`: torch threads of a forward for a request running alone (default: the node's cores);
+    `shared_threads`: while several requests run, when every level of the machine may be computing
+    at once (default: the node's cores divided among `levels_per_node`)."""
+
+    def __init__(self, model: str, dtype: str, device: str, threads: int | None, shared_threads: int | None,
+                 levels_per_node: int, max_cached_requests: int):
+        self.solo_threads = threads or os.cpu_count() or 1
+        self.shared_threads = shared_threads or max(1, self.solo_threads // levels_per_node)
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="level-compute")  # serialises every forward
-        self.runner = self._compute.submit(self._load, model, dtype, device, threads).result()
+        self.runner = self._compute.submit(self._load, model, dtype, device).result()
         self.runner.max_cached_requests = max_cached_requests
 
-    @staticmethod
-    def _load(model: str, dtype: str, device: str, threads: int | None) -> LevelRunner:
+    def _load(self, model: str, dtype: str, device: str) -> LevelRunner:
         # Ray caps a worker's threads at its CPU reservation; a level gets what the config says, else the node
-        torch.set_num_threads(threads or os.cpu_count() or 1)
+        torch.set_num_threads(self.shared_threads)
         return LevelRunner.load(model, dtype, device)
 
     @serve.multiplexed(max_num_models_per_replica=TRACKED_REQUESTS)
@@ -55,18 +62,25 @@ class LevelService:
         return {"name": self.runner.name, "vocab_size": self.runner.vocab_size,
                 "context_window": self.runner.context_window}
 
-    async def _call(self, method, *args):
+    async def _call(self, forward, alone: bool):
         await self._track(serve.get_multiplexed_model_id())
-        return await asyncio.get_running_loop().run_in_executor(self._compute, method, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._compute, self._forward, forward, alone)
+
+    def _forward(self, forward, alone: bool):
+        threads = self.solo_threads if alone else self.shared_threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        return forward()
 
     async def logits(self, request_id: str, token_ids: list[int], num_logits: int, greedy: bool = False,
-                     confidence: bool = False) -> Scores:
+                     confidence: bool = False, alone: bool = False) -> Scores:
         return await self._call(lambda: scores(self.runner.logits(request_id, token_ids, num_logits), greedy,
-                                                confidence))
+                                                confidence), alone)
 
     async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree,
-                          greedy: bool = False) -> Scores:
-        return await self._call(lambda: scores(self.runner.tree_logits(request_id, token_ids, tree), greedy))
+                          greedy: bool = False, alone: bool = False) -> Scores:
+        return await self._call(lambda: scores(self.runner.tree_logits(request_id, token_ids, tree), greedy),
+                                alone)
 
     async def release(self, request_id: str) -> None:
         await asyncio.get_running_loop().run_in_executor(self._compute, self.runner.release, request_id)
@@ -85,23 +99,26 @@ RETRY_BACKOFF_S = 0.25
 
 
 class RemoteLevel:
-    """The router's view of a level deployment; calls for one request share a replica when they can."""
+    """The router's view of a level deployment; calls for one request share a replica when they can.
+    `alone()` says whether the router runs one request only: on a CPU machine whose levels share
+    its cores, that request's forwards then take every core (its levels compute one at a time)."""
 
-    def __init__(self, handle, info: dict):
+    def __init__(self, handle, info: dict, alone: Callable[[], bool] | None = None):
         self.handle = handle
         self.name = info["name"]
         self.vocab_size = info["vocab_size"]
         self.context_window = info["context_window"]
+        self.alone = alone or (lambda: False)
 
     @classmethod
-    async def connect(cls, handle) -> RemoteLevel:
-        return cls(handle, await handle.info.remote())
+    async def connect(cls, handle, alone: Callable[[], bool] | None = None) -> RemoteLevel:
+        return cls(handle, await handle.info.remote(), alone)
 
-    async def _call(self, method: str, request_id: str, *args):
+    async def _call(self, method: str, request_id: str, *args, **kwargs):
         for attempt in range(RETRY_ATTEMPTS):
             call = getattr(self.handle.options(multiplexed_model_id=request_id), method)
             try:
-                return await call.remote(request_id, *args)
+                return await call.remote(request_id, *args, **kwargs)
             except (RayActorError, ActorUnavailableError):
                 if attempt == RETRY_ATTEMPTS - 1:
                     raise
@@ -109,11 +126,11 @@ class RemoteLevel:
 
     async def logits(self, request_id: str, token_ids: list[int], num_logits: int, greedy: bool = False,
                      confidence: bool = False) -> Scores:
-        return await self._call("logits", request_id, token_ids, num_logits, greedy, confidence)
+        return await self._call("logits", request_id, token_ids, num_logits, greedy, confidence, alone=self.alone())
 
     async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree,
                           greedy: bool = False) -> Scores:
-        return await self._call("tree_logits", request_id, token_ids, tree, greedy)
+        return await self._call("tree_logits", request_id, token_ids, tree, greedy, alone=self.alone())
 
     async def release(self, request_id: str) -> None:
         await self._call("release", request_id)

@@ -152,3 +152,25 @@ def test_lookahead_drafts_during_verification_without_changing_the_output(draft_
     assert tokens == plain
     assert (stats.lookahead_used > 0) if draft_seed == 3 else True
     assert target.runner.cached_requests() == draft.runner.cached_requests() == 0
+
+
+def test_lookahead_follows_its_switch_between_rounds():
+    """The Serve app turns lookahead off while one request runs alone on a CPU machine (its levels
+    then take every core): the switch is read every round, and the output never depends on it."""
+    from services.hsd import DraftPolicy
+
+    target = SlowLevel(tiny_runner(3, vocab=32), 0.005)
+    draft = SlowLevel(tiny_runner(3, vocab=32), 0.001)
+    plain = HierarchicalDecoder([target.runner], []).generate(PROMPT, GREEDY, 40).token_ids
+    switch = {"on": False}
+    decoder = HierarchicalDecoder([draft, target], [DraftPolicy(4)], lookahead=lambda: switch["on"])
+
+    async def run(on: bool):
+        switch["on"] = on
+        generation = decoder.start(PROMPT, GREEDY, 40, frozenset())
+        return [t async for chunk in generation.stream() for t in chunk], generation.stats
+
+    off_tokens, off_stats = asyncio.run(run(False))
+    on_tokens, on_stats = asyncio.run(run(True))
+    assert off_tokens == on_tokens == plain
+    assert off_stats.lookahead_used == 0 < on_stats.lookahead_used
