@@ -85,8 +85,8 @@ plan: setup models stats
 bench-serve: setup models stats
 	$(HIERSPEC) bench-serve --config $(SERVE_CONFIG) --workload $(WORKLOAD) --clients 8 --requests 16 \
 	  --max-tokens 64 --out results/bench-serve-smollm2.json
-	$(HIERSPEC) bench-serve --config deploy/configs/qwen-coder-cpu.yaml --workload $(WORKLOAD) --clients 8 \
-	  --requests 16 --max-tokens 32 --out results/bench-serve-qwen-coder.json
+	$(HIERSPEC) bench-serve --config deploy/configs/qwen-coder-cpu.yaml --workload $(WORKLOAD) \
+	  --categories coding_humaneval --clients 8 --requests 8 --max-tokens 64 --out results/bench-serve-qwen-coder.json
 
 # The image for KubeRay (k8s/README.md); needs docker, which these CI machines lack (tests lint the Dockerfile).
 IMAGE ?= hierspec:0.1.0
