@@ -15,6 +15,7 @@ from ray import serve
 from ray.serve import Application
 
 from deploy.auto import resolve_auto
+from deploy.cluster_env import THROUGHPUT_MODE
 from deploy.config import ConfigError, HierspecConfig, load_config, packaged_path
 from deploy.server import HierspecServer
 from services.level_service import LevelService
@@ -32,7 +33,8 @@ def level_deployment_names(config: HierspecConfig, method: str) -> list[str]:
 def level_options(config: HierspecConfig, method: str) -> list[dict]:
     """Serve options of each level deployment, bottom level first (also what sizes GPU worker groups)."""
     serving = config.serving
-    actor = {"num_cpus": serving.cpus_per_level, "num_gpus": serving.gpus_per_level}
+    actor = {"num_cpus": serving.cpus_per_level, "num_gpus": serving.gpus_per_level,
+             "runtime_env": {"env_vars": THROUGHPUT_MODE}}
     return [{"name": name, "num_replicas": serving.replicas_per_level, "ray_actor_options": actor,
              "max_ongoing_requests": 4 * serving.max_in_flight, "health_check_period_s": 10}
             for name in level_deployment_names(config, method)]
@@ -48,7 +50,8 @@ def build_from_config(config: HierspecConfig, method: str | None = None, dtype: 
                   serving.max_cached_requests)
               for options, (model, _) in zip(level_options(config, method), chain)]
     ingress = serve.deployment(HierspecServer).options(
-        name="ingress", num_replicas=serving.router_replicas, ray_actor_options={"num_cpus": 0},
+        name="ingress", num_replicas=serving.router_replicas,
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": THROUGHPUT_MODE}},
         max_ongoing_requests=2 * serving.max_in_flight)
     return ingress.bind(config.model_dump(), method, levels)
 
@@ -71,7 +74,6 @@ def serve_foreground(config_path: str, method: str | None = None, dtype: str | N
     port = port or config.serving.port
     serving = config.serving
     replicas = len(config.chain(method)) * serving.replicas_per_level
-    os.environ.setdefault("RAY_worker_niceness", "0")  # levels compute at normal priority, like `generate`
     ray.init(num_cpus=max(os.cpu_count() or 1, int(replicas * serving.cpus_per_level) + 1),
              include_dashboard=True, dashboard_host="127.0.0.1", _metrics_export_port=metrics_port,
              log_to_driver=False)

@@ -11,7 +11,6 @@ process without Serve (`hierspec generate`'s path) for the HTTP overhead.
 from __future__ import annotations
 
 import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -117,7 +116,6 @@ def run_serve_bench(config: HierspecConfig, workload: str, out: str, clients: in
     result = {"config": config.name, "method": method, "dtype": config.dtype, "max_tokens": max_tokens,
               "machine": {"processor": _cpu_name()}, "modes": {}}
     levels = len(config.chain(method)) * config.serving.replicas_per_level
-    os.environ.setdefault("RAY_worker_niceness", "0")  # as `hierspec serve` runs it
     ray.init(num_cpus=max(4, levels + 2), include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from deploy.cluster_env import set_cluster_environment
 from deploy.config import METHODS, ConfigError, load_config
 from services.model_store import PACKAGED_MODELS, ModelError
 
@@ -165,6 +166,7 @@ def _cmd_plan(args) -> None:
 
 
 def _cmd_bench_serve(args) -> None:
+    set_cluster_environment()
     from deploy.bench_serve import run_serve_bench
 
     config = load_config(args.config)
@@ -183,6 +185,7 @@ def _cmd_k8s_render(args) -> None:
 
 
 def _cmd_serve(args) -> None:
+    set_cluster_environment()
     from deploy.app import serve_foreground
 
     load_config(args.config)  # config errors before anything starts

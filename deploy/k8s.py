@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from deploy.app import level_options
+from deploy.cluster_env import THROUGHPUT_MODE
 from deploy.config import ConfigError, HierspecConfig
 
 RAY_VERSION = "2.60.0"  # the pinned ray[serve]; the image's base tag follows it
@@ -51,8 +52,8 @@ def _redis_env() -> list[dict]:
 
 
 def _hierspec_env(config: HierspecConfig) -> list[dict]:
-    """The statistics DB URL (the password from its Secret) and the optional API key."""
-    return _redis_env() + [
+    """The statistics DB URL (the password from its Secret), the optional API key and Serve's throughput mode."""
+    return _redis_env() + [{"name": name, "value": value} for name, value in THROUGHPUT_MODE.items()] + [
         {"name": "HIERSPEC_REDIS_URL", "value": f"redis://:$(REDIS_PASSWORD)@{REDIS_SERVICE}:6379/0"},
         {"name": config.serving.api_key_env,
          "valueFrom": {"secretKeyRef": {"name": API_KEY_SECRET, "key": "api-key", "optional": True}}},
