@@ -15,7 +15,6 @@ from ray import serve
 from ray.serve import Application
 
 from deploy.auto import resolve_auto
-from deploy.cluster_env import THROUGHPUT_MODE
 from deploy.config import ConfigError, HierspecConfig, load_config, packaged_path
 from deploy.server import HierspecServer
 from services.level_service import LevelService
@@ -33,8 +32,7 @@ def level_deployment_names(config: HierspecConfig, method: str) -> list[str]:
 def level_options(config: HierspecConfig, method: str) -> list[dict]:
     """Serve options of each level deployment, bottom level first (also what sizes GPU worker groups)."""
     serving = config.serving
-    actor = {"num_cpus": serving.cpus_per_level, "num_gpus": serving.gpus_per_level,
-             "runtime_env": {"env_vars": THROUGHPUT_MODE}}
+    actor = {"num_cpus": serving.cpus_per_level, "num_gpus": serving.gpus_per_level}
     return [{"name": name, "num_replicas": serving.replicas_per_level, "ray_actor_options": actor,
              "max_ongoing_requests": 4 * serving.max_in_flight, "health_check_period_s": 10}
             for name in level_deployment_names(config, method)]
@@ -50,8 +48,7 @@ def build_from_config(config: HierspecConfig, method: str | None = None, dtype: 
                   serving.max_cached_requests)
               for options, (model, _) in zip(level_options(config, method), chain)]
     ingress = serve.deployment(HierspecServer).options(
-        name="ingress", num_replicas=serving.router_replicas,
-        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": THROUGHPUT_MODE}},
+        name="ingress", num_replicas=serving.router_replicas, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=2 * serving.max_in_flight)
     return ingress.bind(config.model_dump(), method, levels)
 

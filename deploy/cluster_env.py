@@ -1,12 +1,11 @@
-"""The environment of a Ray cluster that hierspec starts, and of the Serve app wherever it runs.
+"""The environment of a Ray cluster that runs the Serve app.
 
 Ray Serve reads these variables when `ray.serve` is imported, in every process:
 the replicas, the proxy and controller, and the process that builds the app,
-whose deployment handles keep the transport they were created with. So
-`hierspec serve` and `hierspec bench-serve` set them before importing Serve
-and starting the cluster, the KubeRay manifests put them in every pod, and the
-app's deployments carry them in their runtime_env (what `serve run` on a
-cluster started without them still gets).
+whose deployment handles keep the transport they were created with. So they
+belong to the whole cluster: `hierspec serve` and `hierspec bench-serve` set
+them before importing Serve and starting it, the KubeRay manifests put them in
+every pod, and `serve run` users set them in its environment (README).
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import os
 # Ray Serve's documented high-throughput mode: gRPC between replicas, user code on the replica's own event loop.
 # Every round is a call from the router to a level. On the 2-core dev host one such call's Serve overhead was
 # 6-7 ms without it (SmolLM2's forward: 37-40 ms) and 3.3-4.3 ms with it in every process (medians over a
-# single stream's 229 calls, several runs each); in the replicas alone it did not help (6 ms).
+# single stream's 229 calls, several runs each); in the replicas' runtime_env alone it did not help (6 ms).
 THROUGHPUT_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
