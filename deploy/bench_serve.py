@@ -1,11 +1,14 @@
 """`hierspec bench-serve`: the Serve app under concurrent streaming clients.
 
 It starts a local Ray cluster, deploys the config's app with the pipelined
-router, and replays first turns of a workload through `clients` concurrent
-streaming chat clients (greedy, `max_tokens` each): throughput, time to first
-token and inter-token latency. Then the same with the sequential router (one
-round at a time), then one client alone, and finally the same prompts in this
-process without Serve (`hierspec generate`'s path) for the HTTP overhead.
+router, and streams the first prompts through one client alone; then replays
+first turns of a workload through `clients` concurrent streaming chat clients
+(greedy, `max_tokens` each): throughput, time to first token and inter-token
+latency. Then the same with the sequential router (one round at a time), and
+finally the one client's prompts in this process without Serve (`hierspec
+generate`'s path) for the HTTP overhead. The one client runs first, on a fresh
+app: its model DB then knows what the in-process decoder's knows (a warm-up),
+not the answers to its own prompts from the concurrent run.
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ def _in_process(config: HierspecConfig, method: str, prompts: list[str], max_tok
 
 def run_serve_bench(config: HierspecConfig, workload: str, out: str, clients: int = 8, num_requests: int = 16,
                     max_tokens: int = 64, method: str | None = None, categories: str | None = None,
-                    port: int = 8000, single_requests: int = 4) -> dict:
+                    port: int = 8000, single_requests: int = 8) -> dict:
     import ray
     from ray import serve
 
@@ -124,13 +127,13 @@ def run_serve_bench(config: HierspecConfig, workload: str, out: str, clients: in
             print(f"[{mode}] deploying {config.name} ({method})", flush=True)
             serve.run(build_from_config(variant, method), name=config.name, route_prefix="/")
             stream_chat(url, config.name, prompts[0], 4)  # warm-up
+            if pipelined:
+                print(f"[single stream] {single_requests} requests, one client", flush=True)
+                result["modes"]["single_stream"] = run_load(url, config.name, prompts[:single_requests], 1,
+                                                            max_tokens)
             print(f"[{mode}] {len(prompts)} requests, {clients} concurrent clients", flush=True)
             result["modes"][mode] = run_load(url, config.name, prompts, clients, max_tokens)
             print(f"[{mode}] {result['modes'][mode]['tokens_per_s']} tokens/s", flush=True)
-            if pipelined:
-                print("[single stream] one client", flush=True)
-                result["modes"]["single_stream"] = run_load(url, config.name, prompts[:single_requests], 1,
-                                                            max_tokens)
             serve.delete(config.name)
     finally:
         serve.shutdown()

@@ -173,7 +173,8 @@ def _cmd_bench_serve(args) -> None:
     if args.dtype:
         config = config.model_copy(update={"dtype": args.dtype})
     run_serve_bench(config, args.workload, args.out, clients=args.clients, num_requests=args.requests,
-                    max_tokens=args.max_tokens, method=args.method, categories=args.categories, port=args.port)
+                    max_tokens=args.max_tokens, method=args.method, categories=args.categories, port=args.port,
+                    single_requests=args.single_requests)
 
 
 def _cmd_k8s_render(args) -> None:
@@ -295,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--clients", type=int, default=8)
     bench_serve.add_argument("--requests", type=int, default=16)
     bench_serve.add_argument("--max-tokens", type=int, default=64)
+    bench_serve.add_argument("--single-requests", type=int, default=8,
+                             help="first prompts streamed by one client alone, and in-process (the HTTP overhead)")
     bench_serve.add_argument("--port", type=int, default=8000)
     bench_serve.add_argument("--out", default="results/bench-serve.json")
     bench_serve.set_defaults(func=_cmd_bench_serve)
@@ -304,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("max_tokens", "per_category", "clients", "requests", "measure_per_category"):
+    for name in ("max_tokens", "per_category", "clients", "requests", "single_requests", "measure_per_category"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -63,6 +63,14 @@ def test_hsd_without_draft_levels(tmp_path, capsys):
     assert code == 2 and "has no draft levels" in err
 
 
+@pytest.mark.parametrize("flag", ["--clients", "--requests", "--max-tokens", "--single-requests"])
+def test_bench_serve_counts_are_positive(capsys, flag):
+    with pytest.raises(SystemExit) as exit_:  # argparse's own one-line usage error
+        main(["bench-serve", "--config", "deploy/configs/smollm2-cpu.yaml", "--workload", "deploy/calibration.jsonl",
+              flag, "0"])
+    assert exit_.value.code == 2 and f"{flag} must be at least 1" in capsys.readouterr().err
+
+
 def test_unknown_model_reference(tmp_path, capsys):
     config = write(tmp_path, "name: t\nmodels: {target: no-such-model}\n")
     code, err = run_cli(capsys, "generate", "--config", config, "--prompt", "hi")
