@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 
 from ray import serve
 from ray.serve import Application
@@ -61,9 +62,14 @@ def build_app(args: dict) -> Application:
     return build_from_config(load_config(packaged_path(args["config"])), args.get("method"), args.get("dtype"))
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def serve_foreground(config_path: str, method: str | None = None, dtype: str | None = None,
                      port: int | None = None, metrics_port: int = 8080) -> None:
-    """Start a local Ray cluster and the app, print how to query it, serve until Ctrl-C."""
+    """Start a local Ray cluster and the app, print how to query it, serve until Ctrl-C or SIGTERM
+    (what `kill`, systemd and Kubernetes send), then shut Serve and the cluster down."""
     import ray
 
     config = load_config(config_path)
@@ -74,6 +80,7 @@ def serve_foreground(config_path: str, method: str | None = None, dtype: str | N
     ray.init(num_cpus=max(os.cpu_count() or 1, int(replicas * serving.cpus_per_level) + 1),
              include_dashboard=True, dashboard_host="127.0.0.1", _metrics_export_port=metrics_port,
              log_to_driver=False)
+    signal.signal(signal.SIGTERM, _interrupt)  # after ray.init: Ray's own handler aborts the process
     try:
         serve.start(http_options={"host": "0.0.0.0", "port": port})
         print(f"starting {config.name} ({method}, {dtype or config.dtype}): loading "

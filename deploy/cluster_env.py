@@ -16,7 +16,10 @@ import os
 # Every round is a call from the router to a level. On the 2-core dev host one such call's Serve overhead was
 # 6-7 ms without it (SmolLM2's forward: 37-40 ms) and 3.3-4.3 ms with it in every process (medians over a
 # single stream's 229 calls, several runs each); in the replicas' runtime_env alone it did not help (6 ms).
-THROUGHPUT_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# The mode also turns on direct ingress (each ingress replica listens on its own port for an external load
+# balancer, proxies on the head node only, and a stopping ingress replica waits 30 s for that balancer):
+# apps reach hierspec through Serve's proxies on the serving port, on every node, so it stays off.
+THROUGHPUT_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
 
 
 def set_cluster_environment() -> None:

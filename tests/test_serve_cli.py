@@ -1,0 +1,48 @@
+"""`hierspec serve`, the README's main command, as a process: it serves, and SIGTERM (what `kill`,
+systemd and Kubernetes send) stops it cleanly: Serve and its Ray cluster shut down, exit status 0."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path):
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("hierspec")), "serve", "--config",
+                                 "deploy/configs/smollm2-cpu.yaml", "--dtype", "float32", "--port", str(port),
+                                 "--metrics-port", str(_free_port())],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while "is serving" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "hierspec serve did not start in 300 s"
+            time.sleep(1)
+        assert requests.get(f"http://127.0.0.1:{port}/health", timeout=30).json() == {"status": "ok"}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+        assert "Abort" not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
