@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import openai
 import pytest
 import requests
 import yaml
+from redis_server import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +29,6 @@ MODEL = "smollm2-test"
 KEY = "test-key-123"
 KEY_ENV = "HIERSPEC_TEST_API_KEY"
 PROMPT = "List three uses of a hash map, one per line."
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +46,7 @@ def server(tmp_path_factory):
                         "max_cached_requests": 8})
     config_path.write_text(yaml.safe_dump(raw))
     config = load_config(config_path)
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     os.environ[KEY_ENV] = KEY  # inherited by the workers of the cluster started below
     ray.init(num_cpus=6, _metrics_export_port=metrics_port, log_to_driver=False, include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -4,7 +4,6 @@ systemd and Kubernetes send) stops it cleanly: Serve and its Ray cluster shut do
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,25 +11,20 @@ from pathlib import Path
 
 import pytest
 import requests
+from redis_server import free_port
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path):
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         proc = subprocess.Popen([str(Path(sys.executable).with_name("hierspec")), "serve", "--config",
                                  "deploy/configs/smollm2-cpu.yaml", "--dtype", "float32", "--port", str(port),
-                                 "--metrics-port", str(_free_port())],
+                                 "--metrics-port", str(free_port())],
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
