@@ -8,15 +8,15 @@ from pathlib import Path
 import torch
 
 from deploy.config import ConfigError, DrafterSettings, HierspecConfig
-from deploy.planner import Plan
+from deploy.planner.optimizer import Plan
 from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
 from drafter_db.model_db import ModelDB
 from drafter_db.shared_outputs import SharedOutputs
 from drafter_db.stores import EmbeddedStore, RedisStore, tokenizer_namespace
-from services.hsd import DraftPolicy, HierarchicalDecoder
-from services.levels import LocalLevel
-from services.model_store import cache_dir
-from services.runner import LevelRunner
+from services.engine.hsd import DraftPolicy, HierarchicalDecoder
+from services.engine.levels import LocalLevel
+from services.engine.model_store import cache_dir
+from services.engine.runner import LevelRunner
 
 
 class RunnerPool:
@@ -62,13 +62,10 @@ def configure_torch(config: HierspecConfig) -> None:
 
 def build_decoder(config: HierspecConfig, method: str, dtype: str | None = None,
                   pool: RunnerPool | None = None) -> HierarchicalDecoder:
-    pool = pool or RunnerPool()
-    dtype = dtype or config.dtype
+    """The config's hierarchy for a fixed method; `auto` is the planner's (`deploy.planner.auto.method_decoder`)."""
     if method == "auto":
-        from deploy.auto import auto_decoder
-
-        return auto_decoder(config, dtype, pool)
-    return plan_decoder(config, config_plan(config, method), dtype, pool)
+        raise ValueError("method auto is resolved by the planner: use deploy.planner.auto.method_decoder")
+    return plan_decoder(config, config_plan(config, method), dtype or config.dtype, pool or RunnerPool())
 
 
 def plan_decoder(config: HierspecConfig, plan: Plan, dtype: str, pool: RunnerPool) -> HierarchicalDecoder:

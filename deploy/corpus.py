@@ -15,11 +15,12 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from deploy.bench import load_workload
-from deploy.builder import build_decoder, configure_torch
+from deploy.builder import configure_torch
 from deploy.config import HierspecConfig, packaged_path
-from services.prompts import Conversation, stop_token_ids
-from services.sampling import SamplingParams
+from deploy.planner.auto import method_decoder
+from deploy.workload import load_workload
+from services.engine.prompts import Conversation, stop_token_ids
+from services.engine.sampling import SamplingParams
 
 
 def write_answers(config: HierspecConfig, method: str, dtype: str | None, prompts: str, out: Path,
@@ -32,7 +33,7 @@ def write_answers(config: HierspecConfig, method: str, dtype: str | None, prompt
     if done >= len(turns):
         return {"answers": len(turns), "generated": 0, "tokens": 0, "path": str(out)}
     configure_torch(config)
-    decoder = build_decoder(config, method, dtype)
+    decoder = method_decoder(config, method, dtype)
     tokenizer = decoder.target.runner.tokenizer
     stop_ids = stop_token_ids(tokenizer)
     generated = tokens = 0

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from deploy.app import level_options
-from deploy.cluster_env import THROUGHPUT_MODE
+from deploy.app.app import level_options
+from deploy.app.cluster_env import THROUGHPUT_MODE
 from deploy.config import ConfigError, HierspecConfig
 
 RAY_VERSION = "2.60.0"  # the pinned ray[serve]; the image's base tag follows it

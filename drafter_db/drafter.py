@@ -25,7 +25,7 @@ from drafter_db.keys import ngram_bytes, suffix_keys
 from drafter_db.model_db import ModelDB
 from drafter_db.stores import TableStore, full_key
 from drafter_db.table import Continuations
-from services.tree import TokenTree
+from services.engine.tree import TokenTree
 
 CONTEXT, MODEL, STATISTICS = "context", "model", "statistics"
 

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from services.tree import TokenTree
+from services.engine.tree import TokenTree
 
 
 @dataclass

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import random
 
-from deploy.latency import CostCurve
-from services.levels import GreedyScores
-from services.tree import TokenTree
+from deploy.planner.latency import CostCurve
+from services.engine.levels import GreedyScores
+from services.engine.tree import TokenTree
 
 VOCAB = 1000
 

@@ -7,8 +7,8 @@ import textwrap
 import pytest
 
 from deploy.cli import main
-from services import model_store
-from services.model_store import ModelError, PackagedModel
+from services.engine import model_store
+from services.engine.model_store import ModelError, PackagedModel
 
 GOOD = """
 name: test

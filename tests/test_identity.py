@@ -20,12 +20,12 @@ from drafter_db import table
 from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
 from drafter_db.model_db import ModelDB
 from drafter_db.stores import EmbeddedStore, full_key, tokenizer_namespace
-from services.hsd import DraftPolicy, HierarchicalDecoder
-from services.levels import LocalLevel
-from services.prompts import chat_prompt_ids, stop_token_ids
-from services.runner import LevelRunner
-from services.sampling import SamplingParams
-from services.switching import SwitchingDecoder
+from services.engine.hsd import DraftPolicy, HierarchicalDecoder
+from services.engine.levels import LocalLevel
+from services.engine.prompts import chat_prompt_ids, stop_token_ids
+from services.engine.runner import LevelRunner
+from services.engine.sampling import SamplingParams
+from services.engine.switching import SwitchingDecoder
 
 pytestmark = pytest.mark.slow
 

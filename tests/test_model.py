@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import tiny_hf_model
 
-from services.model import Decoder
+from services.engine.model import Decoder
 
 TOKENS = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7])
 

@@ -73,9 +73,9 @@ def test_generate_auto_equals_plain_decoding(workspace, monkeypatch):
     assert sum(auto["stats"]["plans_used"].values()) == auto["stats"]["levels"][-1]["verifications"]
 
     # the Serve app's levels are fixed at start-up: there `auto` is the best plan overall, from the cached profile
-    from deploy.auto import resolve_auto
     from deploy.builder import configure_torch
     from deploy.config import load_config
+    from deploy.planner.auto import resolve_auto
 
     monkeypatch.setenv("HIERSPEC_PROFILE_DIR", env["HIERSPEC_PROFILE_DIR"])
     config = load_config(path)

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from sim_levels import Clock, SimDrafter, SimLevel, World
 
-from deploy.latency import CostCurve, PairTable, TreeTable, rounds_to_reach
-from deploy.planner import CONFIDENCE_STOPS, Plan, Tables, optimize, plan_latency, rank_structures
-from deploy.profiler import CategoryProfile, Profile, measure_category
-from services.hsd import DraftPolicy, HierarchicalDecoder
-from services.sampling import SamplingParams
-from services.tree import TokenTree
+from deploy.planner.latency import CostCurve, PairTable, TreeTable, rounds_to_reach
+from deploy.planner.optimizer import CONFIDENCE_STOPS, Plan, Tables, optimize, plan_latency, rank_structures
+from deploy.planner.profiler import CategoryProfile, Profile, measure_category
+from services.engine.hsd import DraftPolicy, HierarchicalDecoder
+from services.engine.sampling import SamplingParams
+from services.engine.tree import TokenTree
 
 
 def _geometric_runs(rng: random.Random, alpha: float, n: int, cap: int) -> list[int]:
@@ -188,9 +188,9 @@ def test_adaptive_auto_beats_the_best_static_plan_on_alternating_categories():
     """Requests alternate between text the databases know (the drafter's tokens are right 95% of the
     time) and text they do not (5%). Per category a different plan is best; `auto` tells them apart
     from each request's own rounds and beats every static plan on the mixed stream."""
-    from deploy.auto import CategoryChooser, candidate_plans
     from deploy.builder import assemble
-    from services.switching import SwitchingDecoder
+    from deploy.planner.auto import CategoryChooser, candidate_plans
+    from services.engine.switching import SwitchingDecoder
 
     agree = [0.75]
     costs = [CostCurve(tokens=[1, 17], ms=[6.0, 10.0]), CostCurve(tokens=[1, 17], ms=[50.0, 90.0])]
@@ -240,7 +240,7 @@ def test_adaptive_auto_beats_the_best_static_plan_on_alternating_categories():
 def test_shadow_trees_are_followed_across_one_token_rounds():
     """Under plain decoding a round commits one token: a shadow tree is scored by how far the following
     rounds stay on it, not cut at that one token (else `auto` could never see HD pay again)."""
-    from deploy.auto import _ShadowWalk
+    from deploy.planner.auto import _ShadowWalk
 
     tree = TokenTree()
     tree.add_path([5, 6, 7], "context", budget=8)
@@ -258,7 +258,7 @@ def test_one_missed_tree_does_not_price_hd_out_but_a_run_of_them_does():
     prior: one 12-node miss in the first round (the answer's opening words) must not switch a request
     whose category copies well to plain decoding; a run of misses must; trees still being walked count
     with the depth the committed tokens reached."""
-    from deploy.auto import CategoryChooser, _RequestState, _ShadowWalk
+    from deploy.planner.auto import CategoryChooser, _RequestState, _ShadowWalk
 
     category = CategoryProfile(prompts=1, tokens=70)
     tree = category.tree("t")

@@ -8,11 +8,11 @@ import asyncio
 import pytest
 from tiny_models import tiny_runner
 
-from services.hsd import HierarchicalDecoder
-from services.levels import LocalLevel
-from services.openai_api import TextAssembler
-from services.router import Overloaded, RequestTimeout, Router
-from services.sampling import SamplingParams
+from services.engine.hsd import HierarchicalDecoder
+from services.engine.levels import LocalLevel
+from services.engine.sampling import SamplingParams
+from services.serve.openai_api import TextAssembler
+from services.serve.router import Overloaded, RequestTimeout, Router
 
 GREEDY = SamplingParams()
 PROMPT = [1, 2, 3, 4]
@@ -136,7 +136,7 @@ def test_stop_strings_cut_the_text_wherever_rounds_end(step):
 
 @pytest.mark.parametrize("draft_seed", [3, 5])  # 3: the draft is the target (all accepted); 5: a different model
 def test_lookahead_drafts_during_verification_without_changing_the_output(draft_seed):
-    from services.hsd import DraftPolicy
+    from services.engine.hsd import DraftPolicy
 
     target = SlowLevel(tiny_runner(3, vocab=32), 0.005)
     draft = SlowLevel(tiny_runner(draft_seed, vocab=32), 0.001)
@@ -157,7 +157,7 @@ def test_lookahead_drafts_during_verification_without_changing_the_output(draft_
 def test_lookahead_follows_its_switch_between_rounds():
     """The Serve app turns lookahead off while one request runs alone on a CPU machine (its levels
     then take every core): the switch is read every round, and the output never depends on it."""
-    from services.hsd import DraftPolicy
+    from services.engine.hsd import DraftPolicy
 
     target = SlowLevel(tiny_runner(3, vocab=32), 0.005)
     draft = SlowLevel(tiny_runner(3, vocab=32), 0.001)

@@ -21,11 +21,11 @@ from drafter_db import table
 from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
 from drafter_db.model_db import ModelDB
 from drafter_db.stores import EmbeddedStore, full_key
-from services.hsd import DraftPolicy, HierarchicalDecoder
-from services.levels import LocalLevel
-from services.sampling import SamplingParams, sample
-from services.switching import SwitchingDecoder
-from services.verify import RejectionSampler
+from services.engine.hsd import DraftPolicy, HierarchicalDecoder
+from services.engine.levels import LocalLevel
+from services.engine.sampling import SamplingParams, sample
+from services.engine.switching import SwitchingDecoder
+from services.engine.verify import RejectionSampler
 
 PROMPT = [1, 4, 2]
 NUM_TOKENS = 3

@@ -36,7 +36,7 @@ def server(tmp_path_factory):
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    from deploy.app import build_from_config, level_deployment_names
+    from deploy.app.app import build_from_config, level_deployment_names
     from deploy.config import load_config
 
     config_path = tmp_path_factory.mktemp("serve") / "config.yaml"

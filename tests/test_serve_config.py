@@ -8,7 +8,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from deploy.app import build_app, level_options
+from deploy.app.app import build_app, level_options
 from deploy.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_grafana_dashboard_queries_the_metrics_we_export():
     import json
     import re
 
-    import services.metrics as metrics
+    import services.serve.metrics as metrics
 
     dashboard = json.loads((ROOT / "deploy/grafana_dashboard.json").read_text())
     source = Path(metrics.__file__).read_text()

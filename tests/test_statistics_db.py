@@ -16,8 +16,8 @@ from drafter_db.build import BuildSettings, build_statistics
 from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
 from drafter_db.keys import ngram_key
 from drafter_db.stores import EmbeddedStore, RedisStore, full_key
-from services.hsd import HierarchicalDecoder
-from services.sampling import SamplingParams
+from services.engine.hsd import HierarchicalDecoder
+from services.engine.sampling import SamplingParams
 
 
 class CharTokenizer:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from services.verify import RejectionSampler
+from services.engine.verify import RejectionSampler
 
 SAMPLER = RejectionSampler()
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from services.model import Decoder
-from services.runner import LevelRunner
+from services.engine.model import Decoder
+from services.engine.runner import LevelRunner
 
 
 def tiny_hf_model(seed: int, arch: str = "llama", vocab: int = 6, layers: int = 2, hidden: int = 32,

@@ -17,7 +17,7 @@ pair) price HD out of a function that then copies its whole signature. Trees
 the committed tokens are still walking count with the depth reached so far.
 The request switches when the expected saving on its remaining tokens
 outweighs prefilling the levels the new plan adds, by a margin. Every choice
-is lossless (services.switching).
+is lossless (services.engine.switching).
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from deploy.builder import RunnerPool, plan_decoder
+from deploy.builder import RunnerPool, build_decoder, plan_decoder
 from deploy.config import HierspecConfig, LevelConfig, packaged_path
-from deploy.planner import Plan, plan_latency
-from deploy.planning import choose, split_workload
-from deploy.profiler import UNBOUNDED_DEPTH, Profile, run_profile, stderr_log
-from services.hsd import Generation
-from services.switching import SwitchingDecoder
-from services.tree import TokenTree
+from deploy.planner.optimizer import Plan, plan_latency
+from deploy.planner.planning import choose, split_workload
+from deploy.planner.profiler import UNBOUNDED_DEPTH, Profile, run_profile, stderr_log
+from services.engine.hsd import Generation, HierarchicalDecoder
+from services.engine.switching import SwitchingDecoder
+from services.engine.tree import TokenTree
 
 DECAY = 0.9  # weight of older rounds' evidence: a request can drift between kinds of text
 MARGIN = 0.05  # a switch must save this share of the current plan's expected time
@@ -232,3 +232,13 @@ def auto_decoder(config: HierspecConfig, dtype: str, pool: RunnerPool) -> Switch
     stderr_log("auto: candidate plans " + "; ".join(p.describe() for p in plans))
     chooser = CategoryChooser(profile, plans, drafter, adaptive=config.planner.adaptive)
     return SwitchingDecoder(members, [p.describe() for p in plans], chooser, proposer=drafter)
+
+
+def method_decoder(config: HierspecConfig, method: str, dtype: str | None = None,
+                   pool: RunnerPool | None = None) -> HierarchicalDecoder:
+    """The decoder of any `--method`: `auto`'s switching decoder over the planner's candidates, else the
+    config's fixed hierarchy."""
+    dtype, pool = dtype or config.dtype, pool or RunnerPool()
+    if method == "auto":
+        return auto_decoder(config, dtype, pool)
+    return build_decoder(config, method, dtype, pool)

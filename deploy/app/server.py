@@ -21,10 +21,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deploy.builder import build_drafter, chain_decoder
 from deploy.config import HierspecConfig
-from services.level_service import RemoteLevel
-from services.metrics import ServingMetrics
-from services.model_store import load_tokenizer
-from services.openai_api import (
+from services.engine.model_store import load_tokenizer
+from services.engine.prompts import chat_prompt_ids, stop_token_ids, text_prompt_ids
+from services.serve.level_service import RemoteLevel
+from services.serve.metrics import ServingMetrics
+from services.serve.openai_api import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -37,8 +38,7 @@ from services.openai_api import (
     usage,
     validation_error,
 )
-from services.prompts import chat_prompt_ids, stop_token_ids, text_prompt_ids
-from services.router import Overloaded, RequestTimeout, Router
+from services.serve.router import Overloaded, RequestTimeout, Router
 
 app = FastAPI(title="hierspec", description="Lossless speculative decoding, OpenAI-compatible")
 

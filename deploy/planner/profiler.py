@@ -34,13 +34,13 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from deploy.config import HierspecConfig
-from deploy.latency import CostCurve, PairTable, TreeTable
-from deploy.planner import Tables
+from deploy.planner.latency import CostCurve, PairTable, TreeTable
+from deploy.planner.optimizer import Tables
 from drafter_db.drafter import HierarchicalDrafter
-from services.hsd import TreeProposer
-from services.levels import Level
-from services.model_store import cache_dir
-from services.tree import TokenTree
+from services.engine.hsd import TreeProposer
+from services.engine.levels import Level
+from services.engine.model_store import cache_dir
+from services.engine.tree import TokenTree
 
 PROFILE_VERSION = 5
 COST_SIZES = (1, 2, 3, 4, 6, 8, 12, 17, 64, 256)  # up to T_max + 1 (a verification of 16 drafts), then prefills
@@ -251,10 +251,10 @@ def run_profile(config: HierspecConfig, dtype: str, questions, max_tokens: int, 
                 pool=None, refresh: bool = False, log=print) -> tuple[Profile, Path]:
     """Load the cached profile for these settings, or measure it (minutes: one greedy generation
     per calibration prompt, one forward per draft model and prompt, a few cost curves)."""
-    from deploy.bench import category_group
     from deploy.builder import RunnerPool, build_decoder
-    from services.prompts import Conversation, stop_token_ids
-    from services.sampling import SamplingParams
+    from deploy.workload import category_group
+    from services.engine.prompts import Conversation, stop_token_ids
+    from services.engine.sampling import SamplingParams
 
     calibration = {"questions": [str(q.question_id) for q in questions],
                    # the prompts themselves: an edited calibration file is measured again

@@ -28,23 +28,18 @@ from pathlib import Path
 
 import torch
 
-from deploy.builder import RunnerPool, build_decoder, configure_torch
-from deploy.chart import draw_chart
+from deploy.bench.chart import draw_chart
+from deploy.builder import RunnerPool, configure_torch
 from deploy.config import ConfigError, HierspecConfig
+from deploy.planner.auto import method_decoder
+from deploy.workload import category_group, load_workload
 from drafter_db.replay import replay
-from services.model_store import load_pretrained
-from services.prompts import Conversation, chat_prompt_ids, stop_token_ids
-from services.sampling import SamplingParams
+from services.engine.model_store import load_pretrained
+from services.engine.prompts import Conversation, chat_prompt_ids, stop_token_ids
+from services.engine.sampling import SamplingParams
 
 OUR_METHODS = ("ar", "hsd", "hd", "hd+hsd", "auto")
 HF_METHODS = ("hf-ar", "hf-pld", "hf-assisted")
-
-
-@dataclass
-class Question:
-    question_id: object
-    category: str
-    turns: list[str]
 
 
 @dataclass
@@ -69,39 +64,6 @@ class MethodTotals:
             "drafter_median_us": round(1e6 * statistics.median(self.draft_seconds), 1) if self.draft_seconds else None,
             "divergences": self.divergences,
         }
-
-
-def load_workload(path: str, per_category: int | None, categories: str | None) -> list[Question]:
-    """Questions grouped by category (the part before '/'), the first `per_category` of each."""
-    wanted = [c.strip() for c in categories.split(",")] if categories else None
-    taken: dict[str, int] = defaultdict(int)
-    questions = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        raise ConfigError(f"workload file {path} does not exist") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-            question = Question(raw["question_id"], str(raw["category"]), [str(t) for t in raw["turns"]])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{path}:{number}: not a workload entry ({exc})") from None
-        group = category_group(question.category)
-        if wanted and group not in wanted and question.category not in wanted:
-            continue
-        if per_category is not None and taken[group] >= per_category:
-            continue
-        taken[group] += 1
-        questions.append(question)
-    if not questions:
-        raise ConfigError(f"{path}: no questions match")
-    return questions
-
-
-def category_group(category: str) -> str:
-    return category.split("/", 1)[0]
 
 
 class _HFMethods:
@@ -149,7 +111,7 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
     run_methods = ["ar"] + [m for m in methods if m != "ar"]  # ar is the reference for identity
     pool = RunnerPool()
     # each method its own drafter: a model DB shared between methods would hold the same prompt's output
-    decoders = {m: build_decoder(config, m, dtype, pool.sibling()) for m in run_methods if m in OUR_METHODS}
+    decoders = {m: method_decoder(config, m, dtype, pool.sibling()) for m in run_methods if m in OUR_METHODS}
     hf = _HFMethods(config, dtype) if any(m in HF_METHODS for m in run_methods) else None
     ar = decoders["ar"]
     tokenizer = ar.target.runner.tokenizer

@@ -19,9 +19,9 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from services.hsd import Generation, HierarchicalDecoder
-from services.metrics import ServingMetrics
-from services.sampling import SamplingParams
+from services.engine.hsd import Generation, HierarchicalDecoder
+from services.engine.sampling import SamplingParams
+from services.serve.metrics import ServingMetrics
 
 
 class Overloaded(Exception):

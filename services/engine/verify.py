@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from services.sampling import sample
-from services.tree import TokenTree
+from services.engine.sampling import sample
+from services.engine.tree import TokenTree
 
 
 @dataclass(frozen=True)

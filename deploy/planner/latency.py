@@ -1,6 +1,6 @@
 """The expected-latency model of a hierarchy, fed with measured costs and measured acceptance.
 
-It models the algorithm of `services.hsd` as it runs. A *sub-round* of level j
+It models the algorithm of `services.engine.hsd` as it runs. A *sub-round* of level j
 is one verification forward of a draft from below; it costs X (the draft's
 cost plus c_j(n + 1) for n drafted tokens) and yields Y = accepted + 1 tokens.
 A non-target level hands up exactly T_j tokens: it runs sub-rounds until it
@@ -25,7 +25,7 @@ Why chains compose: a level's output is distributed as its own model's
 decoding whatever drafts for it (speculative decoding is lossless), so the
 acceptance of level i's tokens by level j does not depend on what sits below
 i. A chain's cost therefore builds up level by level, which is what lets
-`deploy.planner` search it as a shortest path.
+`deploy.planner.optimizer` search it as a shortest path.
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from services.model import Decoder, KVCache
-from services.model_store import load_pretrained
-from services.tree import TokenTree
+from services.engine.model import Decoder, KVCache
+from services.engine.model_store import load_pretrained
+from services.engine.tree import TokenTree
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

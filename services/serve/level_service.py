@@ -1,7 +1,7 @@
 """A hierarchy level as a Serve deployment: one model's weights and its requests' KV caches.
 
 Every call carries the request id and the full token sequence (see
-`services.runner`), so any replica can answer any call; the router routes a
+`services.engine.runner`), so any replica can answer any call; the router routes a
 request's calls by its id (Serve's multiplexed model id) to keep its cache warm
 on one replica. A replica computes one forward at a time, off the event loop
 so health checks and queued calls are still heard, always on the one thread
@@ -27,9 +27,9 @@ import torch
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from services.levels import Scores, scores
-from services.runner import LevelRunner
-from services.tree import TokenTree
+from services.engine.levels import Scores, scores
+from services.engine.runner import LevelRunner
+from services.engine.tree import TokenTree
 
 # Request ids a replica reports to Serve's router for affinity (most recent first); memory is
 # bounded separately, by the runner's cache bound.

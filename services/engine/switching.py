@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from services.hsd import Draft, Generation, HierarchicalDecoder, TreeProposer
+from services.engine.hsd import Draft, Generation, HierarchicalDecoder, TreeProposer
 
 
 class RoundChooser(Protocol):

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import requests
 
-from deploy.bench import _cpu_name, load_workload
+from deploy.bench.bench import _cpu_name
 from deploy.config import HierspecConfig
+from deploy.workload import load_workload
 
 
 @dataclass
@@ -84,12 +85,13 @@ def run_load(url: str, model: str, prompts: list[str], clients: int, max_tokens:
 
 def _in_process(config: HierspecConfig, method: str, prompts: list[str], max_tokens: int) -> dict:
     """The same prompts through the engine in this process: what HTTP serving is compared with."""
-    from deploy.builder import RunnerPool, build_decoder, configure_torch
-    from services.prompts import chat_prompt_ids, stop_token_ids
-    from services.sampling import SamplingParams
+    from deploy.builder import RunnerPool, configure_torch
+    from deploy.planner.auto import method_decoder
+    from services.engine.prompts import chat_prompt_ids, stop_token_ids
+    from services.engine.sampling import SamplingParams
 
     configure_torch(config)
-    decoder = build_decoder(config, method, pool=RunnerPool())
+    decoder = method_decoder(config, method, pool=RunnerPool())
     tokenizer = decoder.target.runner.tokenizer
     stops = stop_token_ids(tokenizer)
     ids = [chat_prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
@@ -109,8 +111,8 @@ def run_serve_bench(config: HierspecConfig, workload: str, out: str, clients: in
     import ray
     from ray import serve
 
-    from deploy.app import build_from_config
-    from deploy.auto import resolve_auto
+    from deploy.app.app import build_from_config
+    from deploy.planner.auto import resolve_auto
 
     config, method = resolve_auto(config, method or config.default_method, config.dtype)
     questions = load_workload(workload, None, categories)

@@ -12,13 +12,13 @@ import json
 import time
 from pathlib import Path
 
-from deploy.bench import Question, category_group, load_workload
 from deploy.builder import RunnerPool, configure_torch, plan_decoder
 from deploy.config import HierspecConfig
-from deploy.planner import Plan, rank_structures, request_latency
-from deploy.profiler import Profile, run_profile, stderr_log
-from services.prompts import Conversation, chat_prompt_ids, stop_token_ids
-from services.sampling import SamplingParams
+from deploy.planner.optimizer import Plan, rank_structures, request_latency
+from deploy.planner.profiler import Profile, run_profile, stderr_log
+from deploy.workload import Question, category_group, load_workload
+from services.engine.prompts import Conversation, chat_prompt_ids, stop_token_ids
+from services.engine.sampling import SamplingParams
 
 RUNNERS_UP = 2
 

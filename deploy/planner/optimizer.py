@@ -1,7 +1,7 @@
 """The latency-optimal hierarchy: which models, in which order, which T_i, with or without the HD drafter.
 
 `optimize` is HSD's generalized shortest path over (model, batch size) states,
-on the latency model of `deploy.latency`. State (m, T) is "model m hands up
+on the latency model of `deploy.planner.latency`. State (m, T) is "model m hands up
 batches of T tokens", valued at the least expected ms of one such batch over
 every chain below m. A batch from (l, T_l) feeds m's sub-rounds at a cost
 increasing in that value while the tokens they yield depend only on (l, m,
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydantic import BaseModel, Field
 
-from deploy.latency import (
+from deploy.planner.latency import (
     CostCurve,
     PairTable,
     SubRound,

@@ -25,7 +25,7 @@ KV caches need no explicit rollback: every level call carries the full token
 sequence and the runner reuses only the longest cached prefix (after a tree
 forward, the tree nodes that the sequence went on with).
 
-Level calls are awaited (`services.levels`), so a router can interleave the
+Level calls are awaited (`services.engine.levels`), so a router can interleave the
 rounds of many requests over remote levels; `Generation` is also a plain
 iterator for callers in one process.
 """
@@ -41,11 +41,11 @@ from typing import Protocol
 
 import torch
 
-from services.levels import Level, Scores, as_level
-from services.runner import LevelRunner
-from services.sampling import SamplingParams
-from services.tree import TokenTree
-from services.verify import RejectionSampler
+from services.engine.levels import Level, Scores, as_level
+from services.engine.runner import LevelRunner
+from services.engine.sampling import SamplingParams
+from services.engine.tree import TokenTree
+from services.engine.verify import RejectionSampler
 
 
 @dataclass

@@ -12,8 +12,8 @@ from typing import Protocol
 
 import torch
 
-from services.runner import LevelRunner
-from services.tree import TokenTree
+from services.engine.runner import LevelRunner
+from services.engine.tree import TokenTree
 
 
 @dataclass(frozen=True)

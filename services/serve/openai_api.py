@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.sampling import SamplingParams
+from services.engine.sampling import SamplingParams
 
 
 class APIError(Exception):

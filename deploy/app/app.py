@@ -15,10 +15,10 @@ import signal
 from ray import serve
 from ray.serve import Application
 
-from deploy.auto import resolve_auto
+from deploy.app.server import HierspecServer
 from deploy.config import ConfigError, HierspecConfig, load_config, packaged_path
-from deploy.server import HierspecServer
-from services.level_service import LevelService
+from deploy.planner.auto import resolve_auto
+from services.serve.level_service import LevelService
 
 
 def _deployment_name(index: int, model: str) -> str:
