@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 from deploy.app.cluster_env import set_cluster_environment
 from deploy.config import METHODS, ConfigError, load_config
 from services.engine.model_store import PACKAGED_MODELS, ModelError
+from services.engine.sampling import SEED_RANGE
 
 DEFAULT_CONFIG = "deploy/configs/qwen-coder-cpu.yaml"
 SERVE_CONFIG = "deploy/configs/smollm2-cpu.yaml"
@@ -21,6 +23,8 @@ def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None
     parser.add_argument("--method", choices=METHODS, default=None,
                         help="ar runs the target alone; default: the config's `method`")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: the config's")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print what is chosen on the way: each weight shape's matmul kernel, measured here")
 
 
 def _cmd_models_fetch(args) -> None:
@@ -44,6 +48,8 @@ def _generate_once(config, method: str, dtype: str | None, prompt: str, max_toke
     tokenizer = decoder.target.runner.tokenizer
     prompt_ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}]) if chat else \
         text_prompt_ids(tokenizer, prompt)
+    if not prompt_ids:
+        raise ConfigError("the prompt is empty")
     if len(prompt_ids) + max_tokens > decoder.target.runner.context_window:
         raise ConfigError(f"prompt ({len(prompt_ids)} tokens) plus --max-tokens {max_tokens} exceeds the "
                           f"context window of {decoder.target.runner.context_window} tokens")
@@ -133,11 +139,14 @@ def _cmd_db_answers(args) -> None:
 
 def _cmd_bench(args) -> None:
     from deploy.bench.bench import run_bench
+    from services.engine.sampling import SamplingParams
 
     config = load_config(args.config)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    sampling = SamplingParams(temperature=args.temperature, sampler=args.sampler)
     run_bench(config, args.workload, methods, out=args.out, per_category=args.per_category,
-              max_tokens=args.max_tokens, dtype=args.dtype, categories=args.categories)
+              max_tokens=args.max_tokens, dtype=args.dtype, categories=args.categories, sampling=sampling,
+              seeds=args.seeds)
 
 
 def _cmd_profile(args) -> None:
@@ -265,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--per-category", type=int, default=None, help="prompts per category (default: all)")
     bench.add_argument("--categories", default=None, help="comma-separated categories or prefixes (default: all)")
     bench.add_argument("--max-tokens", type=int, default=128)
+    bench.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else every question per seed")
+    bench.add_argument("--seeds", type=int, default=1, help="with a temperature: seeds 0..N-1 per question")
+    bench.add_argument("--sampler", choices=("coupled", "rejection"), default=None,
+                       help="with a temperature: how drafts are verified (default: coupled, what a seed selects)")
     bench.add_argument("--out", default="results/bench.json")
     bench.set_defaults(func=_cmd_bench)
 
@@ -307,12 +320,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("max_tokens", "per_category", "clients", "requests", "single_requests", "measure_per_category"):
+    for name in ("max_tokens", "per_category", "clients", "requests", "single_requests", "measure_per_category",
+                 "seeds"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if getattr(args, "temperature", 0.0) < 0:
-        parser.error("--temperature must be >= 0")
+    if not 0 <= getattr(args, "temperature", 0.0) <= 10:
+        parser.error("--temperature must be within [0, 10]")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        parser.error(f"--seed must be within [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+    if getattr(args, "verbose", False):
+        logging.basicConfig(format="hierspec: %(message)s")
+        logging.getLogger("hierspec").setLevel(logging.INFO)
     try:
         args.func(args)
     except (ConfigError, ModelError, ValueError) as exc:

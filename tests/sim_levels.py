@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 
 from deploy.planner.latency import CostCurve
-from services.engine.levels import GreedyScores
+from services.engine.sampling import Picks
 from services.engine.tree import TokenTree
 
 VOCAB = 1000
@@ -69,13 +69,13 @@ class SimLevel:
         self.name = f"sim-{index}"
         self.vocab_size = VOCAB
 
-    async def logits(self, request_id, token_ids, num_logits, greedy=True, confidence=False):
+    async def logits(self, request_id, token_ids, num_logits, picks=None, confidence=False):
         self.clock.ms += self.cost(num_logits)
         ends = range(len(token_ids) - num_logits + 1, len(token_ids) + 1)
-        return GreedyScores([self.world.choice(self.index, token_ids, e) for e in ends],
+        return Picks([self.world.choice(self.index, token_ids, e) for e in ends],
                             [self.world.confidence(self.index, token_ids, e) for e in ends] if confidence else [])
 
-    async def tree_logits(self, request_id, token_ids, tree: TokenTree, greedy=True):
+    async def tree_logits(self, request_id, token_ids, tree: TokenTree, picks=None):
         self.clock.ms += self.cost(len(tree) + 1)
         rows = [self.world.choice(self.index, token_ids, len(token_ids))]
         for node in range(len(tree)):
@@ -85,7 +85,7 @@ class SimLevel:
                 node = tree.parents[node]
             context = token_ids + path[::-1]
             rows.append(self.world.choice(self.index, context, len(context)))
-        return GreedyScores(rows, [])
+        return Picks(rows, [])
 
     async def release(self, request_id):
         return None

@@ -26,7 +26,7 @@ class SlowLevel(LocalLevel):
         self.delay = delay
         self.calls = self.active = self.most_active = 0
 
-    async def logits(self, request_id, token_ids, num_logits, greedy=False, confidence=False):
+    async def logits(self, request_id, token_ids, num_logits, picks=None, confidence=False):
         self.calls += 1
         self.active += 1
         self.most_active = max(self.most_active, self.active)
@@ -34,7 +34,7 @@ class SlowLevel(LocalLevel):
             await asyncio.sleep(self.delay)
         finally:
             self.active -= 1
-        return await super().logits(request_id, token_ids, num_logits, greedy, confidence)
+        return await super().logits(request_id, token_ids, num_logits, picks, confidence)
 
 
 def _router(delay: float = 0.0, **kwargs) -> tuple[Router, SlowLevel]:
@@ -114,6 +114,10 @@ class CharTokenizer:
 
 
 def _assemble(text: str, stops: list[str], step: int = 1) -> tuple[str, bool]:
+    return _assembled(text, stops, step)[:2]
+
+
+def _assembled(text: str, stops: list[str], step: int = 1) -> tuple[str, bool, int]:
     assembler = TextAssembler(CharTokenizer(), stops)
     out = []
     ids = [ord(c) for c in text]
@@ -123,7 +127,7 @@ def _assemble(text: str, stops: list[str], step: int = 1) -> tuple[str, bool]:
             break
     else:
         out.append(assembler.flush())
-    return "".join(out), assembler.stopped
+    return "".join(out), assembler.stopped, assembler.tokens_used
 
 
 @pytest.mark.parametrize("step", [1, 2, 5])
@@ -132,6 +136,14 @@ def test_stop_strings_cut_the_text_wherever_rounds_end(step):
     assert _assemble("hello EN", ["END"], step) == ("hello EN", False)  # a partial match is sent at the end
     assert _assemble("a\nb", ["\n", "b"], step) == ("a", True)
     assert _assemble("no stop here", [], step) == ("no stop here", False)
+
+
+@pytest.mark.parametrize("step", [1, 2, 5, 20])
+def test_overlapping_stop_strings_cut_where_plain_decoding_cuts(step):
+    """Plain decoding commits one token per round: "```" completes first and cuts before it. A round
+    that commits the whole text at once must cut at the same place and count the same tokens."""
+    text, stopped, used = _assembled("code\n```\nmore", ["```", "\n```\n"], step)
+    assert (text, stopped, used) == ("code\n", True, len("code\n```"))
 
 
 @pytest.mark.parametrize("draft_seed", [3, 5])  # 3: the draft is the target (all accepted); 5: a different model

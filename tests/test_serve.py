@@ -119,6 +119,9 @@ BAD_REQUESTS = [
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi " * 9000}]}, 400, "messages"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100_000}, 400, "max_tokens"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": 2**70}, 400, "seed"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 1e-45, "max_tokens": 2}, 200,
+     None),
 ]
 
 
@@ -127,8 +130,16 @@ def test_bad_requests_get_4xx_in_openai_shape(server, client, body, status, para
     reply = requests.post(server["url"] + "/v1/chat/completions", json=body, timeout=60,
                           headers={"Authorization": f"Bearer {KEY}"})
     assert reply.status_code == status, reply.text
+    if status == 200:
+        return
     error = reply.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+
+
+def test_an_empty_completion_prompt_is_a_400_naming_it(server):
+    reply = requests.post(server["url"] + "/v1/completions", json={"model": MODEL, "prompt": ""}, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "prompt"
 
 
 def test_malformed_json_auth_and_health(server, client):

@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from pydantic import ValidationError
 
+from services.engine.sampling import SamplingParams
+from services.engine.tree import TokenTree
 from services.engine.verify import RejectionSampler
 
 SAMPLER = RejectionSampler()
 
 
 def test_greedy_accepts_the_matching_prefix_then_corrects():
-    verdict = SAMPLER.greedy([1, 2, 3], [1, 2, 4, 0])
+    verdict = SAMPLER.picked([1, 2, 3], [1, 2, 4, 0])
     assert (verdict.num_accepted, verdict.next_token) == (2, 4)
 
 
 def test_greedy_full_acceptance_adds_the_bonus_token():
-    verdict = SAMPLER.greedy([1, 2], [1, 2, 3])
+    verdict = SAMPLER.picked([1, 2], [1, 2, 3])
     assert (verdict.num_accepted, verdict.next_token) == (2, 3)
 
 
 def test_greedy_without_draft_is_one_plain_step():
-    verdict = SAMPLER.greedy([], [4])
+    verdict = SAMPLER.picked([], [4])
     assert (verdict.num_accepted, verdict.next_token) == (0, 4)
 
 
@@ -46,3 +50,41 @@ def test_acceptance_probability_is_min_one_p_over_q():
     trials = 20_000
     accepted = sum(SAMPLER.sampled([0], draft_probs, target_probs, gen).num_accepted for _ in range(trials))
     assert abs(accepted / trials - 0.5) < 0.02  # p/q = 0.4/0.8
+
+
+class HighestDraws(RejectionSampler):
+    """Every uniform draw is the largest value torch.rand returns (1 - 2^-24): rare, but legal."""
+
+    def uniform(self, n, generator):
+        return torch.full((n,), 1.0 - 2.0**-24)
+
+
+def test_tree_whose_children_hold_all_mass_still_yields_a_token():
+    """p puts all its mass on the root's two children; after the first is rejected the second's
+    renormalised mass rounds to 1 - 2^-24 and the highest draw rejects it too. The residual is then
+    empty: the sampler must fall back (as the linear path does) instead of failing."""
+    tree = TokenTree()
+    tree.add_path([0], "context", 8)
+    tree.add_path([1], "context", 8)
+    p = torch.tensor([[0.058, 0.942, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    verdict = HighestDraws().sampled_tree(tree, p, torch.Generator().manual_seed(0))
+    assert verdict.path == [] and verdict.next_token in (0, 1)
+
+
+def test_tiny_temperatures_are_finite_and_greedy():
+    """(logits - max) / T before the softmax: no inf - inf for any T > 0, 1e-45 included."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0 - 1e-6]])
+    for temperature in (1e-45, 1e-30, 1e-8):
+        probs = SamplingParams(temperature=temperature).probs(logits)
+        assert torch.isfinite(probs).all() and int(probs.argmax()) == 1 and float(probs[0, 1]) > 0.5
+
+
+@pytest.mark.parametrize("seed", [2**70, -(2**63) - 1])
+def test_seeds_out_of_range_are_refused(seed):
+    with pytest.raises(ValidationError, match="seed"):
+        SamplingParams(temperature=1.0, seed=seed)
+
+
+def test_largest_seeds_work():
+    for seed in (2**64 - 1, -(2**63)):
+        SamplingParams(temperature=1.0, seed=seed).generator()

@@ -63,6 +63,12 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
     return _error_response(APIError(exc.status_code, str(exc.detail), type=kind))
 
 
+def _completion_tokens(generation, assembler: TextAssembler) -> int:
+    """Tokens plain decoding would have generated: up to the one that completed a stop string, if one did
+    (a round may have committed more)."""
+    return assembler.tokens_used if assembler.stopped else len(generation.token_ids)
+
+
 @serve.ingress(app)  # at import: every replica process re-imports this module and needs the class-based view
 class HierspecServer:
     async def __init__(self, config: dict, method: str, level_handles: list):
@@ -111,6 +117,8 @@ class HierspecServer:
 
     async def _start(self, body, prompt_ids: list[int], request_id: str):
         self._check_model(body.model)
+        if not prompt_ids:
+            raise APIError(400, "the prompt is empty", param="prompt", code="empty_prompt")
         window = self.router.decoder.target.context_window
         room = window - len(prompt_ids)
         if room < 1:
@@ -149,10 +157,11 @@ class HierspecServer:
         arrival = time.perf_counter()
         rid, created = completion_id("chatcmpl" if chat else "cmpl"), now()
         generation = await self._start(body, prompt_ids, rid)
-        pieces = self._pieces(generation, TextAssembler(self.tokenizer, body.stop_strings), arrival)
+        assembler = TextAssembler(self.tokenizer, body.stop_strings)
+        pieces = self._pieces(generation, assembler, arrival)
         if body.stream:
-            return StreamingResponse(self._stream(body, rid, created, pieces, generation, len(prompt_ids), chat),
-                                     media_type="text/event-stream")
+            return StreamingResponse(self._stream(body, rid, created, pieces, generation, assembler, len(prompt_ids),
+                                                  chat), media_type="text/event-stream")
         try:
             text = "".join([piece async for piece in pieces])
         except RequestTimeout as exc:
@@ -162,11 +171,11 @@ class HierspecServer:
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": self.model_name, "choices": [choice],
-                "usage": usage(len(prompt_ids), len(generation.token_ids)),
+                "usage": usage(len(prompt_ids), _completion_tokens(generation, assembler)),
                 "hierspec_stats": generation.stats.as_dict()}
 
     async def _stream(self, body, rid: str, created: int, pieces: AsyncIterator[str], generation,
-                      prompt_tokens: int, chat: bool) -> AsyncIterator[str]:
+                      assembler: TextAssembler, prompt_tokens: int, chat: bool) -> AsyncIterator[str]:
         def chunk(text: str | None, reason: str | None, first: bool = False) -> dict:
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
@@ -187,7 +196,7 @@ class HierspecServer:
             final = chat_chunk(rid, self.model_name, created, {}, None) if chat else \
                 completion_chunk(rid, self.model_name, created, "", None)
             final["choices"] = []
-            final["usage"] = usage(prompt_tokens, len(generation.token_ids))
+            final["usage"] = usage(prompt_tokens, _completion_tokens(generation, assembler))
             yield sse(final)
         yield sse("[DONE]")
 

@@ -18,7 +18,6 @@ drafter after the run, its databases and caches warm.
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from deploy.config import ConfigError, HierspecConfig
 from deploy.planner.auto import method_decoder
 from deploy.workload import category_group, load_workload
 from drafter_db.replay import replay
+from services.engine.kernels import machine
 from services.engine.model_store import load_pretrained
 from services.engine.prompts import Conversation, chat_prompt_ids, stop_token_ids
 from services.engine.sampling import SamplingParams
@@ -101,10 +101,17 @@ def _top2_margin(decoder, prompt_ids: list[int], ar_ids: list[int], position: in
 
 
 def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: str, per_category: int | None,
-              max_tokens: int, dtype: str | None, categories: str | None) -> dict:
+              max_tokens: int, dtype: str | None, categories: str | None,
+              sampling: SamplingParams | None = None, seeds: int = 1) -> dict:
+    """`sampling` (default greedy): with a temperature, every question runs once per seed 0..seeds-1, and a
+    method's output is compared with `ar`'s for the same seed (coupled sampling: identical)."""
+    sampling = sampling or SamplingParams()
     for method in methods:
         if method not in OUR_METHODS and method not in HF_METHODS:
             raise ConfigError(f"unknown method {method!r}; available: {', '.join([*OUR_METHODS, *HF_METHODS])}")
+        if method in HF_METHODS and not sampling.greedy:
+            raise ConfigError(f"{method} runs greedy only (transformers draws other random numbers)")
+    runs = [sampling] if sampling.greedy else [sampling.model_copy(update={"seed": s}) for s in range(seeds)]
     questions = load_workload(workload, per_category, categories)
     dtype = dtype or config.dtype
     configure_torch(config)
@@ -116,13 +123,13 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
     ar = decoders["ar"]
     tokenizer = ar.target.runner.tokenizer
     stop_ids = stop_token_ids(tokenizer)
-    greedy = SamplingParams()
 
-    def run(method: str, prompt_ids: list[int], limit: int) -> tuple[list[int], int, float, int, list[float]]:
+    def run(method: str, prompt_ids: list[int], limit: int, params: SamplingParams = sampling
+            ) -> tuple[list[int], int, float, int, list[float]]:
         """(token ids, tokens produced incl. a stop token, seconds, target verifications, drafter seconds)"""
         start = time.perf_counter()
         if method in decoders:
-            generation = decoders[method].generate(prompt_ids, greedy, limit, stop_ids)
+            generation = decoders[method].generate(prompt_ids, params, limit, stop_ids)
             seconds = time.perf_counter() - start
             produced = len(generation.token_ids) + (generation.finish_reason == "stop")
             return (generation.token_ids, produced, seconds, generation.stats.levels[-1].verifications,
@@ -137,7 +144,7 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
     totals: dict[str, dict[str, MethodTotals]] = {m: defaultdict(MethodTotals) for m in run_methods}
     records: list[tuple[list[int], list[int]]] = []  # ar's (prompt, output) turns, for the drafter replay
     started = time.perf_counter()
-    for index, question in enumerate(questions, start=1):
+    for index, (question, params) in enumerate(((q, p) for q in questions for p in runs), start=1):
         group = category_group(question.category)
         ar_turns: list[tuple[list[int], list[int]]] = []
         for method in run_methods:
@@ -145,7 +152,7 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
             chat = Conversation(tokenizer)
             for turn_index, turn in enumerate(question.turns):
                 prompt_ids = chat.ask(turn)
-                ids, produced, seconds, verifications, draft_seconds = run(method, prompt_ids, max_tokens)
+                ids, produced, seconds, verifications, draft_seconds = run(method, prompt_ids, max_tokens, params)
                 chat.answer(ids)
                 if method == "ar":
                     ar_turns.append((prompt_ids, ids))
@@ -155,7 +162,8 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
                     if ar_prompt != prompt_ids or ar_ids != ids:
                         position = next((i for i, (a, b) in enumerate(zip(ar_ids, ids)) if a != b),
                                         min(len(ar_ids), len(ids)))
-                        diverged = {"question_id": question.question_id, "turn": turn_index, "position": position,
+                        diverged = {"question_id": question.question_id, "seed": params.seed, "turn": turn_index,
+                                    "position": position,
                                     "ar_top2_margin": _top2_margin(ar, ar_prompt, ar_ids, position)
                                     if ar_prompt == prompt_ids else None}
                 for key in (group, "_all"):
@@ -171,12 +179,14 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
                 if diverged is not None and key == "_all":
                     t.divergences.append(diverged)
         elapsed = time.perf_counter() - started
-        print(f"[{index}/{len(questions)}] {question.category} #{question.question_id} done, "
+        print(f"[{index}/{len(questions) * len(runs)}] {question.category} #{question.question_id} done, "
               f"{elapsed:.0f} s elapsed", file=sys.stderr, flush=True)
 
     result = {
-        "machine": {"platform": platform.platform(), "processor": _cpu_name(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "device": config.device},
+        "machine": {**machine(), "device": config.device},
+        "kernels": ar.target.runner.decoder.kernels,
+        "sampling": sampling.model_dump(),
+        "seeds": len(runs),
         "config": config.name,
         "dtype": dtype,
         "max_tokens": max_tokens,
@@ -212,16 +222,6 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
     return result
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def format_table(result: dict) -> str:
     groups = sorted({g for m in result["methods"].values() for g in m["per_category"]})
     header = ["method", "tok/s", "vs ar", "mean acc", "identical", "draft us (loop)", "lookup us",
@@ -237,12 +237,17 @@ def format_table(result: dict) -> str:
             *[f"{m['per_category'][g]['tokens_per_s']:.2f}" if g in m["per_category"] else "-" for g in groups],
         ])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = [f"{result['config']}, {result['dtype']}, {result['questions']} questions, "
-             f"max {result['max_tokens']} tokens, {result['machine']['processor']}"]
+    sampling = result["sampling"]
+    mode = "greedy" if not sampling["temperature"] else \
+        f"temperature {sampling['temperature']:g}, {result['seeds']} seeds, {sampling['sampler'] or 'coupled'} sampling"
+    lines = [f"{result['config']}, {result['dtype']}, {result['questions']} questions, {mode}, "
+             f"max {result['max_tokens']} tokens, {result['machine']['processor']} "
+             f"({' '.join(result['machine']['isa']) or 'no AVX2'})"]
     for r in rows:
         lines.append("  ".join(cell.rjust(w) for cell, w in zip(r, widths)))
     for name, m in result["methods"].items():
         for d in m["divergences"]:
-            lines.append(f"  {name} diverges from ar: question {d['question_id']} turn {d['turn']} "
+            seed = "" if d.get("seed") is None else f" seed {d['seed']}"
+            lines.append(f"  {name} diverges from ar: question {d['question_id']}{seed} turn {d['turn']} "
                          f"position {d['position']}, ar top-2 margin {d['ar_top2_margin']}")
     return "\n".join(lines)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import requests
 
-from deploy.bench.bench import _cpu_name
 from deploy.config import HierspecConfig
 from deploy.workload import load_workload
+from services.engine.kernels import machine
 
 
 @dataclass
@@ -119,7 +119,7 @@ def run_serve_bench(config: HierspecConfig, workload: str, out: str, clients: in
     prompts = [q.turns[0] for q in questions][:num_requests]
     url = f"http://127.0.0.1:{port}"
     result = {"config": config.name, "method": method, "dtype": config.dtype, "max_tokens": max_tokens,
-              "machine": {"processor": _cpu_name()}, "modes": {}}
+              "machine": machine(), "modes": {}}
     levels = len(config.chain(method)) * config.serving.replicas_per_level
     ray.init(num_cpus=max(4, levels + 2), include_dashboard=False, log_to_driver=False)
     try:

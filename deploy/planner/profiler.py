@@ -15,8 +15,8 @@
   after it was replayed).
 
 A profile is cached under the model cache, keyed by everything it depends on
-(models, dtype, device, threads, calibration settings), and reused until one
-of them changes.
+(models, dtype, device, threads, the CPU signature, calibration settings), and
+reused until one of them changes.
 """
 
 from __future__ import annotations
@@ -38,11 +38,15 @@ from deploy.planner.latency import CostCurve, PairTable, TreeTable
 from deploy.planner.optimizer import Tables
 from drafter_db.drafter import HierarchicalDrafter
 from services.engine.hsd import TreeProposer
+from services.engine.kernels import cpu_signature
 from services.engine.levels import Level
 from services.engine.model_store import cache_dir
+from services.engine.sampling import SamplingParams
 from services.engine.tree import TokenTree
 
-PROFILE_VERSION = 5
+GREEDY = SamplingParams()  # the profile measures greedy decoding
+
+PROFILE_VERSION = 6
 COST_SIZES = (1, 2, 3, 4, 6, 8, 12, 17, 64, 256)  # up to T_max + 1 (a verification of 16 drafts), then prefills
 UNBOUNDED_DEPTH = 1 << 16  # the engine lets the drafter's own depth limit apply
 
@@ -130,14 +134,14 @@ async def measure_cost(level: Level, context: list[int], sizes=COST_SIZES, repea
     non-decreasing in n (more tokens never cost less; what says otherwise is this machine's noise)."""
     rng = random.Random(0)
     request = "profile-cost"
-    await level.logits(request, context, 1, greedy=True)
+    await level.logits(request, context, 1, picks=GREEDY)
     ms = []
     for n in sizes:
         times = []
         for _ in range(repeats if n <= 32 else 3):  # a prefill takes seconds
             extra = [rng.randrange(level.vocab_size) for _ in range(n)]
             start = time.perf_counter()
-            await level.logits(request, context + extra, n, greedy=True)
+            await level.logits(request, context + extra, n, picks=GREEDY)
             times.append(1000 * (time.perf_counter() - start))
         ms.append(max([statistics.median(times), *ms[-1:]]))
     await level.release(request)
@@ -147,7 +151,7 @@ async def measure_cost(level: Level, context: list[int], sizes=COST_SIZES, repea
 async def teacher_forced(level: Level, prompt: list[int], text: list[int]) -> tuple[list[int], list[float]]:
     """The level's greedy choice and its probability at every position of `text` after `prompt`."""
     request = "profile-teacher"
-    scores = await level.logits(request, prompt + text[:-1], len(text), greedy=True, confidence=True)
+    scores = await level.logits(request, prompt + text[:-1], len(text), picks=GREEDY, confidence=True)
     await level.release(request)
     return scores.tokens, scores.probs
 
@@ -236,7 +240,7 @@ def profile_key(config: HierspecConfig, dtype: str, calibration: dict) -> dict:
     import torch
 
     return {"version": PROFILE_VERSION, "target": config.models.target, "drafts": sorted(config.models.drafts),
-            "dtype": dtype, "device": config.device, "threads": torch.get_num_threads(),
+            "dtype": dtype, "device": config.device, "threads": torch.get_num_threads(), "cpu": cpu_signature(),
             "drafter": config.drafter.model_dump(), **calibration}
 
 

@@ -33,6 +33,7 @@ iterator for callers in one process.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -51,7 +52,10 @@ from services.engine.verify import RejectionSampler
 @dataclass
 class LevelStats:
     """Counts for one level. `drafted`/`accepted` count this level's tokens proposed to and
-    accepted by the level above; `verifications` counts the drafts this level verified."""
+    accepted by the level above; `verifications` counts the drafts this level verified;
+    `confidence_stops` counts its batches that ended early after a token it was unsure of,
+    `stop_token_drafts` its batches that hold a stop token (EOS inside a draft), `budget_limited` its
+    batches for the target that the request's remaining tokens made shorter than T_i."""
 
     name: str
     drafted: int = 0
@@ -59,6 +63,9 @@ class LevelStats:
     verifications: int = 0
     forwards: int = 0
     forward_seconds: float = 0.0
+    confidence_stops: int = 0
+    stop_token_drafts: int = 0
+    budget_limited: int = 0
 
     def as_dict(self) -> dict:
         rate = self.accepted / self.drafted if self.drafted else None
@@ -70,6 +77,9 @@ class LevelStats:
             "verifications": self.verifications,
             "forwards": self.forwards,
             "forward_seconds": round(self.forward_seconds, 4),
+            "confidence_stops": self.confidence_stops,
+            "stop_token_drafts": self.stop_token_drafts,
+            "budget_limited": self.budget_limited,
         }
 
 
@@ -157,7 +167,7 @@ class DraftPolicy:
 
 @dataclass
 class Draft:
-    """Tokens a level proposes; `probs` ([len(tokens), vocab]) is None in greedy mode. `unsure`: the
+    """Tokens a level proposes; `probs` ([len(tokens), vocab]) is None when levels pick. `unsure`: the
     level gave its last token less than its policy's `min_confidence` (its batch should end there)."""
 
     tokens: list[int] = field(default_factory=list)
@@ -175,6 +185,8 @@ class Generation:
     def __init__(self, decoder: HierarchicalDecoder, prompt_ids: list[int], params: SamplingParams,
                  max_tokens: int, stop_ids: frozenset[int], request_id: str | None = None):
         self.id = request_id or uuid.uuid4().hex
+        if params.coupled and params.seed is None:  # coupled sampling needs a seed: a fresh one
+            params = params.model_copy(update={"seed": secrets.randbits(63)})
         self.params = params
         self.stop_ids = stop_ids
         self.generator = params.generator()
@@ -239,6 +251,11 @@ class Generation:
             await asyncio.gather(*(level.release(self.id) for level in decoder.levels), return_exceptions=True)
 
 
+def _picks(req: Generation) -> SamplingParams | None:
+    """What a level call asks for: picks under the request's params (greedy, coupled), else logits."""
+    return req.params if req.params.picks else None
+
+
 class HierarchicalDecoder:
     """Runs a chain of levels; `levels[-1]` is the target, `policies[i]` says how levels[i] drafts
     (an int is shorthand for a policy with that T_i)."""
@@ -299,12 +316,12 @@ class HierarchicalDecoder:
         return await self._verify_draft(req, level_index, seq, draft, min_confidence)
 
     async def _target_round(self, req: Generation, seq: list[int], limit: int) -> Draft:
-        """One round of the target. With `lookahead` (greedy, remote levels), the level below drafts
+        """One round of the target. With `lookahead` (levels that pick, remote), the level below drafts
         the next batch from the optimistic end of this one (all accepted) while the target verifies;
         the next round uses it when the target did accept everything and its bonus token is the
         draft's first token. A draft is only a proposal, so this cannot change the output."""
         top = len(self.levels) - 1
-        if top == 0 or not req.params.greedy or not self.lookahead():
+        if top == 0 or not req.params.picks or not self.lookahead():
             return await self.verify_at(req, top, seq, limit)
         ready, req.lookahead = req.lookahead, None
         if ready is not None and ready[0] == len(seq) and ready[1].tokens:
@@ -336,8 +353,8 @@ class HierarchicalDecoder:
         scores = await self._forward(req, level_index, seq + draft.tokens, len(draft.tokens) + 1,
                                      confidence=min_confidence > 0.0)
         req.stats.of(self.levels[level_index].name).verifications += 1
-        if req.params.greedy:
-            verdict = self.sampler.greedy(draft.tokens, scores.tokens)
+        if req.params.picks:
+            verdict = self.sampler.picked(draft.tokens, scores.tokens)
             rows = None
             confidence = scores.probs[verdict.num_accepted] if min_confidence > 0.0 else 1.0
         else:
@@ -361,6 +378,8 @@ class HierarchicalDecoder:
         if limit <= 0:
             return Draft()
         want = min(self.policies[level_index].max_tokens, limit)
+        if want < self.policies[level_index].max_tokens and level_index == len(self.levels) - 2:
+            req.stats.of(self.levels[level_index].name).budget_limited += 1
         held: list[int] = []
         rows: list[torch.Tensor] = []
         while len(held) < want:
@@ -368,8 +387,14 @@ class HierarchicalDecoder:
             held.extend(out.tokens)
             if out.probs is not None:
                 rows.append(out.probs)
-            if out.unsure or req.stop_ids.intersection(out.tokens):
+            if req.stop_ids.intersection(out.tokens):
                 break
+            if out.unsure:
+                if len(held) < want:
+                    req.stats.of(self.levels[level_index].name).confidence_stops += 1
+                break
+        if req.stop_ids.intersection(held[:want]):
+            req.stats.of(self.levels[level_index].name).stop_token_drafts += 1
         return Draft(held[:want], torch.cat(rows)[:want] if rows else None)
 
     def _propose(self, req: Generation, seq: list[int], max_depth: int) -> TokenTree:
@@ -381,10 +406,10 @@ class HierarchicalDecoder:
     async def _verify_tree(self, req: Generation, seq: list[int], tree: TokenTree) -> Draft:
         """Level 0 verifies the proposer's tree in one forward and keeps the accepted path."""
         level = self.levels[0]
-        scores = await self._counted(req, 0, level.tree_logits(req.id, seq, tree, req.params.greedy))
+        scores = await self._counted(req, 0, level.tree_logits(req.id, seq, tree, _picks(req)))
         req.stats.of(level.name).verifications += 1
-        if req.params.greedy:
-            verdict = self.sampler.greedy_tree(tree, scores.tokens)
+        if req.params.picks:
+            verdict = self.sampler.picked_tree(tree, scores.tokens)
             rows = None
         else:
             probs = req.params.probs(scores)
@@ -399,9 +424,9 @@ class HierarchicalDecoder:
 
     async def _forward(self, req: Generation, level_index: int, token_ids: list[int], num_logits: int,
                        confidence: bool = False) -> Scores:
-        """Logits when sampling, GreedyScores when greedy (with the argmax probabilities if `confidence`)."""
+        """Picks (with their probabilities if `confidence`) when the levels pick, else logits."""
         level = self.levels[level_index]
-        forward = level.logits(req.id, token_ids, num_logits, req.params.greedy, confidence)
+        forward = level.logits(req.id, token_ids, num_logits, _picks(req), confidence)
         return await self._counted(req, level_index, forward)
 
     async def _counted(self, req: Generation, level_index: int, forward) -> Scores:

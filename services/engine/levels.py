@@ -3,55 +3,64 @@
 The decoder awaits every level call, so one router can keep many requests in
 flight: while one request waits for the target, another can run on a draft
 level. A local level answers at once; a remote one is a deployment handle.
+
+A call asks either for logits (the rejection sampler needs whole distributions)
+or, passing the request's `SamplingParams` as `picks`, for each row's pick
+(greedy or coupled sampling; `services.engine.sampling.Picks`), which the level
+computes next to its logits.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from services.engine.runner import LevelRunner
+from services.engine.sampling import Picks, SamplingParams
 from services.engine.tree import TokenTree
 
-
-@dataclass(frozen=True)
-class GreedyScores:
-    """All that greedy decoding needs from a forward: each row's argmax and, when asked for (a
-    drafter's confidence), that token's probability. A few numbers instead of [rows, vocab] logits,
-    which matters when a level answers over the network."""
-
-    tokens: list[int]
-    probs: list[float]  # empty unless asked for: a softmax over the vocabulary costs as much as the argmax
-
-    @classmethod
-    def of(cls, logits: torch.Tensor, confidence: bool = False) -> GreedyScores:
-        tokens = logits.argmax(-1)  # on the logits: rounded probabilities could tie where logits do not
-        probs = logits.softmax(-1).gather(-1, tokens[:, None])[:, 0].tolist() if confidence else []
-        return cls(tokens.tolist(), probs)
-
-
-Scores = torch.Tensor | GreedyScores  # logits [rows, vocab] when sampling, else GreedyScores
+Scores = torch.Tensor | Picks  # logits [rows, vocab] (on the CPU) for the rejection sampler, else Picks
 
 
 class Level(Protocol):
-    """`greedy=True` asks for GreedyScores instead of logits (`confidence=True`: with probabilities)."""
-
     name: str
     vocab_size: int
 
-    async def logits(self, request_id: str, token_ids: list[int], num_logits: int, greedy: bool = False,
-                     confidence: bool = False) -> Scores: ...
+    async def logits(self, request_id: str, token_ids: list[int], num_logits: int,
+                     picks: SamplingParams | None = None, confidence: bool = False) -> Scores: ...
 
     async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree,
-                          greedy: bool = False) -> Scores: ...
+                          picks: SamplingParams | None = None) -> Scores: ...
 
     async def release(self, request_id: str) -> None: ...
 
 
-def scores(logits: torch.Tensor, greedy: bool, confidence: bool = False) -> Scores:
-    return GreedyScores.of(logits, confidence) if greedy else logits
+def linear_positions(length: int, num_logits: int) -> list[int]:
+    """Positions of the tokens the last `num_logits` rows of a `length`-token sequence predict."""
+    return list(range(length - num_logits + 1, length + 1))
+
+
+def tree_positions(length: int, tree: TokenTree) -> list[int]:
+    """Positions predicted by a tree forward's rows: after the sequence, then after each node."""
+    return [length] + [length + 1 + depth for depth in tree.depths]
+
+
+def scores(logits: torch.Tensor, picks: SamplingParams | None, positions: list[int],
+           confidence: bool = False) -> Scores:
+    return logits.cpu() if picks is None else Picks.of(logits, picks, positions, confidence)
+
+
+def runner_logits(runner: LevelRunner, request_id: str, token_ids: list[int], num_logits: int,
+                  picks: SamplingParams | None, confidence: bool) -> Scores:
+    logits = runner.logits(request_id, token_ids, num_logits)
+    return scores(logits, picks, linear_positions(len(token_ids), num_logits), confidence)
+
+
+def runner_tree_logits(runner: LevelRunner, request_id: str, token_ids: list[int], tree: TokenTree,
+                       picks: SamplingParams | None) -> Scores:
+    logits = runner.tree_logits(request_id, token_ids, tree)
+    return scores(logits, picks, tree_positions(len(token_ids), tree))
 
 
 class LocalLevel:
@@ -62,13 +71,13 @@ class LocalLevel:
         self.name = runner.name
         self.vocab_size = runner.vocab_size
 
-    async def logits(self, request_id: str, token_ids: list[int], num_logits: int, greedy: bool = False,
-                     confidence: bool = False) -> Scores:
-        return scores(self.runner.logits(request_id, token_ids, num_logits), greedy, confidence)
+    async def logits(self, request_id: str, token_ids: list[int], num_logits: int,
+                     picks: SamplingParams | None = None, confidence: bool = False) -> Scores:
+        return runner_logits(self.runner, request_id, token_ids, num_logits, picks, confidence)
 
     async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree,
-                          greedy: bool = False) -> Scores:
-        return scores(self.runner.tree_logits(request_id, token_ids, tree), greedy)
+                          picks: SamplingParams | None = None) -> Scores:
+        return runner_tree_logits(self.runner, request_id, token_ids, tree, picks)
 
     async def release(self, request_id: str) -> None:
         self.runner.release(request_id)

@@ -1,4 +1,4 @@
-"""A compact decoder (Llama / Qwen2 family) with a position-indexed KV cache.
+"""A compact decoder (Llama / Qwen2 family) with a position-indexed KV cache and row-invariant numerics.
 
 Why not run transformers' modules directly: speculative decoding calls the
 model thousands of times per request with 1..16 new tokens, so per-call
@@ -7,16 +7,21 @@ preallocated buffer indexed by position: rolling a request back to its
 verified prefix is just a smaller `length`, the next forward overwrites the
 rejected slots. q/k/v and gate/up projections are fused to halve the number of
 matmul launches. Weights come from a transformers model (GGUF dequantised by
-transformers), so numerics match its reference implementation.
+transformers).
 
-CPU kernels (measured on this project's 2-core AVX-512 machines, no native
-bfloat16): a one- or two-row matmul is memory bound and fastest as
-`x @ W^T` over a bfloat16, transposed-contiguous copy of W (2.2 ms for a
-1536x17920 weight against 5.2 ms in float32); a verification of 3..16 rows is
-fastest through oneDNN with a prepacked float32 copy (6-9 ms against 11-16 ms
-for plain float32 and 10-20 ms for bfloat16). `FastLinear` keeps both copies
-of the same (dtype-rounded) weights and picks per call, so a bfloat16 model
-decodes in bfloat16 and verifies in float32 arithmetic over bfloat16 weights.
+Numerics: the result for a row is bitwise the same however many rows the
+forward has and whatever they are, so a verification, a token tree and a
+one-token step give the target the same logits, and greedy speculative output
+is plain decoding's to the last bit, in every dtype. Weights keep the model's
+dtype (their values are rounded to it); activations, the residual stream, the
+KV cache and attention are float32. Each matmul runs through the kernel
+measured fastest among the row-invariant ones on this machine
+(`services.engine.kernels`), attention through `services.engine.attention`,
+and the other operations are elementwise ones or row-wise reductions whose
+result for a row does not depend on where the row sits: SiLU is written as
+x / (1 + exp(-x)) because torch's vectorised `silu` computes the scalar tail of
+a buffer differently from its vector body (measured for widths that are not a
+multiple of the vector block: a row's values would depend on the row count).
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from services.engine.attention import RowLayout, attend
+from services.engine.kernels import MAX_ROWS, ChosenLinear, KernelChoice, kernel_choices
 
 
 @dataclass(frozen=True)
@@ -71,20 +78,20 @@ class DecoderShape:
 
 
 class KVCache:
-    """Keys and values of one sequence for every layer.
+    """Keys and values of one sequence for every layer, in float32.
 
     Invariant: slots [0, length) hold the keys/values of the tokens the owner
-    has committed to this cache; slots past `length` are garbage and are
-    overwritten by the next forward. Capacity grows by doubling.
+    has committed to this cache; slots past `length` hold finite values (zeros or
+    an earlier forward's rows) and are overwritten by the next forward. Finite,
+    because attention multiplies masked slots by exactly zero. Capacity grows by
+    doubling.
     """
 
-    def __init__(self, shape: DecoderShape, dtype: torch.dtype, device: torch.device, capacity: int = 256):
+    def __init__(self, shape: DecoderShape, device: torch.device, capacity: int = 256):
         self.shape = shape
         self.length = 0
         # [layers, 2 (k, v), kv_heads, capacity, head_dim]
-        self.buffer = torch.empty(
-            shape.num_layers, 2, shape.num_kv_heads, capacity, shape.head_dim, dtype=dtype, device=device
-        )
+        self.buffer = torch.zeros(shape.num_layers, 2, shape.num_kv_heads, capacity, shape.head_dim, device=device)
 
     @property
     def capacity(self) -> int:
@@ -96,7 +103,7 @@ class KVCache:
         capacity = self.capacity
         while capacity < length:
             capacity *= 2
-        grown = self.buffer.new_empty(*self.buffer.shape[:3], capacity, self.buffer.shape[4])
+        grown = self.buffer.new_zeros(*self.buffer.shape[:3], capacity, self.buffer.shape[4])
         grown[:, :, :, : self.length] = self.buffer[:, :, :, : self.length]
         self.buffer = grown
 
@@ -104,63 +111,14 @@ class KVCache:
         return self.buffer.numel() * self.buffer.element_size()
 
 
-BATCH_ROWS = 3  # from this many rows on, a CPU matmul goes through the prepacked float32 weight
-PACK_MIN_ELEMENTS = 1 << 20  # oneDNN's per-call overhead (~70 us) only pays off on large weights
-
-
-def _onednn_available() -> bool:
-    try:
-        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(2, 2), 1)
-        return True
-    except (RuntimeError, AttributeError):
-        return False
-
-
-class FastLinear(nn.Module):
-    """y = x W^T + b, with the fastest kernel for the number of rows (see the module docstring).
-
-    Rows in the model's dtype multiply a transposed copy in that dtype; float32 rows (a
-    verification batch) go through the prepacked copy when the weight is large, else through a
-    small transposed float32 copy. Invariant: every copy holds the same values, W rounded to
-    `dtype`; a float32 model shares one copy between both paths.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device,
-                 pack: bool):
-        super().__init__()
-        rounded = weight.to(dtype)
-        self.packed = None
-        if pack and weight.numel() >= PACK_MIN_ELEMENTS:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(rounded.float(), 8)
-        self.bias = None if bias is None else bias.to(dtype).to(device)
-        self.bias32 = None if bias is None else self.bias.float()
-        rows_copy = self.packed is None or dtype != torch.float32
-        self.weight_t = rounded.t().contiguous().to(device) if rows_copy else None  # [in, out]
-        self.weight_t32 = None
-        if self.packed is None and self.weight_t is not None:
-            self.weight_t32 = self.weight_t if dtype == torch.float32 else self.weight_t.float()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            if self.packed is not None:
-                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias32, "none", [], "")
-            weight, bias = self.weight_t32, self.bias32
-        else:
-            weight, bias = self.weight_t, self.bias
-        y = x @ weight
-        return y if bias is None else y + bias
-
-
 class RMSNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
-        self.weight = weight
+        self.weight = weight.float()
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight.to(x.dtype) * x32.to(x.dtype)
+        return self.weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -169,9 +127,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    def __init__(self, shape: DecoderShape, weights: dict[str, torch.Tensor], make_linear):
+    def __init__(self, shape: DecoderShape, weights: dict[str, torch.Tensor], make_linear, quantum: int):
         super().__init__()
         self.shape = shape
+        self.quantum = quantum  # attention's query rows per GEMM are padded to a multiple of this
+        self.scale = shape.head_dim ** -0.5
         self.attn_norm = RMSNorm(weights["attn_norm"], shape.rms_norm_eps)
         self.wqkv = make_linear(weights["wqkv"], weights.get("wqkv_bias"))
         self.wo = make_linear(weights["wo"], None)
@@ -179,27 +139,23 @@ class Block(nn.Module):
         self.w_gate_up = make_linear(weights["w_gate_up"], None)
         self.w_down = make_linear(weights["w_down"], None)
 
-    def forward(self, x, cos, sin, kv: torch.Tensor, start: int, mask: torch.Tensor | None) -> torch.Tensor:
-        # x: [n, hidden]; cos/sin: [n, head_dim]; kv: [2, kv_heads, capacity, head_dim] (this layer's slice)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,
+                layout: RowLayout) -> torch.Tensor:
+        # x: [n, hidden] float32; cos/sin: [n, head_dim]; kv: [2, kv_heads, capacity, head_dim] (this layer)
         s = self.shape
         n = x.shape[0]
         qkv = self.wqkv(self.attn_norm(x))
         q, k, v = qkv.split([s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim], -1)
-        q = q.view(n, s.num_heads, s.head_dim).transpose(0, 1)  # [heads, n, hd]
-        k = k.view(n, s.num_kv_heads, s.head_dim).transpose(0, 1)
-        v = v.view(n, s.num_kv_heads, s.head_dim).transpose(0, 1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        kv[0, :, start : start + n] = k
-        kv[1, :, start : start + n] = v
-        keys = kv[0, :, : start + n].to(x.dtype)
-        values = kv[1, :, : start + n].to(x.dtype)
-        attn = F.scaled_dot_product_attention(
-            q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, enable_gqa=True
-        )
-        x = x + self.wo(attn[0].transpose(0, 1).reshape(n, -1))
+        q = q.view(n, s.num_heads, s.head_dim)
+        k = k.view(n, s.num_kv_heads, s.head_dim)
+        q = (q * cos[:, None] + _rotate_half(q) * sin[:, None]) * self.scale
+        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+        start = layout.start
+        kv[0, :, start : start + n] = k.transpose(0, 1)
+        kv[1, :, start : start + n] = v.view(n, s.num_kv_heads, s.head_dim).transpose(0, 1)
+        x = x + self.wo(attend(q, kv[0], kv[1], layout, self.quantum))
         gate, up = self.w_gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
-        return x + self.w_down(F.silu(gate) * up)
+        return x + self.w_down(gate / (1.0 + torch.exp(-gate)) * up)
 
 
 class Decoder(nn.Module):
@@ -211,67 +167,74 @@ class Decoder(nn.Module):
         self.shape = shape
         self.dtype = dtype
         self.device = device
-        pack = device.type == "cpu" and _onednn_available()
+        choices = kernel_choices()
+        chosen: dict[tuple[int, int], KernelChoice] = {}
 
         def make_linear(weight, bias):
-            return FastLinear(weight, bias, dtype, device, pack)
+            key = tuple(weight.shape)
+            if key not in chosen:
+                chosen[key] = choices.linear(weight, dtype, device)
+            return ChosenLinear(weight, bias, dtype, device, chosen[key])
 
-        def cast(t):
-            return t.to(dtype).to(device)
-
-        self.embed = nn.Embedding.from_pretrained(cast(weights["embed"]), freeze=True)
+        quantum = choices.attention_quantum(shape.head_dim, device)
+        self.embed = weights["embed"].to(dtype).to(device)  # rows are gathered, then read as float32
         self.blocks = nn.ModuleList(
-            Block(shape, {k: cast(v) if k.endswith("norm") else v for k, v in layer.items()}, make_linear)
-            for layer in weights["layers"]
-        )
-        self.norm = RMSNorm(cast(weights["norm"]), shape.rms_norm_eps)
+            Block(shape, {k: v.to(dtype).to(device) for k, v in layer.items()}, make_linear, quantum)
+            for layer in weights["layers"])
+        self.norm = RMSNorm(weights["norm"].to(dtype).to(device), shape.rms_norm_eps)
         self.lm_head = make_linear(weights["lm_head"], None)
-        self.batch_rows = BATCH_ROWS if pack else None
+        self.kernels = {f"{o}x{i}": f"{c.kernel} (rows padded to {c.quantum}n)" for (o, i), c in chosen.items()}
+        self.kernels["attention"] = f"query rows padded to {quantum}n per GEMM"
         exponents = torch.arange(0, shape.head_dim, 2, dtype=torch.float32, device=device) / shape.head_dim
         self.inv_freq = 1.0 / (shape.rope_theta**exponents)
         self._rope_cos = torch.empty(0, device=device)
         self._rope_sin = torch.empty(0, device=device)
 
-    def _rope(self, start: int, n: int, positions: torch.Tensor | None,
-              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [n, head_dim] for positions start..start+n-1, or for explicit `positions`."""
-        needed = start + n if positions is None else int(positions.max()) + 1
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [n, head_dim] of `positions` ([n] long), from a table computed once per length."""
+        needed = int(positions.max()) + 1
         if self._rope_cos.shape[0] < needed:
             size = max(2 * needed, 1024)
             t = torch.arange(size, dtype=torch.float32, device=self.device)
             emb = torch.outer(t, self.inv_freq).repeat(1, 2)
             self._rope_cos, self._rope_sin = emb.cos(), emb.sin()
-        if positions is None:
-            return self._rope_cos[start : start + n].to(dtype), self._rope_sin[start : start + n].to(dtype)
-        return self._rope_cos[positions].to(dtype), self._rope_sin[positions].to(dtype)
+        return self._rope_cos[positions], self._rope_sin[positions]
 
     def new_cache(self) -> KVCache:
-        return KVCache(self.shape, self.dtype, self.device)
+        return KVCache(self.shape, self.device)
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, cache: KVCache, num_logits: int,
-                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                parents: list[int] | None = None) -> torch.Tensor:
         """Write `token_ids` ([n] long) into cache slots [cache.length, cache.length + n) and return float32
         logits of the last `num_logits` rows ([num_logits, vocab]); advances `cache.length` by n.
 
-        By default row j sits at position cache.length + j and sees every earlier slot (a causal
-        continuation). A token tree passes its own `positions` ([n] long) and `mask`
-        ([n, cache.length + n] bool, True where a row may attend).
-        """
+        By default row j continues row j - 1 (a causal continuation at position cache.length + j). A token
+        tree passes `parents` (one per row: the row it continues, -1 for the committed sequence): a row sees
+        the committed slots, its ancestors and itself, and sits at position cache.length + its depth.
+        A causal continuation of more than MAX_ROWS rows is computed in chunks of MAX_ROWS (a tree and
+        the rows before it must fit in one)."""
         n = token_ids.shape[0]
-        start = cache.length
-        cache.reserve(start + n)
-        # batches of rows compute in float32 over prepacked weights (see FastLinear)
-        act = torch.float32 if self.batch_rows is not None and n >= self.batch_rows else self.dtype
-        cos, sin = self._rope(start, n, positions, act)
-        if mask is None and n > 1:
-            # row j (position start + j) sees every cached slot and the new tokens up to itself
-            mask = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(diagonal=start)
-        x = self.embed(token_ids).to(act)
+        if parents is not None and n > MAX_ROWS:
+            raise ValueError(f"a token tree with the rows before it must fit in one forward of {MAX_ROWS} rows")
+        cache.reserve(cache.length + n)
+        token_ids = token_ids.to(self.device)
+        wanted = []
+        for begin in range(0, n, MAX_ROWS):  # a prompt is computed in chunks of MAX_ROWS rows
+            hidden = self._rows(token_ids[begin : begin + MAX_ROWS], cache, parents)
+            wanted.append(hidden[max(0, n - num_logits - begin) :])
+        hidden = torch.cat(wanted)
+        return torch.cat([self.lm_head(self.norm(hidden[i : i + MAX_ROWS])) for i in range(0, num_logits, MAX_ROWS)])
+
+    def _rows(self, token_ids: torch.Tensor, cache: KVCache, parents: list[int] | None) -> torch.Tensor:
+        n = token_ids.shape[0]
+        layout = RowLayout.build(cache.length, parents, n, self.device)
+        cos, sin = self._rope(layout.positions)
+        x = self.embed[token_ids].float()
         for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache.buffer[layer], start, mask)
-        cache.length = start + n
-        return self.lm_head(self.norm(x[n - num_logits :])).float()
+            x = block(x, cos, sin, cache.buffer[layer], layout)
+        cache.length += n
+        return x
 
     @classmethod
     def from_hf(cls, hf_model, dtype: torch.dtype, device: torch.device) -> Decoder:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from services.engine.kernels import MAX_ROWS
 from services.engine.model import Decoder, KVCache
 from services.engine.model_store import load_pretrained
 from services.engine.tree import TokenTree
@@ -79,8 +80,8 @@ class LevelRunner:
             self._requests.popitem(last=False)
         return state
 
-    def _run(self, state: _RequestCache, new: list[int], num_logits: int, positions=None, mask=None) -> torch.Tensor:
-        return self.decoder(torch.tensor(new), state.cache, num_logits, positions, mask)
+    def _run(self, state: _RequestCache, new: list[int], num_logits: int, parents=None) -> torch.Tensor:
+        return self.decoder(torch.tensor(new), state.cache, num_logits, parents)
 
     @staticmethod
     def _settle_tree(state: _RequestCache, token_ids: list[int]) -> None:
@@ -127,11 +128,12 @@ class LevelRunner:
         keep = min(_common_prefix(state.token_ids, token_ids), total - 1)
         state.cache.length = keep
         linear = token_ids[keep:]
-        positions = torch.cat([torch.arange(keep, total), total + torch.tensor(tree.depths, dtype=torch.long)])
-        width = total + len(tree)
-        mask = torch.ones(len(linear), width, dtype=torch.bool).tril(diagonal=keep)
-        mask = torch.cat([mask, tree.attention_mask(total)])
-        out = self._run(state, linear + tree.tokens, len(tree) + 1, positions, mask)
+        if len(linear) + len(tree) > MAX_ROWS:  # a long uncached suffix first, in chunks; the tree after its last token
+            self._run(state, linear[:-1], 1)
+            linear = linear[-1:]
+        parents = [r - 1 for r in range(len(linear))]
+        parents += [len(linear) - 1 if parent < 0 else len(linear) + parent for parent in tree.parents]
+        out = self._run(state, linear + tree.tokens, len(tree) + 1, parents)
         state.cache.length = total
         state.token_ids = list(token_ids)
         state.tree = tree

@@ -1,17 +1,38 @@
-"""One sampling policy, applied identically at every level.
+"""One sampling policy, applied identically at every level, in one of three modes.
 
-Speculative sampling is exact only if the draft distribution q and the target
-distribution p are the *warped* distributions (after temperature, top-k,
-top-p) that plain decoding would sample from. Every level therefore turns its
-logits into probabilities through `SamplingParams.probs`.
+Speculative sampling is exact only if every level works with the *warped*
+distribution (after temperature, top-k, top-p) that plain decoding samples
+from. Every level therefore warps its logits through `SamplingParams.warped`.
 
-Temperature 0 means greedy: no probabilities are needed, levels compare argmax.
+- greedy (temperature 0): each level picks the argmax of its logits.
+- coupled (a sampled request with a `seed`): each level picks
+  argmax(warped logits / T + G), where G is Gumbel noise determined by the
+  seed, the position and the token id alone. That is a sample from the level's
+  own distribution (the Gumbel-max trick), and since every level perturbs with
+  the same noise, a draft level proposes the token the target will pick
+  whenever their distributions agree closely. The target accepts a drafted
+  token when it equals its own pick, so the text is exactly the target's own
+  sample for that seed, whatever drafted it: the same text under `ar`, `hd`,
+  `hsd`, `hd+hsd` and `auto`, for linear drafts and token trees alike
+  (drafter-invariant speculative sampling, Daliri, Musco and Suresh 2024).
+- rejection (a sampled request without a seed): the classic speculative
+  sampler (`services.engine.verify`), exact in distribution but not
+  reproducible across methods; its acceptance is the higher of the two.
+
+Greedy and coupled requests need only each row's pick from a level
+(`Picks`), a few numbers instead of [rows, vocab] logits.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts, and OpenAI's int64 besides
 
 
 class SamplingParams(BaseModel):
@@ -22,13 +43,26 @@ class SamplingParams(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=10.0, description="0 is greedy decoding")
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 keeps all")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus mass to keep; 1 keeps all")
-    seed: int | None = Field(None, description="seed of the request's random generator")
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="the request's random numbers")
+    sampler: Literal["coupled", "rejection"] | None = Field(
+        None, description="how a sampled request verifies drafts; default: coupled with a seed, rejection without")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def coupled(self) -> bool:
+        return not self.greedy and (self.sampler == "coupled" or (self.sampler is None and self.seed is not None))
+
+    @property
+    def picks(self) -> bool:
+        """Levels pick one token per position by a rule they share (greedy, coupled); else they hand
+        their distributions to the rejection sampler."""
+        return self.greedy or self.coupled
+
     def generator(self) -> torch.Generator:
+        """The rejection sampler's random numbers (CPU: the sampler works on CPU tensors)."""
         gen = torch.Generator()
         if self.seed is None:
             gen.seed()
@@ -36,22 +70,103 @@ class SamplingParams(BaseModel):
             gen.manual_seed(self.seed)
         return gen
 
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Warped distributions, [n, vocab] float32 logits -> [n, vocab] float32 probabilities."""
-        logits = logits / self.temperature
-        if self.top_k and self.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+    def warped(self, logits: torch.Tensor) -> torch.Tensor:
+        """[n, vocab] float32 logits -> (logits - row max) / temperature, -inf outside top-k / top-p.
+        Subtracting the maximum first keeps any temperature > 0 finite (1e-45 included)."""
+        scaled = (logits - logits.amax(-1, keepdim=True)) / self.temperature
+        if self.top_k and self.top_k < scaled.shape[-1]:
+            kth = torch.topk(scaled, self.top_k, dim=-1).values[..., -1:]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
         if self.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-            sorted_probs = sorted_logits.softmax(-1)
+            sorted_scaled, order = torch.sort(scaled, dim=-1, descending=True)
+            sorted_probs = _softmax(sorted_scaled)
             # drop a token when the mass strictly before it already reaches top_p (the first always stays)
             drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= self.top_p
             drop = drop_sorted.scatter(-1, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-        return logits.softmax(-1)
+            scaled = scaled.masked_fill(drop, float("-inf"))
+        return scaled
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Warped distributions, [n, vocab] float32 logits -> [n, vocab] float32 probabilities."""
+        return _softmax(self.warped(logits))
+
+
+def _softmax(scaled: torch.Tensor) -> torch.Tensor:
+    """Row-wise softmax of values whose row maximum is 0 or finite, with exact row-wise operations."""
+    e = torch.exp(scaled - scaled.amax(-1, keepdim=True))
+    return e / e.sum(-1, keepdim=True)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
     """One token id from a [vocab] distribution."""
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# --- coupled sampling: Gumbel noise from (seed, position, token id) ---------------------------------
+
+_MASK32 = 0xFFFFFFFF
+UNIFORM_BITS = 24  # a float32 holds 24 bits of a uniform draw in (0, 1) exactly
+# u in [2^-25, 1 - 2^-25]: the noise -log(-log u) lies within these bounds, so a token whose warped logit is
+# more than GUMBEL_SPAN below the row's maximum can never win and its noise need not be drawn
+GUMBEL_SPAN = -math.log(-math.log(1 - 2.0**-25)) + math.log(-math.log(2.0**-25)) + 1.0
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """(x * constant) mod 2^32 for x < 2^32 held in int64, without overflowing int64."""
+    low, high = x & 0xFFFF, x >> 16
+    return (low * constant + (((high * constant) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32's constants), elementwise on int64 tensors, the same on any device."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _key32(seed: int, position: int) -> tuple[int, int]:
+    """Two 32-bit keys of (seed, position), mixed in Python (exact integers)."""
+    value = (seed % 2**64) * 0x9E3779B97F4A7C15 + position * 0xD1B54A32D192ED03 + 0x632BE59BD9B4E019
+    value &= 2**64 - 1
+    value ^= value >> 29
+    value = (value * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    value ^= value >> 32
+    return value & _MASK32, value >> 32
+
+
+def gumbel(seed: int, position: int, token_ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise [len(token_ids)] float32 for `token_ids` at `position`: a function of (seed,
+    position, token id) only, so every level, every call shape and every device draws the same."""
+    key_a, key_b = _key32(seed, position)
+    x = _mix32(token_ids.long() ^ key_a)
+    x = _mix32(x ^ key_b)
+    uniform = ((x >> (32 - UNIFORM_BITS)).float() + 0.5) * 2.0**-UNIFORM_BITS
+    return -torch.log(-torch.log(uniform))
+
+
+@dataclass(frozen=True)
+class Picks:
+    """A level's pick at each row (greedy: the argmax; coupled: the Gumbel-argmax) and, when asked
+    for (a drafter's confidence stop), the probability its warped distribution gave that token."""
+
+    tokens: list[int]
+    probs: list[float]  # empty unless asked for
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, params: SamplingParams, positions: list[int],
+           confidence: bool = False) -> Picks:
+        """`positions[i]`: the sequence position of the token row i predicts (the noise's key)."""
+        if params.greedy:
+            tokens = logits.argmax(-1)  # on the logits: rounded probabilities could tie where logits do not
+            probs = _softmax(logits).gather(-1, tokens[:, None])[:, 0].tolist() if confidence else []
+            return cls(tokens.tolist(), probs)
+        scaled = params.warped(logits)
+        picks = []
+        for row, position in zip(scaled, positions):
+            candidates = (row >= -GUMBEL_SPAN).nonzero()[:, 0]  # the row maximum is 0 after warping
+            perturbed = row[candidates] + gumbel(params.seed, position, candidates)
+            picks.append(int(candidates[int(perturbed.argmax())]))
+        probs = _softmax(scaled)[torch.arange(len(picks)), picks].tolist() if confidence else []
+        return cls(picks, probs)

@@ -18,10 +18,11 @@ p(x) is zeroed and p renormalised before the next child; when no child
 survives the token is sampled from what is left of p. This is exactly a
 sample from p, so it is lossless.
 
-Greedy (temperature 0) accepts while the draft equals the verifier's argmax and
-then emits the argmax, which is exactly what plain greedy decoding would emit.
-Sampling accepts x with probability min(1, p(x) / q(x)); a draft without
-probabilities (a database drafter) is a point mass, q(x) = 1.
+Greedy and coupled sampling (`services.engine.sampling`: every level picks by a
+rule it shares with the others) accept while the draft equals the verifier's
+picks and then emit the verifier's pick, which is exactly what plain decoding
+would emit. The rejection sampler accepts x with probability min(1, p(x) / q(x));
+a draft without probabilities (a database drafter) is a point mass, q(x) = 1.
 """
 
 from __future__ import annotations
@@ -53,8 +54,12 @@ class Verdict:
 class RejectionSampler:
     """Stateless; one instance serves every level. Subclassed only by tests that break it on purpose."""
 
-    def greedy(self, draft: list[int], choice: list[int]) -> Verdict:
-        # choice: the verifier's argmax at each of the len(draft) + 1 positions
+    def uniform(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n uniform draws in [0, 1), the acceptance tests' random numbers."""
+        return torch.rand(n, generator=generator)
+
+    def picked(self, draft: list[int], choice: list[int]) -> Verdict:
+        # choice: the verifier's pick (greedy or coupled) at each of the len(draft) + 1 positions
         accepted = 0
         while accepted < len(draft) and draft[accepted] == choice[accepted]:
             accepted += 1
@@ -74,7 +79,7 @@ class RejectionSampler:
             index = torch.tensor(draft)
             p = target_probs[torch.arange(n), index]
             q = torch.ones(n) if draft_probs is None else draft_probs[torch.arange(n), index]
-            u = torch.rand(n, generator=generator)
+            u = self.uniform(n, generator)
             rejected = (u * q >= p).nonzero()
             if len(rejected):
                 i = int(rejected[0])
@@ -95,8 +100,8 @@ class RejectionSampler:
             residual = target_row
         return sample(residual, generator)
 
-    def greedy_tree(self, tree: TokenTree, choice: list[int]) -> TreeVerdict:
-        # choice: the verifier's argmax after the root (0) and after each node i (1 + i)
+    def picked_tree(self, tree: TokenTree, choice: list[int]) -> TreeVerdict:
+        # choice: the verifier's pick after the root (0) and after each node i (1 + i)
         path: list[int] = []
         node = -1
         while (child := tree.children(node).get(choice[node + 1])) is not None:
@@ -105,7 +110,7 @@ class RejectionSampler:
         return TreeVerdict(path, choice[node + 1])
 
     def sampled_tree(self, tree: TokenTree, target_probs: torch.Tensor, generator: torch.Generator) -> TreeVerdict:
-        # target_probs: [1 + len(tree), vocab], rows as in greedy_tree
+        # target_probs: [1 + len(tree), vocab], rows as in picked_tree
         path: list[int] = []
         node = -1
         while True:
@@ -113,12 +118,14 @@ class RejectionSampler:
             accepted = None
             for token, child in tree.children(node).items():
                 mass = float(residual[token])
-                if float(torch.rand(1, generator=generator)) < mass:
+                if float(self.uniform(1, generator)) < mass:
                     accepted = child
                     break
                 residual[token] = 0.0
                 residual /= max(1.0 - mass, 1e-30)
             if accepted is None:
+                if float(residual.sum()) <= 0.0:  # the children held all of p's mass, a renormalised one rounded
+                    residual = target_probs[node + 1]  # below 1 and was rejected: probability ~0 (as in `recover`)
                 return TreeVerdict(path, sample(residual, generator))
             path.append(accepted)
             node = accepted

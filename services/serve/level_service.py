@@ -27,8 +27,9 @@ import torch
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from services.engine.levels import Scores, scores
+from services.engine.levels import Scores, runner_logits, runner_tree_logits
 from services.engine.runner import LevelRunner
+from services.engine.sampling import SamplingParams
 from services.engine.tree import TokenTree
 
 # Request ids a replica reports to Serve's router for affinity (most recent first); memory is
@@ -72,15 +73,14 @@ class LevelService:
             torch.set_num_threads(threads)
         return forward()
 
-    async def logits(self, request_id: str, token_ids: list[int], num_logits: int, greedy: bool = False,
-                     confidence: bool = False, alone: bool = False) -> Scores:
-        return await self._call(lambda: scores(self.runner.logits(request_id, token_ids, num_logits), greedy,
-                                                confidence), alone)
+    async def logits(self, request_id: str, token_ids: list[int], num_logits: int,
+                     picks: SamplingParams | None = None, confidence: bool = False, alone: bool = False) -> Scores:
+        return await self._call(
+            lambda: runner_logits(self.runner, request_id, token_ids, num_logits, picks, confidence), alone)
 
     async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree,
-                          greedy: bool = False, alone: bool = False) -> Scores:
-        return await self._call(lambda: scores(self.runner.tree_logits(request_id, token_ids, tree), greedy),
-                                alone)
+                          picks: SamplingParams | None = None, alone: bool = False) -> Scores:
+        return await self._call(lambda: runner_tree_logits(self.runner, request_id, token_ids, tree, picks), alone)
 
     async def release(self, request_id: str) -> None:
         await asyncio.get_running_loop().run_in_executor(self._compute, self.runner.release, request_id)
@@ -124,13 +124,13 @@ class RemoteLevel:
                     raise
                 await asyncio.sleep(RETRY_BACKOFF_S)
 
-    async def logits(self, request_id: str, token_ids: list[int], num_logits: int, greedy: bool = False,
-                     confidence: bool = False) -> Scores:
-        return await self._call("logits", request_id, token_ids, num_logits, greedy, confidence, alone=self.alone())
+    async def logits(self, request_id: str, token_ids: list[int], num_logits: int,
+                     picks: SamplingParams | None = None, confidence: bool = False) -> Scores:
+        return await self._call("logits", request_id, token_ids, num_logits, picks, confidence, alone=self.alone())
 
     async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree,
-                          greedy: bool = False) -> Scores:
-        return await self._call("tree_logits", request_id, token_ids, tree, greedy, alone=self.alone())
+                          picks: SamplingParams | None = None) -> Scores:
+        return await self._call("tree_logits", request_id, token_ids, tree, picks, alone=self.alone())
 
     async def release(self, request_id: str) -> None:
         await self._call("release", request_id)

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.engine.sampling import SamplingParams
+from services.engine.sampling import SEED_RANGE, SamplingParams
 
 
 class APIError(Exception):
@@ -65,7 +65,8 @@ class _GenerationRequest(_Unsupported):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="extension: keep the k most likely tokens (0: all)")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1],
+                             description="with a seed, the text is reproducible and the same from every method")
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -174,7 +175,13 @@ def validation_error(errors: list[dict]) -> APIError:
 
 class TextAssembler:
     """Turns committed token ids into text deltas: holds back an incomplete UTF-8 sequence and
-    anything that might be the start of a stop string, and ends the text at a stop string."""
+    anything that might be the start of a stop string, and ends the text at a stop string.
+
+    Tokens are taken one at a time, as plain decoding commits them, so a stop string ends the text
+    where plain decoding would end it however many tokens a round commits (with overlapping stop
+    strings, the first token that completes any of them decides, and the earliest match it completes
+    cuts). `tokens_used` counts the tokens up to the one that completed a stop string: what plain
+    decoding generated, which `usage.completion_tokens` reports."""
 
     def __init__(self, tokenizer, stop_strings: list[str]):
         self.tokenizer = tokenizer
@@ -183,12 +190,24 @@ class TextAssembler:
         self.sent = 0
         self.stopped = False
 
+    @property
+    def tokens_used(self) -> int:
+        return len(self.token_ids)
+
     def _text(self) -> str:
         return self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
 
     def add(self, token_ids: list[int]) -> str:
         """The new text that can be sent now."""
-        self.token_ids.extend(token_ids)
+        deltas = []
+        for token in token_ids:
+            deltas.append(self._add_one(token))
+            if self.stopped:
+                break
+        return "".join(deltas)
+
+    def _add_one(self, token: int) -> str:
+        self.token_ids.append(token)
         text = self._text()
         hits = [text.find(s, max(0, self.sent - len(s))) for s in self.stops]
         hits = [h for h in hits if h >= 0]
@@ -199,10 +218,10 @@ class TextAssembler:
             end = len(text)
             if text.endswith("\ufffd"):
                 end = len(text.rstrip("\ufffd"))
-            for stop in self.stops:  # keep back a suffix that could grow into a stop string
-                for k in range(min(len(stop) - 1, end), 0, -1):
-                    if text[:end].endswith(stop[:k]):
-                        end = min(end, len(text[:end]) - k)
+            for stop in self.stops:  # keep back unsent text that could grow into a stop string
+                for k in range(min(len(stop) - 1, end - self.sent), 0, -1):
+                    if text.endswith(stop[:k], 0, end):
+                        end -= k
                         break
         delta = text[self.sent:end] if end > self.sent else ""
         self.sent = max(self.sent, end)

@@ -1,0 +1,337 @@
+"""Matmul kernels chosen by measurement, and the row invariance each must have.
+
+Why measure: decoding multiplies 1 to 64 rows by every weight, and which
+kernel does that fastest depends on the CPU. A layout hard-coded for one
+machine (bfloat16 `x @ W^T` over a transposed copy) ran 21x slower than
+`F.linear` on another; MKL's float32 GEMM is far slower than oneDNN's on AMD
+CPUs. So for each weight shape of a model, every candidate kernel is timed on
+this machine and the fastest row-invariant one is used for every forward.
+
+Why row invariance: a verification forward computes a position together with
+other rows, plain decoding computes it alone. If a kernel's result for a row
+depends on how many rows share the call (libraries switch code paths for small
+row counts: a GEMV for one row, other tile kernels for two or three), the
+target's logits differ in the last bits and an argmax can flip: the output
+would no longer be plain decoding's. A candidate is invariant when every row of a call with 1..MAX_ROWS rows, at
+any place among them, is bitwise equal to that row computed alone, with one
+thread and with the process's threads. Some kernels are invariant only once
+the row count is a multiple of a small
+`quantum` (MKL float32: 4, oneDNN: 2, measured on an AVX-512 EPYC): calls are
+then padded with zero rows up to that multiple, which costs little where a
+forward reads weights from memory anyway.
+
+Choices are cached per CPU signature (model name, family, flags), torch
+version, dtype and shape. Every process on a machine must use the same kernel
+for a model, or a Serve replica and `hierspec generate` would compute different
+logits: the first process to measure writes the choice under a file lock, and
+every later one reads it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.engine.model_store import cache_dir
+
+log = logging.getLogger("hierspec.kernels")
+
+MAX_ROWS = 64  # rows of one forward; longer inputs (a prompt) are computed in chunks of this many
+QUANTA = (1, 2, 4, 8)  # row-count multiples tried, smallest first
+TIMED_ROWS = (1, 4, 16)  # one-token steps, short drafts, trees and long drafts: what decoding runs
+CHOICE_VERSION = 2
+
+
+def _cpuinfo() -> dict[str, str]:
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model", "stepping", "flags") and key not in fields:
+                fields[key] = value.strip()
+    except OSError:
+        pass
+    return fields
+
+
+def cpu_signature() -> str:
+    """What decides which kernels exist and how fast they are: CPU model, family/model/stepping, flags.
+    (The model name alone is ambiguous: "AMD EPYC" covers machines with and without AVX-512.)"""
+    fields = _cpuinfo()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{name} [{digest}]"
+
+
+def machine() -> dict:
+    """The facts a benchmark reports: CPU model, the vector and matrix extensions that decide kernel
+    speed, torch's version and threads."""
+    fields = _cpuinfo()
+    flags = set(fields.get("flags", "").split())
+    return {"processor": fields.get("model name") or platform.processor(), "cpu_signature": cpu_signature(),
+            "isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags],
+            "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def _onednn_available() -> bool:
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(2, 2), 1)
+        return True
+    except (RuntimeError, AttributeError):
+        return False
+
+
+# --- candidate kernels ----------------------------------------------------------------------------
+# Each takes the weight W [out, in] (values already rounded to the model's dtype) and returns the
+# prepared weight and a function (prepared, x float32 [rows, in]) -> float32 [rows, out].
+
+def _linear_in(dtype: torch.dtype):
+    def prepare(weight: torch.Tensor):
+        return weight.to(dtype).contiguous()
+
+    def run(w, x):
+        return F.linear(x.to(dtype), w).float()
+    return prepare, run
+
+
+def _transposed_in(dtype: torch.dtype):
+    def prepare(weight: torch.Tensor):
+        return weight.to(dtype).t().contiguous()
+
+    def run(w, x):
+        return (x.to(dtype) @ w).float()
+    return prepare, run
+
+
+def _onednn_f32():
+    def prepare(weight: torch.Tensor):
+        return torch.ops.mkldnn._reorder_linear_weight(weight.float(), 8)
+
+    def run(w, x):
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return prepare, run
+
+
+def candidates(dtype: torch.dtype, device: torch.device) -> dict[str, tuple[Callable, Callable]]:
+    """Kernel name -> (prepare, run). The weights' values are the model's dtype in every candidate;
+    a kernel computing in float32 multiplies float32 activations by those values (more precise, and
+    the faster one on CPUs without native bfloat16)."""
+    short = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
+    found = {f"linear-{short}": _linear_in(dtype)}
+    if device.type != "cpu":
+        return found  # cuBLAS: one candidate, not measured (see `choose`)
+    found[f"transposed-{short}"] = _transposed_in(dtype)
+    if dtype != torch.float32:
+        found["linear-f32"] = _linear_in(torch.float32)
+    if _onednn_available():
+        found["onednn-f32"] = _onednn_f32()
+    return found
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    kernel: str
+    quantum: int  # calls are padded with zero rows to a multiple of this
+    ms: dict[str, float]  # padded time per TIMED_ROWS row count, as measured when chosen
+
+
+class ChosenLinear(nn.Module):
+    """y = x W^T + b in float32, through the kernel chosen for this weight's shape."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device,
+                 choice: KernelChoice):
+        super().__init__()
+        prepare, self._run = candidates(dtype, device)[choice.kernel]
+        self.weight = prepare(weight.to(dtype).to(device))
+        self.bias = None if bias is None else bias.to(dtype).float().to(device)
+        self.quantum = choice.quantum
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        padded = -(-n // self.quantum) * self.quantum
+        if padded != n:
+            x = torch.cat([x, x.new_zeros(padded - n, x.shape[1])])
+        y = self._run(self.weight, x)[:n]
+        return y if self.bias is None else y + self.bias
+
+
+# --- measurement ----------------------------------------------------------------------------------
+
+def _padded(run: Callable, weight, quantum: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def call(x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        padded = -(-n // quantum) * quantum
+        if padded != n:
+            x = torch.cat([x, x.new_zeros(padded - n, x.shape[1])])
+        return run(weight, x)[:n]
+    return call
+
+
+def _time_ms(call: Callable, x: torch.Tensor, repeats: int = 5) -> float:
+    call(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call(x)
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def rows_invariant(call: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> bool:
+    """Every row of a call with n rows (1 <= n <= len(x)), at any place among them, equals that row
+    computed alone, bitwise, with the process's threads and with one. (Kernels differ in all three
+    ways: by row count, by a row's place in the call, by threads.)"""
+    alone = torch.cat([call(x[i : i + 1]) for i in range(x.shape[0])])
+
+    def consistent() -> bool:
+        for n in range(2, x.shape[0] + 1):
+            offset = (5 * n) % (x.shape[0] + 1 - n)  # rows land at different places for different n
+            if not torch.equal(call(x[offset : offset + n]), alone[offset : offset + n]):
+                return False
+        return True
+
+    threads = torch.get_num_threads()
+    if not consistent():
+        return False
+    if threads == 1:
+        return True
+    torch.set_num_threads(1)
+    try:
+        return torch.equal(torch.cat([call(x[i : i + 1]) for i in range(0, x.shape[0], 7)]), alone[::7]) \
+            and consistent()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def measure(weight: torch.Tensor, dtype: torch.dtype, device: torch.device) -> KernelChoice:
+    """The fastest row-invariant (kernel, quantum) for this weight. Candidates are tried fastest first
+    (unpadded time); a candidate's smallest invariant quantum is kept; the search stops once the next
+    candidate's unpadded time cannot beat the best padded one."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(MAX_ROWS, weight.shape[1], generator=generator).to(device)
+    raw = []
+    for name, (prepare, run) in candidates(dtype, device).items():
+        prepared = prepare(weight.to(dtype).to(device))
+        call = _padded(run, prepared, 1)
+        raw.append((sum(_time_ms(call, x[:n]) for n in TIMED_ROWS), name, prepared, run))
+        log.debug("kernel %s %s: %.3f ms unpadded", name, tuple(weight.shape), raw[-1][0])
+    raw.sort(key=lambda item: item[0])
+    best: KernelChoice | None = None
+    best_score = float("inf")
+    for unpadded, name, prepared, run in raw:
+        if unpadded >= best_score:
+            break
+        for quantum in QUANTA:
+            call = _padded(run, prepared, quantum)
+            if rows_invariant(call, x):
+                ms = {str(n): round(_time_ms(call, x[:n]), 4) for n in TIMED_ROWS}
+                if sum(ms.values()) < best_score:
+                    best, best_score = KernelChoice(name, quantum, ms), sum(ms.values())
+                break
+    if best is None:
+        raise RuntimeError(f"no row-invariant matmul kernel for a {tuple(weight.shape)} {dtype} weight on this "
+                           "machine; report it with `lscpu` and torch's version")
+    return best
+
+
+def attention_quantum_invariant(quantum: int, head_dim: int, generator: torch.Generator) -> bool:
+    """Attention's float32 GEMMs (scores Q K^T, weighted values E V) give a block of `quantum` query rows
+    the same bits alone and at any block-aligned place among more rows, at several context lengths, K and V
+    being strided slices of a larger cache as in the decoder."""
+    rows = 4 * MAX_ROWS
+    for length in (64, 192, 640, 2048):
+        cache = torch.randn(2, 2, length + 64, head_dim, generator=generator)
+        keys, values = cache[0, :, :length], cache[1, :, :length]
+        q = torch.randn(2, rows, head_dim, generator=generator)
+        e = torch.rand(2, rows, length, generator=generator)
+        for op, a, b in ((torch.matmul, q, keys.transpose(1, 2)), (torch.matmul, e, values)):
+            alone = torch.cat([op(a[:, i : i + quantum], b) for i in range(0, rows, quantum)], 1)
+            for m in range(2 * quantum, rows + 1, quantum):
+                offset = quantum * ((5 * m // quantum) % ((rows - m) // quantum + 1))
+                if not torch.equal(op(a[:, offset : offset + m], b), alone[:, offset : offset + m]):
+                    return False
+    return True
+
+
+# --- the cache of choices -------------------------------------------------------------------------
+
+class KernelChoices:
+    """Choices measured on this machine, in a JSON file per CPU signature, shared by its processes."""
+
+    def __init__(self, path: Path | None = None):
+        folder = Path(os.environ.get("HIERSPEC_KERNEL_DIR") or cache_dir() / "kernels").expanduser()
+        signature = cpu_signature()
+        self.path = path or folder / f"{hashlib.sha256(signature.encode()).hexdigest()[:16]}.json"
+        self.signature = signature
+        self._memo: dict[str, dict] = {}
+
+    def _entry(self, key: str, compute: Callable[[], dict]) -> dict:
+        if key in self._memo:
+            return self._memo[key]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # measure once per machine; the others wait and read
+            try:
+                table = json.loads(self.path.read_text()) if self.path.exists() else {}
+            except (OSError, json.JSONDecodeError):
+                table = {}  # a damaged file is measured again
+            if table.get("version") != CHOICE_VERSION:
+                table = {"version": CHOICE_VERSION, "cpu": self.signature, "choices": {}}
+            if key not in table["choices"]:
+                table["choices"][key] = compute()
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+                tmp.replace(self.path)
+            self._memo[key] = table["choices"][key]
+        return self._memo[key]
+
+    def linear(self, weight: torch.Tensor, dtype: torch.dtype, device: torch.device) -> KernelChoice:
+        if device.type != "cpu":
+            return KernelChoice(next(iter(candidates(dtype, device))), 1, {})
+        out_features, in_features = weight.shape
+        key = f"linear|torch {torch.__version__}|{dtype}|{in_features}x{out_features}"
+        entry = self._entry(key, lambda: measure(weight, dtype, device).__dict__)
+        choice = KernelChoice(**entry)
+        log.info("kernel for %s: %s, rows padded to a multiple of %d (%s ms for %s rows)", key, choice.kernel,
+                 choice.quantum, "/".join(str(v) for v in choice.ms.values()), "/".join(map(str, TIMED_ROWS)))
+        return choice
+
+    def attention_quantum(self, head_dim: int, device: torch.device) -> int:
+        """Query rows per GEMM are padded to a multiple of this in attention (see `attention`)."""
+        if device.type != "cpu":
+            return 1
+
+        def compute() -> dict:
+            generator = torch.Generator().manual_seed(0)
+            for quantum in QUANTA + (16,):
+                if attention_quantum_invariant(quantum, head_dim, generator):
+                    return {"quantum": quantum}
+            raise RuntimeError("attention's float32 GEMMs are not row-invariant at any quantum on this machine")
+        quantum = self._entry(f"attention|torch {torch.__version__}|head_dim {head_dim}", compute)["quantum"]
+        log.info("attention: query rows padded to a multiple of %d per GEMM", quantum)
+        return quantum
+
+
+_choices: KernelChoices | None = None
+
+
+def kernel_choices() -> KernelChoices:
+    """The process's view of this machine's choices (one file read per process)."""
+    global _choices
+    if _choices is None:
+        _choices = KernelChoices()
+    return _choices

@@ -1,0 +1,140 @@
+"""Row invariance, op by op and for whole forwards, on this machine's chosen kernels.
+
+A row's result must be bitwise the same whether the forward has 1, 2, 3, 8, 17 or 64 rows, wherever the
+row sits among them, and whatever the other rows are: that is what makes a verification forward, a token
+tree and a one-token step give the target the same logits (lossless to the last bit), and what will make
+a request's text independent of the requests batched with it. Each op is checked against the same row
+computed alone; the shapes are those of the packaged models (SmolLM2, the Qwen pair) in the configs'
+default dtype, bfloat16, and in float32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_hf_model
+
+from services.engine.attention import RowLayout, attend
+from services.engine.kernels import MAX_ROWS, ChosenLinear, kernel_choices
+from services.engine.model import Decoder, RMSNorm, _rotate_half
+from services.engine.tree import TokenTree
+
+ROW_COUNTS = (1, 2, 3, 8, 17, 64)
+DTYPES = (torch.bfloat16, torch.float32)
+CPU = torch.device("cpu")
+# [out, in] of the packaged models' matmuls: SmolLM2-135M (qkv, o, gate+up, down, LM head), Qwen2.5-Coder 1.5B
+# (qkv, gate+up, down)
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576), (2048, 1536), (17920, 1536), (1536, 8960)]
+
+
+def rows_match_alone(op, x: torch.Tensor) -> None:
+    """op over n rows at several places in x, and with the other rows replaced, equals op row by row."""
+    alone = torch.cat([op(x[i : i + 1]) for i in range(len(x))])
+    for n in ROW_COUNTS:
+        for offset in {0, len(x) - n, (len(x) - n) // 2}:
+            assert torch.equal(op(x[offset : offset + n]), alone[offset : offset + n]), (n, offset)
+    other = torch.randn_like(x)
+    other[5] = x[5]
+    assert torch.equal(op(other)[5], alone[5])
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_linear_layers_and_lm_head(shape, dtype):
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 0.05
+    linear = ChosenLinear(weight, torch.randn(shape[0]), dtype, CPU, kernel_choices().linear(weight, dtype, CPU))
+    rows_match_alone(linear, torch.randn(MAX_ROWS, shape[1]) * 2)
+
+
+@pytest.mark.parametrize("hidden", [576, 896, 1536])
+def test_rms_norm(hidden):
+    norm = RMSNorm(torch.rand(hidden) + 0.5, 1e-5)
+    rows_match_alone(norm, torch.randn(MAX_ROWS, hidden) * 3)
+
+
+def test_rotary_embedding_and_silu():
+    cos, sin = torch.rand(MAX_ROWS, 64), torch.rand(MAX_ROWS, 64)
+    x = torch.randn(MAX_ROWS, 9, 64)
+    rotated = x * cos[:, None] + _rotate_half(x) * sin[:, None]
+    for i in range(MAX_ROWS):
+        assert torch.equal(x[i : i + 1] * cos[i : i + 1, None] + _rotate_half(x[i : i + 1]) * sin[i : i + 1, None],
+                           rotated[i : i + 1])
+    for width in (1536, 1000):  # 1000: not a multiple of the vector block, where torch's own silu varies
+        rows_match_alone(lambda g: g / (1.0 + torch.exp(-g)), torch.randn(MAX_ROWS, width) * 4)
+
+
+def _attention_case(heads: int, kv_heads: int, head_dim: int, committed: int, n: int, parents=None):
+    """(output of the forward's n rows, each row computed alone) for one layer's attention."""
+    generator = torch.Generator().manual_seed(committed + n)
+    quantum = kernel_choices().attention_quantum(head_dim, CPU)
+    cache = torch.randn(2, kv_heads, committed + MAX_ROWS + 64, head_dim, generator=generator)
+    q = torch.randn(n, heads, head_dim, generator=generator)
+    out = attend(q, cache[0], cache[1], RowLayout.build(committed, parents, n, CPU), quantum)
+    layout = RowLayout.build(committed, parents, n, CPU)
+    alone = []
+    for r in range(n):
+        # row r alone: its ancestors' keys moved to the slots they would hold in a linear continuation
+        path = [r]
+        while parents is not None and parents[path[-1]] >= 0:
+            path.append(parents[path[-1]])
+        if parents is None:
+            path = list(range(r, -1, -1))
+        solo = cache.clone()
+        for depth, row in enumerate(reversed(path)):
+            solo[:, :, committed + depth] = cache[:, :, committed + row]
+        position = int(layout.positions[r])
+        single = RowLayout.build(position, None, 1, CPU)
+        alone.append(attend(q[r : r + 1], solo[0], solo[1], single, quantum))
+    return out, torch.cat(alone)
+
+
+@pytest.mark.parametrize("committed", [0, 5, 63, 130, 700])
+@pytest.mark.parametrize("n", ROW_COUNTS)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (12, 2, 128), (14, 2, 64)],
+                         ids=["smollm2", "qwen-1.5b", "qwen-0.5b"])
+def test_attention_with_and_without_cache(heads, kv_heads, head_dim, committed, n):
+    out, alone = _attention_case(heads, kv_heads, head_dim, committed, n)
+    assert torch.equal(out, alone)
+
+
+@pytest.mark.parametrize("committed", [3, 100, 190])
+def test_attention_with_a_tree_mask(committed):
+    tree = TokenTree()
+    for path in ([5, 6, 7, 8], [5, 9], [4, 6, 1], [4, 6, 2, 3, 3]):
+        tree.add_path(path, "context", 32)
+    parents = [-1] + [0 if p < 0 else 1 + p for p in tree.parents]  # row 0: the last committed token
+    out, alone = _attention_case(9, 3, 64, committed, len(parents), parents)
+    assert torch.equal(out, alone)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_whole_forward_prefill_steps_chunks_and_trees_agree(arch, dtype):
+    decoder = Decoder.from_hf(tiny_hf_model(7, arch, vocab=16, init_range=0.1), dtype, CPU)
+    tokens = torch.randint(0, 16, (260,), generator=torch.Generator().manual_seed(0))
+    prefill = decoder(tokens, decoder.new_cache(), len(tokens))
+    cache = decoder.new_cache()
+    steps = torch.cat([decoder(tokens[i : i + 1], cache, 1) for i in range(len(tokens))])
+    cache, pieces, i = decoder.new_cache(), [], 0
+    for size in (5, 1, 3, 17, 2, 64, 1, 8, 33, 126):
+        pieces.append(decoder(tokens[i : i + size], cache, size))
+        i += size
+    assert torch.equal(prefill, steps) and torch.equal(torch.cat(pieces), steps)
+
+    tree = TokenTree()
+    for path in ([3, 1, 4], [3, 2], [9, 9, 9, 1]):
+        tree.add_path(path, "context", 32)
+    cache = decoder.new_cache()
+    decoder(tokens[:199], cache, 1)
+    parents = [-1] + [0 if p < 0 else 1 + p for p in tree.parents]
+    tree_logits = decoder(torch.tensor([int(tokens[199])] + tree.tokens), cache, len(tree) + 1, parents)
+    for node in range(len(tree)):
+        path = [tree.tokens[i] for i in tree.path_to(node)]
+        cache = decoder.new_cache()
+        decoder(tokens[:200], cache, 1)
+        assert torch.equal(decoder(torch.tensor(path), cache, len(path))[-1], tree_logits[1 + node])
