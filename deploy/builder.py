@@ -13,8 +13,8 @@ from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
 from drafter_db.model_db import ModelDB
 from drafter_db.shared_outputs import SharedOutputs
 from drafter_db.stores import EmbeddedStore, RedisStore, tokenizer_namespace
+from services.engine.batching import BatchingLevel
 from services.engine.hsd import DraftPolicy, HierarchicalDecoder
-from services.engine.levels import LocalLevel
 from services.engine.model_store import cache_dir
 from services.engine.runner import LevelRunner
 
@@ -25,7 +25,7 @@ class RunnerPool:
 
     def __init__(self, shared: RunnerPool | None = None):
         self._runners: dict[tuple[str, str, str], LevelRunner] = shared._runners if shared else {}
-        self._levels: dict[tuple[str, str, str], LocalLevel] = shared._levels if shared else {}
+        self._levels: dict[tuple[str, str, str], BatchingLevel] = shared._levels if shared else {}
         self._statistics: dict[str, StatisticsDB] = shared._statistics if shared else {}
         self._drafter: HierarchicalDrafter | None = None
 
@@ -48,11 +48,11 @@ class RunnerPool:
             self._runners[key] = LevelRunner.load(model, dtype, device)
         return self._runners[key]
 
-    def level(self, model: str, dtype: str, device: str) -> LocalLevel:
+    def level(self, model: str, dtype: str, device: str) -> BatchingLevel:
         """One level object per runner, so hierarchies switching per round share it."""
         key = (model, dtype, device)
         if key not in self._levels:
-            self._levels[key] = LocalLevel(self.get(model, dtype, device))
+            self._levels[key] = BatchingLevel(self.get(model, dtype, device))
         return self._levels[key]
 
 

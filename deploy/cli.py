@@ -146,7 +146,7 @@ def _cmd_bench(args) -> None:
     sampling = SamplingParams(temperature=args.temperature, sampler=args.sampler)
     run_bench(config, args.workload, methods, out=args.out, per_category=args.per_category,
               max_tokens=args.max_tokens, dtype=args.dtype, categories=args.categories, sampling=sampling,
-              seeds=args.seeds)
+              seeds=args.seeds, concurrency=args.concurrency)
 
 
 def _cmd_profile(args) -> None:
@@ -174,6 +174,16 @@ def _cmd_plan(args) -> None:
              categories=args.categories, refresh=args.refresh)
 
 
+def _counts(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"{flag}: expected comma-separated counts, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"{flag}: counts must be at least 1")
+    return counts
+
+
 def _cmd_bench_serve(args) -> None:
     set_cluster_environment()
     from deploy.bench.bench_serve import run_serve_bench
@@ -183,6 +193,7 @@ def _cmd_bench_serve(args) -> None:
         config = config.model_copy(update={"dtype": args.dtype})
     run_serve_bench(config, args.workload, args.out, clients=args.clients, num_requests=args.requests,
                     max_tokens=args.max_tokens, method=args.method, categories=args.categories, port=args.port,
+                    sweep=_counts(args.sweep, "--sweep"), long_prompt_tokens=args.long_prompt_tokens,
                     single_requests=args.single_requests)
 
 
@@ -278,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, default=1, help="with a temperature: seeds 0..N-1 per question")
     bench.add_argument("--sampler", choices=("coupled", "rejection"), default=None,
                        help="with a temperature: how drafts are verified (default: coupled, what a seed selects)")
+    bench.add_argument("--concurrency", type=int, default=1,
+                       help="questions run at once, their forwards batched at every level (default 1)")
     bench.add_argument("--out", default="results/bench.json")
     bench.set_defaults(func=_cmd_bench)
 
@@ -311,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--max-tokens", type=int, default=64)
     bench_serve.add_argument("--single-requests", type=int, default=8,
                              help="first prompts streamed by one client alone, and in-process (the HTTP overhead)")
+    bench_serve.add_argument("--sweep", default="1,2,4,8,16", help="client counts to measure throughput at")
+    bench_serve.add_argument("--long-prompt-tokens", type=int, default=4000,
+                             help="a prompt this long arrives while 4 streams run (0: skip that check)")
     bench_serve.add_argument("--port", type=int, default=8000)
     bench_serve.add_argument("--out", default="results/bench-serve.json")
     bench_serve.set_defaults(func=_cmd_bench_serve)
@@ -321,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("max_tokens", "per_category", "clients", "requests", "single_requests", "measure_per_category",
-                 "seeds"):
+                 "seeds", "concurrency"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -12,6 +12,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from services.engine.batching import BatchLimits
+
 METHODS: tuple[str, ...] = ("ar", "hsd", "hd", "hd+hsd", "auto")
 
 
@@ -91,6 +93,8 @@ class ServingSettings(BaseModel):
     pipelined: bool = Field(
         True, description="interleave the rounds of concurrent requests over the levels (False: one round at a time)")
     max_cached_requests: int = Field(64, ge=1, le=100_000, description="request KV caches a level replica keeps")
+    batch: BatchLimits = Field(default_factory=BatchLimits,
+                               description="one forward of a level replica: the calls of how many requests it batches")
     api_key_env: str = Field("HIERSPEC_API_KEY",
                              description="environment variable holding the API key; unset or empty: no key")
 

@@ -140,8 +140,10 @@ class HierarchicalDrafter:
             state.depth = min(c.max_depth, state.depth + 2)
 
     # drafting ----------------------------------------------------------------------------------
-    def propose(self, request_id: str, context: list[int], max_depth: int) -> TokenTree:
+    def propose(self, request_id: str, context: list[int], max_depth: int, max_nodes: int | None = None) -> TokenTree:
+        """A token tree of at most `max_depth` levels and `max_nodes` nodes (default: the config's)."""
         c = self.config
+        nodes = c.max_nodes if max_nodes is None else min(c.max_nodes, max_nodes)
         tree = TokenTree()
         state = self._requests.get(request_id)
         depth = min(max_depth, state.depth if state else c.max_depth)
@@ -152,35 +154,35 @@ class HierarchicalDrafter:
         if state is not None:
             for key in keys[: len(keys) - c.min_context_key + 1]:
                 for cont in state.context.continuations(key, depth, c.max_candidates):
-                    tree.add_path(cont, CONTEXT, c.max_nodes)
+                    tree.add_path(cont, CONTEXT, nodes)
                     found += 1
                 if found:
                     break
-        if found >= c.max_candidates or len(tree) >= c.max_nodes:
+        if found >= c.max_candidates or len(tree) >= nodes:
             return tree
         if self.model_db is not None:
             for key in keys:
                 total, conts = self.model_db.lookup(key)
-                added = self._add_ranked(tree, conts, total, depth, MODEL, c.max_candidates - found)
+                added = self._add_ranked(tree, conts, total, depth, nodes, MODEL, c.max_candidates - found)
                 found += added
                 if added:
                     break
-            if found >= c.max_candidates or len(tree) >= c.max_nodes:
+            if found >= c.max_candidates or len(tree) >= nodes:
                 return tree
         if self.statistics is not None:
             for total, conts in self.statistics.lookup(context, keys):
-                added = self._add_ranked(tree, conts, total, depth, STATISTICS, c.max_candidates - found)
+                added = self._add_ranked(tree, conts, total, depth, nodes, STATISTICS, c.max_candidates - found)
                 if added:
                     break
         return tree
 
-    def _add_ranked(self, tree: TokenTree, conts: Continuations, total: int, depth: int, source: str,
+    def _add_ranked(self, tree: TokenTree, conts: Continuations, total: int, depth: int, nodes: int, source: str,
                     limit: int) -> int:
         c = self.config
         added = 0
         for count, tokens in conts:
             if added >= limit or count < c.min_count or count < c.min_share * total:
                 break
-            tree.add_path(tokens[:depth], source, c.max_nodes)
+            tree.add_path(tokens[:depth], source, nodes)
             added += 1
         return added

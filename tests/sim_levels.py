@@ -103,7 +103,7 @@ class SimDrafter:
     def start(self, request_id, prompt_ids):
         pass
 
-    def propose(self, request_id, context, max_depth):
+    def propose(self, request_id, context, max_depth, max_nodes=None):
         self.clock.ms += self.cost_ms
         depth = min(max_depth, (0, 2, 4)[int(_uniform(DEPTH, _key(context, len(context))) * 3)])
         tree, path = TokenTree(), []

@@ -25,8 +25,8 @@ from drafter_db import table
 from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
 from drafter_db.model_db import ModelDB
 from drafter_db.stores import EmbeddedStore, full_key, tokenizer_namespace
+from services.engine.batching import BatchingLevel
 from services.engine.hsd import DraftPolicy, HierarchicalDecoder
-from services.engine.levels import LocalLevel
 from services.engine.prompts import chat_prompt_ids, stop_token_ids
 from services.engine.runner import LevelRunner
 from services.engine.sampling import SamplingParams
@@ -156,7 +156,7 @@ def filled_drafter(runner: LevelRunner) -> HierarchicalDrafter:
 
 def test_smollm2_tree_drafts_equal_plain_decoding(smollm2, smollm2_f32):
     drafter = filled_drafter(smollm2)
-    target, draft = LocalLevel(smollm2), LocalLevel(smollm2_f32)
+    target, draft = BatchingLevel(smollm2), BatchingLevel(smollm2_f32)
     members = [HierarchicalDecoder([target], [], proposer=drafter),
                HierarchicalDecoder([draft, target], [DraftPolicy(6, 0.4)], proposer=drafter),
                HierarchicalDecoder([draft, target], [DraftPolicy(5, 0.4)])]

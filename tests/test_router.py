@@ -8,8 +8,8 @@ import asyncio
 import pytest
 from tiny_models import tiny_runner
 
+from services.engine.batching import BatchingLevel
 from services.engine.hsd import HierarchicalDecoder
-from services.engine.levels import LocalLevel
 from services.engine.sampling import SamplingParams
 from services.serve.openai_api import TextAssembler
 from services.serve.router import Overloaded, RequestTimeout, Router
@@ -18,7 +18,7 @@ GREEDY = SamplingParams()
 PROMPT = [1, 2, 3, 4]
 
 
-class SlowLevel(LocalLevel):
+class SlowLevel(BatchingLevel):
     """A level that takes `delay` seconds per call, yielding to the event loop like a remote one."""
 
     def __init__(self, runner, delay: float):

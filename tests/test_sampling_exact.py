@@ -25,8 +25,8 @@ from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
 from drafter_db.model_db import ModelDB
 from drafter_db.stores import EmbeddedStore, full_key
 from services.engine import sampling
+from services.engine.batching import BatchingLevel
 from services.engine.hsd import DraftPolicy, HierarchicalDecoder
-from services.engine.levels import LocalLevel
 from services.engine.sampling import SamplingParams, sample
 from services.engine.switching import SwitchingDecoder
 from services.engine.tree import TokenTree
@@ -185,9 +185,9 @@ class OnEveryOtherCall:
         self.drafter = drafter
         self.calls = 0
 
-    def propose(self, request_id, context, max_depth):
+    def propose(self, request_id, context, max_depth, max_nodes=None):
         self.calls += 1
-        return self.drafter.propose(request_id, context, max_depth) if self.calls % 2 else TokenTree()
+        return self.drafter.propose(request_id, context, max_depth, max_nodes) if self.calls % 2 else TokenTree()
 
     def __getattr__(self, name):
         return getattr(self.drafter, name)
@@ -228,7 +228,7 @@ def test_confidence_stop_over_tree_drafts_sampling_matches_target(tiny, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_switching_hierarchies_every_round_sampling_matches_target(tiny, mode):
-    small, middle, target = (LocalLevel(tiny[name]) for name in ("small", "middle", "target"))
+    small, middle, target = (BatchingLevel(tiny[name]) for name in ("small", "middle", "target"))
     drafter = tiny_drafter(3)
     members = [HierarchicalDecoder([target], [], proposer=drafter),
                HierarchicalDecoder([small, target], [2]),
@@ -251,7 +251,7 @@ def auto_decoder(tiny) -> SwitchingDecoder:
     from deploy.planner.profiler import CategoryProfile, Profile, measure_category
 
     small, target = tiny["small"], tiny["target"]
-    levels = {small.name: LocalLevel(small), target.name: LocalLevel(target)}
+    levels = {small.name: BatchingLevel(small), target.name: BatchingLevel(target)}
     order = [small.name, target.name]
     drafter = tiny_drafter(5)
     plain = HierarchicalDecoder([target], [])

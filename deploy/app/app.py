@@ -46,7 +46,7 @@ def build_from_config(config: HierspecConfig, method: str | None = None, dtype: 
     chain = config.chain(method)
     levels = [serve.deployment(LevelService).options(**options).bind(
                   model, dtype, config.device, config.threads, serving.level_threads, len(chain),
-                  serving.max_cached_requests)
+                  serving.max_cached_requests, serving.batch.model_dump())
               for options, (model, _) in zip(level_options(config, method), chain)]
     ingress = serve.deployment(HierspecServer).options(
         name="ingress", num_replicas=serving.router_replicas, ray_actor_options={"num_cpus": 0},

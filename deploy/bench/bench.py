@@ -17,6 +17,7 @@ drafter after the run, its databases and caches warm.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import statistics
 import sys
@@ -31,11 +32,11 @@ from deploy.bench.chart import draw_chart
 from deploy.builder import RunnerPool, configure_torch
 from deploy.config import ConfigError, HierspecConfig
 from deploy.planner.auto import method_decoder
-from deploy.workload import category_group, load_workload
+from deploy.workload import Question, category_group, load_workload
 from drafter_db.replay import replay
 from services.engine.kernels import machine
 from services.engine.model_store import load_pretrained
-from services.engine.prompts import Conversation, chat_prompt_ids, stop_token_ids
+from services.engine.prompts import Conversation, stop_token_ids
 from services.engine.sampling import SamplingParams
 
 OUR_METHODS = ("ar", "hsd", "hd", "hd+hsd", "auto")
@@ -100,17 +101,42 @@ def _top2_margin(decoder, prompt_ids: list[int], ar_ids: list[int], position: in
     return round(float(top[0] - top[1]), 5)
 
 
+@dataclass
+class _Answer:
+    """One question's conversation under one method: each turn's (prompt ids, output ids), the tokens produced
+    (a stop token included), the target's verifications and the drafter's seconds per draft."""
+
+    turns: list[tuple[list[int], list[int]]] = field(default_factory=list)
+    produced: int = 0
+    verifications: int = 0
+    draft_seconds: list[float] = field(default_factory=list)
+
+
+def _divergence(ar, question: Question, params: SamplingParams, reference: _Answer, result: _Answer) -> dict | None:
+    """Where `result` first differs from `ar`'s answer to the same question, with ar's top-2 margin there."""
+    for turn_index, ((ar_prompt, ar_ids), (prompt_ids, ids)) in enumerate(zip(reference.turns, result.turns)):
+        if ar_prompt != prompt_ids or ar_ids != ids:
+            position = next((i for i, (a, b) in enumerate(zip(ar_ids, ids)) if a != b), min(len(ar_ids), len(ids)))
+            margin = _top2_margin(ar, ar_prompt, ar_ids, position) if ar_prompt == prompt_ids else None
+            return {"question_id": question.question_id, "seed": params.seed, "turn": turn_index,
+                    "position": position, "ar_top2_margin": margin}
+    return None
+
+
 def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: str, per_category: int | None,
               max_tokens: int, dtype: str | None, categories: str | None,
-              sampling: SamplingParams | None = None, seeds: int = 1) -> dict:
+              sampling: SamplingParams | None = None, seeds: int = 1, concurrency: int = 1) -> dict:
     """`sampling` (default greedy): with a temperature, every question runs once per seed 0..seeds-1, and a
-    method's output is compared with `ar`'s for the same seed (coupled sampling: identical)."""
+    method's output is compared with `ar`'s for the same seed (coupled sampling: identical). `concurrency`:
+    questions run N at a time, their level calls batched; a method's speed is its tokens over the wall time."""
     sampling = sampling or SamplingParams()
     for method in methods:
         if method not in OUR_METHODS and method not in HF_METHODS:
             raise ConfigError(f"unknown method {method!r}; available: {', '.join([*OUR_METHODS, *HF_METHODS])}")
         if method in HF_METHODS and not sampling.greedy:
             raise ConfigError(f"{method} runs greedy only (transformers draws other random numbers)")
+        if method in HF_METHODS and concurrency > 1:
+            raise ConfigError(f"{method} runs one request at a time: use --concurrency 1")
     runs = [sampling] if sampling.greedy else [sampling.model_copy(update={"seed": s}) for s in range(seeds)]
     questions = load_workload(workload, per_category, categories)
     dtype = dtype or config.dtype
@@ -124,69 +150,72 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
     tokenizer = ar.target.runner.tokenizer
     stop_ids = stop_token_ids(tokenizer)
 
-    def run(method: str, prompt_ids: list[int], limit: int, params: SamplingParams = sampling
-            ) -> tuple[list[int], int, float, int, list[float]]:
-        """(token ids, tokens produced incl. a stop token, seconds, target verifications, drafter seconds)"""
-        start = time.perf_counter()
-        if method in decoders:
-            generation = decoders[method].generate(prompt_ids, params, limit, stop_ids)
-            seconds = time.perf_counter() - start
-            produced = len(generation.token_ids) + (generation.finish_reason == "stop")
-            return (generation.token_ids, produced, seconds, generation.stats.levels[-1].verifications,
-                    generation.stats.draft_seconds)
-        ids, produced = hf.generate(method, prompt_ids, limit, stop_ids)
-        return ids, produced, time.perf_counter() - start, 0, []
+    async def answer(method: str, turns: list[str], params: SamplingParams, limit: int) -> _Answer:
+        chat, result = Conversation(tokenizer), _Answer()
+        for turn in turns:
+            prompt_ids = chat.ask(turn)
+            if method in decoders:
+                generation = decoders[method].start(prompt_ids, params, limit, stop_ids)
+                async for _ in generation.stream():
+                    pass
+                ids = generation.token_ids
+                result.produced += len(ids) + (generation.finish_reason == "stop")
+                result.verifications += generation.stats.levels[-1].verifications
+                result.draft_seconds.extend(generation.stats.draft_seconds)
+            else:
+                ids, produced = hf.generate(method, prompt_ids, limit, stop_ids)
+                result.produced += produced
+            chat.answer(ids)
+            result.turns.append((prompt_ids, ids))
+        return result
 
-    warm = chat_prompt_ids(tokenizer, [{"role": "user", "content": "Say hi."}])
+    def run_group(method: str, items: list[tuple[Question, SamplingParams]], limit: int) -> tuple[list[_Answer], float]:
+        async def together():
+            return await asyncio.gather(*(answer(method, q.turns, p, limit) for q, p in items))
+
+        start = time.perf_counter()
+        answers = asyncio.run(together())
+        return answers, time.perf_counter() - start
+
+    warm = Question("warm-up", "warm-up", ["Say hi."])
     for method in run_methods:
-        run(method, warm, 8)
+        run_group(method, [(warm, runs[0])] * concurrency, 8)
 
     totals: dict[str, dict[str, MethodTotals]] = {m: defaultdict(MethodTotals) for m in run_methods}
     records: list[tuple[list[int], list[int]]] = []  # ar's (prompt, output) turns, for the drafter replay
+    items = [(q, p) for q in questions for p in runs]
     started = time.perf_counter()
-    for index, (question, params) in enumerate(((q, p) for q in questions for p in runs), start=1):
-        group = category_group(question.category)
-        ar_turns: list[tuple[list[int], list[int]]] = []
+    for first in range(0, len(items), concurrency):
+        group_items = items[first : first + concurrency]
+        reference: list[_Answer] = []
         for method in run_methods:
-            diverged = None
-            chat = Conversation(tokenizer)
-            for turn_index, turn in enumerate(question.turns):
-                prompt_ids = chat.ask(turn)
-                ids, produced, seconds, verifications, draft_seconds = run(method, prompt_ids, max_tokens, params)
-                chat.answer(ids)
-                if method == "ar":
-                    ar_turns.append((prompt_ids, ids))
-                    records.append((prompt_ids, ids))
-                elif diverged is None:
-                    ar_prompt, ar_ids = ar_turns[turn_index]
-                    if ar_prompt != prompt_ids or ar_ids != ids:
-                        position = next((i for i, (a, b) in enumerate(zip(ar_ids, ids)) if a != b),
-                                        min(len(ar_ids), len(ids)))
-                        diverged = {"question_id": question.question_id, "seed": params.seed, "turn": turn_index,
-                                    "position": position,
-                                    "ar_top2_margin": _top2_margin(ar, ar_prompt, ar_ids, position)
-                                    if ar_prompt == prompt_ids else None}
-                for key in (group, "_all"):
+            answers, seconds = run_group(method, group_items, max_tokens)
+            produced = sum(a.produced for a in answers) or 1
+            if method == "ar":
+                reference = answers
+                records.extend(turn for a in answers for turn in a.turns)
+            for (question, params), result, ar_result in zip(group_items, answers, reference):
+                diverged = None if method == "ar" else _divergence(ar, question, params, ar_result, result)
+                for key in (category_group(question.category), "_all"):
                     t = totals[method][key]
-                    t.tokens += produced
-                    t.seconds += seconds
-                    t.verifications += verifications
-                    t.draft_seconds.extend(draft_seconds)
-            for key in (group, "_all"):
-                t = totals[method][key]
-                t.questions += 1
-                t.identical += diverged is None
-                if diverged is not None and key == "_all":
-                    t.divergences.append(diverged)
-        elapsed = time.perf_counter() - started
-        print(f"[{index}/{len(questions) * len(runs)}] {question.category} #{question.question_id} done, "
-              f"{elapsed:.0f} s elapsed", file=sys.stderr, flush=True)
+                    t.tokens += result.produced
+                    t.seconds += seconds * result.produced / produced  # a group's wall time, shared by tokens
+                    t.verifications += result.verifications
+                    t.draft_seconds.extend(result.draft_seconds)
+                    t.questions += 1
+                    t.identical += diverged is None
+                    if diverged is not None and key == "_all":
+                        t.divergences.append(diverged)
+        last = group_items[-1][0]
+        print(f"[{first + len(group_items)}/{len(items)}] {last.category} #{last.question_id} done, "
+              f"{time.perf_counter() - started:.0f} s elapsed", file=sys.stderr, flush=True)
 
     result = {
         "machine": {**machine(), "device": config.device},
         "kernels": ar.target.runner.decoder.kernels,
         "sampling": sampling.model_dump(),
         "seeds": len(runs),
+        "concurrency": concurrency,
         "config": config.name,
         "dtype": dtype,
         "max_tokens": max_tokens,
@@ -240,6 +269,8 @@ def format_table(result: dict) -> str:
     sampling = result["sampling"]
     mode = "greedy" if not sampling["temperature"] else \
         f"temperature {sampling['temperature']:g}, {result['seeds']} seeds, {sampling['sampler'] or 'coupled'} sampling"
+    if result.get("concurrency", 1) > 1:
+        mode += f", {result['concurrency']} at a time"
     lines = [f"{result['config']}, {result['dtype']}, {result['questions']} questions, {mode}, "
              f"max {result['max_tokens']} tokens, {result['machine']['processor']} "
              f"({' '.join(result['machine']['isa']) or 'no AVX2'})"]

@@ -1,10 +1,12 @@
 """`hierspec bench-serve`: the Serve app under concurrent streaming clients.
 
 It starts a local Ray cluster, deploys the config's app with the pipelined
-router, and streams the first prompts through one client alone; then replays
-first turns of a workload through `clients` concurrent streaming chat clients
-(greedy, `max_tokens` each): throughput, time to first token and inter-token
-latency. Then the same with the sequential router (one round at a time), and
+router, and streams the first prompts through one client alone; then sweeps
+1, 2, 4, 8 and 16 concurrent streaming chat clients over first turns of a
+workload (greedy, `max_tokens` each): throughput, time to first token and
+inter-token latency per client count, drawn as a PNG; then 4 streams alone and
+with a long prompt arriving among them (chunked prefill); then `clients`
+clients with the sequential router (one round at a time), and
 finally the one client's prompts in this process without Serve (`hierspec
 generate`'s path) for the HTTP overhead. The one client runs first, on a fresh
 app: its model DB then knows what the in-process decoder's knows (a warm-up),
@@ -105,21 +107,43 @@ def _in_process(config: HierspecConfig, method: str, prompts: list[str], max_tok
             "tokens_per_s": round(tokens / seconds, 3)}
 
 
+def long_prompt(tokens: int) -> str:
+    """A prompt of about `tokens` tokens (numbered sentences, so the tokenizer cannot compress it)."""
+    return " ".join(f"Sentence {i} says the number {i * 7 % 1000}." for i in range(tokens // 12)) + \
+        "\nRepeat the last sentence."
+
+
+def run_with_long_prompt(url: str, model: str, prompts: list[str], clients: int, max_tokens: int,
+                         prompt_tokens: int) -> dict:
+    """`clients` streams, and a prompt of `prompt_tokens` tokens that arrives once they are under way: its
+    prefill is chunked between their decode steps (the streams' inter-token latency is what it costs them)."""
+    with ThreadPoolExecutor(1) as pool:
+        def late():
+            time.sleep(1.0)
+            return stream_chat(url, model, long_prompt(prompt_tokens), 8)
+        intruder = pool.submit(late)
+        streams = run_load(url, model, prompts, clients, max_tokens)
+        intruder.result()
+    return streams
+
+
 def run_serve_bench(config: HierspecConfig, workload: str, out: str, clients: int = 8, num_requests: int = 16,
                     max_tokens: int = 64, method: str | None = None, categories: str | None = None,
-                    port: int = 8000, single_requests: int = 8) -> dict:
+                    port: int = 8000, single_requests: int = 8, sweep: tuple[int, ...] = (1, 2, 4, 8, 16),
+                    long_prompt_tokens: int = 4000) -> dict:
     import ray
     from ray import serve
 
     from deploy.app.app import build_from_config
+    from deploy.bench.chart import draw_load_chart
     from deploy.planner.auto import resolve_auto
 
     config, method = resolve_auto(config, method or config.default_method, config.dtype)
     questions = load_workload(workload, None, categories)
-    prompts = [q.turns[0] for q in questions][:num_requests]
+    prompts = [q.turns[0] for q in questions][: max(num_requests, *sweep)]
     url = f"http://127.0.0.1:{port}"
     result = {"config": config.name, "method": method, "dtype": config.dtype, "max_tokens": max_tokens,
-              "machine": machine(), "modes": {}}
+              "machine": machine(), "modes": {}, "sweep": []}
     levels = len(config.chain(method)) * config.serving.replicas_per_level
     ray.init(num_cpus=max(4, levels + 2), include_dashboard=False, log_to_driver=False)
     try:
@@ -133,8 +157,18 @@ def run_serve_bench(config: HierspecConfig, workload: str, out: str, clients: in
                 print(f"[single stream] {single_requests} requests, one client", flush=True)
                 result["modes"]["single_stream"] = run_load(url, config.name, prompts[:single_requests], 1,
                                                             max_tokens)
-            print(f"[{mode}] {len(prompts)} requests, {clients} concurrent clients", flush=True)
-            result["modes"][mode] = run_load(url, config.name, prompts, clients, max_tokens)
+                for count in sweep:
+                    point = run_load(url, config.name, prompts[: max(num_requests, count)], count, max_tokens)
+                    result["sweep"].append(point)
+                    print(f"[sweep] {count} clients: {point['tokens_per_s']} tokens/s, inter-token p50 "
+                          f"{point['itl_ms']['p50']} ms", flush=True)
+                if long_prompt_tokens:
+                    print(f"[long prompt] 4 streams and a {long_prompt_tokens}-token prompt", flush=True)
+                    result["modes"]["4 streams"] = run_load(url, config.name, prompts[:4], 4, max_tokens)
+                    result["modes"][f"4 streams + {long_prompt_tokens}-token prompt"] = run_with_long_prompt(
+                        url, config.name, prompts[:4], 4, max_tokens, long_prompt_tokens)
+            print(f"[{mode}] {len(prompts[:num_requests])} requests, {clients} concurrent clients", flush=True)
+            result["modes"][mode] = run_load(url, config.name, prompts[:num_requests], clients, max_tokens)
             print(f"[{mode}] {result['modes'][mode]['tokens_per_s']} tokens/s", flush=True)
             serve.delete(config.name)
     finally:
@@ -147,10 +181,16 @@ def run_serve_bench(config: HierspecConfig, workload: str, out: str, clients: in
                                               modes["sequential"]["tokens_per_s"], 3)
     result["single_stream_vs_in_process"] = round(modes["single_stream"]["stream_tokens_per_s"] /
                                                   modes["in_process"]["tokens_per_s"], 3)
+    one = next((p for p in result["sweep"] if p["clients"] == 1), None)
+    for point in result["sweep"]:
+        if one:
+            point["vs_one_client"] = round(point["tokens_per_s"] / one["tokens_per_s"], 3)
+            point["itl_p50_vs_one_client"] = round(point["itl_ms"]["p50"] / one["itl_ms"]["p50"], 3)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2))
+    chart = draw_load_chart(result, Path(out).with_suffix(".png")) if result["sweep"] else None
     print(format_serve_table(result))
-    print(f"\nwrote {out}")
+    print(f"\nwrote {out}" + (f" and {chart}" if chart else ""))
     return result
 
 
@@ -164,6 +204,10 @@ def format_serve_table(result: dict) -> str:
     lines = [f"{result['config']} ({result['method']}, {result['dtype']}), max {result['max_tokens']} tokens, "
              f"{result['machine']['processor']}"]
     lines += ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
+    for point in result["sweep"]:
+        lines.append(f"{point['clients']:>3} clients: {point['tokens_per_s']:.2f} tokens/s "
+                     f"({point.get('vs_one_client', 0):.2f}x one client), inter-token p50 {point['itl_ms']['p50']} ms "
+                     f"({point.get('itl_p50_vs_one_client', 0):.2f}x)")
     lines.append(f"pipelined / sequential router: {result['pipelined_vs_sequential']:.2f}x; "
                  f"one HTTP stream / in-process: {result['single_stream_vs_in_process']:.2f}x")
     return "\n".join(lines)

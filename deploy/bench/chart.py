@@ -32,3 +32,30 @@ def draw_chart(result: dict, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def draw_load_chart(result: dict, path: str | Path) -> Path:
+    """`hierspec bench-serve`'s sweep: total tokens/s and p50 inter-token latency against concurrent clients."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = result["sweep"]
+    clients = [point["clients"] for point in sweep]
+    fig, speed = plt.subplots(figsize=(6.0, 4.0))
+    speed.plot(clients, [point["tokens_per_s"] for point in sweep], "o-", color="tab:blue")
+    speed.set_xscale("log", base=2)
+    speed.set_xticks(clients, [str(c) for c in clients])
+    speed.set_xlabel("concurrent streaming clients")
+    speed.set_ylabel("tokens / s, all clients", color="tab:blue")
+    latency = speed.twinx()
+    latency.plot(clients, [point["itl_ms"]["p50"] for point in sweep], "s--", color="tab:red")
+    latency.set_ylabel("inter-token latency p50, ms", color="tab:red")
+    speed.set_title(f"{result['config']} ({result['method']}, {result['dtype']}), {result['max_tokens']} tokens "
+                    "per request", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -42,7 +42,9 @@ from typing import Protocol
 
 import torch
 
-from services.engine.levels import Level, Scores, as_level
+from services.engine.batching import as_level
+from services.engine.budget import DraftBudget
+from services.engine.levels import Level, Scores
 from services.engine.runner import LevelRunner
 from services.engine.sampling import SamplingParams
 from services.engine.tree import TokenTree
@@ -129,13 +131,21 @@ class GenerationStats:
         }
 
 
+@dataclass
+class Load:
+    """How many requests a decoder runs at once (their generations are streaming)."""
+
+    active: int = 0
+
+
 class TreeProposer(Protocol):
     """A model-free drafter below level 0 (the database drafter): proposes token trees of
     point-mass candidates. It hears each request's lifecycle to keep its per-request state."""
 
     def start(self, request_id: str, prompt_ids: list[int]) -> None: ...
 
-    def propose(self, request_id: str, context: list[int], max_depth: int) -> TokenTree: ...
+    def propose(self, request_id: str, context: list[int], max_depth: int,
+                max_nodes: int | None = None) -> TokenTree: ...
 
     def observe(self, request_id: str, tree: TokenTree, accepted_path: list[int]) -> None: ...
 
@@ -223,6 +233,7 @@ class Generation:
         started = time.perf_counter()
         if proposer is not None:
             proposer.start(self.id, seq)
+        decoder.load.active += 1
         try:
             while len(self.token_ids) < self._max_tokens:
                 budget = self._max_tokens - len(self.token_ids)
@@ -245,6 +256,7 @@ class Generation:
                     return
             self.finish_reason = "length"
         finally:
+            decoder.load.active -= 1
             self.stats.seconds = time.perf_counter() - started
             if proposer is not None:
                 proposer.finish(self.id, completed=self.finish_reason is not None)
@@ -282,6 +294,8 @@ class HierarchicalDecoder:
         self.on_forward = on_forward  # (level name, seconds) after every forward: serving metrics
         # see _target_round: pays off only when levels run in other processes and do not share cores
         self.lookahead = lookahead if callable(lookahead) else (lambda: lookahead)
+        self.load = Load()  # requests this decoder runs now (a switching decoder shares its own with its members)
+        self._budget: DraftBudget | None = None
 
     @property
     def target(self) -> Level:
@@ -306,11 +320,12 @@ class HierarchicalDecoder:
         it decodes one token, or verifies the proposer's tree). Returns at most `limit` output tokens
         with, when sampling, the level's probabilities for them (the q its output carries to the
         level above)."""
-        if level_index == 0 and self.proposer is not None and limit > 1:
-            tree = self._propose(req, seq, limit - 1)
+        room = self._target_room(limit) if level_index == len(self.levels) - 1 else limit - 1
+        if level_index == 0 and self.proposer is not None and room > 0:
+            tree = self._propose(req, seq, room)
             if len(tree):
                 return await self._verify_tree(req, seq, tree)
-        draft = await self._draft(req, level_index - 1, seq, limit - 1) if level_index > 0 else Draft()
+        draft = await self._draft(req, level_index - 1, seq, room) if level_index > 0 else Draft()
         drafting = level_index < len(self.levels) - 1
         min_confidence = self.policies[level_index].min_confidence if drafting and not draft.tokens else 0.0
         return await self._verify_draft(req, level_index, seq, draft, min_confidence)
@@ -328,9 +343,9 @@ class HierarchicalDecoder:
             draft = ready[1]
             req.stats.lookahead_used += 1
         else:
-            draft = await self._draft(req, top - 1, seq, limit - 1)
+            draft = await self._draft(req, top - 1, seq, self._target_room(limit))
         verifying = asyncio.ensure_future(self._verify_draft(req, top, seq, draft))
-        room = limit - 1 - len(draft.tokens)
+        room = min(limit - 1 - len(draft.tokens), self._target_room(limit))
         ahead = asyncio.ensure_future(self._draft(req, top - 1, seq + draft.tokens, room)) \
             if draft.tokens and room > 1 else None
         try:
@@ -347,6 +362,21 @@ class HierarchicalDecoder:
             else:
                 ahead.cancel()
         return out
+
+    def _target_room(self, limit: int) -> int:
+        """Draft tokens (tree nodes) the target verifies in a round: what `limit` leaves, and under load no more
+        than the draft budget (services.engine.budget) finds best for the batch."""
+        room = limit - 1
+        if self.load.active <= 1 or room <= 0:
+            return room
+        if self._budget is None:
+            below = self.levels[-2] if len(self.levels) > 1 else None
+            target_costs, draft_costs = getattr(self.target, "costs", None), getattr(below, "costs", None)
+            if target_costs is None:
+                return room
+            self._budget = DraftBudget(target_costs, draft_costs)
+        most = self.policies[-1].max_tokens if len(self.levels) > 1 else room
+        return min(room, self._budget.tokens(self.load.active, most))
 
     async def _verify_draft(self, req: Generation, level_index: int, seq: list[int], draft: Draft,
                             min_confidence: float = 0.0) -> Draft:
@@ -366,6 +396,8 @@ class HierarchicalDecoder:
             below = req.stats.of(self.levels[level_index - 1].name)
             below.drafted += len(draft.tokens)
             below.accepted += verdict.num_accepted
+        if level_index == len(self.levels) - 1 and self._budget is not None:
+            self._budget.observe(len(draft.tokens), verdict.num_accepted)
         return Draft(draft.tokens[: verdict.num_accepted] + [verdict.next_token], rows, confidence < min_confidence)
 
     async def _draft(self, req: Generation, level_index: int, seq: list[int], limit: int) -> Draft:
@@ -397,9 +429,10 @@ class HierarchicalDecoder:
             req.stats.of(self.levels[level_index].name).stop_token_drafts += 1
         return Draft(held[:want], torch.cat(rows)[:want] if rows else None)
 
-    def _propose(self, req: Generation, seq: list[int], max_depth: int) -> TokenTree:
+    def _propose(self, req: Generation, seq: list[int], room: int) -> TokenTree:
+        """A tree of at most `room` levels, and under load at most `room` nodes (the draft budget's rows)."""
         start = time.perf_counter()
-        tree = self.proposer.propose(req.id, seq, max_depth)
+        tree = self.proposer.propose(req.id, seq, room, room if self.load.active > 1 else None)
         req.stats.draft_seconds.append(time.perf_counter() - start)
         return tree
 
@@ -415,6 +448,8 @@ class HierarchicalDecoder:
             probs = req.params.probs(scores)
             verdict = self.sampler.sampled_tree(tree, probs, req.generator)
             rows = probs[[0] + [node + 1 for node in verdict.path]]
+        if len(self.levels) == 1 and self._budget is not None:
+            self._budget.observe(len(tree), len(verdict.path))
         for source in tree.sources:
             req.stats.sources.setdefault(source, SourceStats()).drafted += 1
         for node in verdict.path:

@@ -161,6 +161,10 @@ class ChosenLinear(nn.Module):
         self.quantum = choice.quantum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, in] float32 -> [rows, out] float32; more than MAX_ROWS rows (a batch of several requests)
+        go in calls of MAX_ROWS, the row counts the kernel was checked for."""
+        if x.shape[0] > MAX_ROWS:
+            return torch.cat([self(x[i : i + MAX_ROWS]) for i in range(0, x.shape[0], MAX_ROWS)])
         n = x.shape[0]
         padded = -(-n // self.quantum) * self.quantum
         if padded != n:
@@ -279,7 +283,8 @@ class KernelChoices:
         self.signature = signature
         self._memo: dict[str, dict] = {}
 
-    def _entry(self, key: str, compute: Callable[[], dict]) -> dict:
+    def cached(self, key: str, compute: Callable[[], dict]) -> dict:
+        """The entry under `key`, computed by the first process that asks for it on this machine."""
         if key in self._memo:
             return self._memo[key]
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -304,7 +309,7 @@ class KernelChoices:
             return KernelChoice(next(iter(candidates(dtype, device))), 1, {})
         out_features, in_features = weight.shape
         key = f"linear|torch {torch.__version__}|{dtype}|{in_features}x{out_features}"
-        entry = self._entry(key, lambda: measure(weight, dtype, device).__dict__)
+        entry = self.cached(key, lambda: measure(weight, dtype, device).__dict__)
         choice = KernelChoice(**entry)
         log.info("kernel for %s: %s, rows padded to a multiple of %d (%s ms for %s rows)", key, choice.kernel,
                  choice.quantum, "/".join(str(v) for v in choice.ms.values()), "/".join(map(str, TIMED_ROWS)))
@@ -321,7 +326,7 @@ class KernelChoices:
                 if attention_quantum_invariant(quantum, head_dim, generator):
                     return {"quantum": quantum}
             raise RuntimeError("attention's float32 GEMMs are not row-invariant at any quantum on this machine")
-        quantum = self._entry(f"attention|torch {torch.__version__}|head_dim {head_dim}", compute)["quantum"]
+        quantum = self.cached(f"attention|torch {torch.__version__}|head_dim {head_dim}", compute)["quantum"]
         log.info("attention: query rows padded to a multiple of %d per GEMM", quantum)
         return quantum
 

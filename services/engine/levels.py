@@ -2,7 +2,8 @@
 
 The decoder awaits every level call, so one router can keep many requests in
 flight: while one request waits for the target, another can run on a draft
-level. A local level answers at once; a remote one is a deployment handle.
+level. A local level (`services.engine.batching`) runs the calls of concurrent
+requests in shared forwards; a remote one is a deployment handle.
 
 A call asks either for logits (the rejection sampler needs whole distributions)
 or, passing the request's `SamplingParams` as `picks`, for each row's pick
@@ -16,7 +17,6 @@ from typing import Protocol
 
 import torch
 
-from services.engine.runner import LevelRunner
 from services.engine.sampling import Picks, SamplingParams
 from services.engine.tree import TokenTree
 
@@ -49,39 +49,3 @@ def tree_positions(length: int, tree: TokenTree) -> list[int]:
 def scores(logits: torch.Tensor, picks: SamplingParams | None, positions: list[int],
            confidence: bool = False) -> Scores:
     return logits.cpu() if picks is None else Picks.of(logits, picks, positions, confidence)
-
-
-def runner_logits(runner: LevelRunner, request_id: str, token_ids: list[int], num_logits: int,
-                  picks: SamplingParams | None, confidence: bool) -> Scores:
-    logits = runner.logits(request_id, token_ids, num_logits)
-    return scores(logits, picks, linear_positions(len(token_ids), num_logits), confidence)
-
-
-def runner_tree_logits(runner: LevelRunner, request_id: str, token_ids: list[int], tree: TokenTree,
-                       picks: SamplingParams | None) -> Scores:
-    logits = runner.tree_logits(request_id, token_ids, tree)
-    return scores(logits, picks, tree_positions(len(token_ids), tree))
-
-
-class LocalLevel:
-    """A runner in this process (the CLI, the benchmark, tests)."""
-
-    def __init__(self, runner: LevelRunner):
-        self.runner = runner
-        self.name = runner.name
-        self.vocab_size = runner.vocab_size
-
-    async def logits(self, request_id: str, token_ids: list[int], num_logits: int,
-                     picks: SamplingParams | None = None, confidence: bool = False) -> Scores:
-        return runner_logits(self.runner, request_id, token_ids, num_logits, picks, confidence)
-
-    async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree,
-                          picks: SamplingParams | None = None) -> Scores:
-        return runner_tree_logits(self.runner, request_id, token_ids, tree, picks)
-
-    async def release(self, request_id: str) -> None:
-        self.runner.release(request_id)
-
-
-def as_level(level: Level | LevelRunner) -> Level:
-    return LocalLevel(level) if isinstance(level, LevelRunner) else level

@@ -139,9 +139,11 @@ class Block(nn.Module):
         self.w_gate_up = make_linear(weights["w_gate_up"], None)
         self.w_down = make_linear(weights["w_down"], None)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,
-                layout: RowLayout) -> torch.Tensor:
-        # x: [n, hidden] float32; cos/sin: [n, head_dim]; kv: [2, kv_heads, capacity, head_dim] (this layer)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                segments: list[tuple[torch.Tensor, RowLayout]]) -> torch.Tensor:
+        """x: [rows, hidden] float32, the rows of every segment one after the other; cos/sin: [rows, head_dim];
+        `segments`: (this layer's cache [2, kv_heads, capacity, head_dim], layout) of each request's rows.
+        Matmuls and norms run over all rows at once; attention per segment, against its own cache."""
         s = self.shape
         n = x.shape[0]
         qkv = self.wqkv(self.attn_norm(x))
@@ -149,13 +151,37 @@ class Block(nn.Module):
         q = q.view(n, s.num_heads, s.head_dim)
         k = k.view(n, s.num_kv_heads, s.head_dim)
         q = (q * cos[:, None] + _rotate_half(q) * sin[:, None]) * self.scale
-        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
-        start = layout.start
-        kv[0, :, start : start + n] = k.transpose(0, 1)
-        kv[1, :, start : start + n] = v.view(n, s.num_kv_heads, s.head_dim).transpose(0, 1)
-        x = x + self.wo(attend(q, kv[0], kv[1], layout, self.quantum))
+        k = (k * cos[:, None] + _rotate_half(k) * sin[:, None]).transpose(0, 1)
+        v = v.view(n, s.num_kv_heads, s.head_dim).transpose(0, 1)
+        attended, first = [], 0
+        for kv, layout in segments:
+            rows, start = len(layout.positions), layout.start
+            kv[0, :, start : start + rows] = k[:, first : first + rows]
+            kv[1, :, start : start + rows] = v[:, first : first + rows]
+            attended.append(attend(q[first : first + rows], kv[0], kv[1], layout, self.quantum))
+            first += rows
+        x = x + self.wo(attended[0] if len(attended) == 1 else torch.cat(attended))
         gate, up = self.w_gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.w_down(gate / (1.0 + torch.exp(-gate)) * up)
+
+
+def causal_chunks(tokens: list[int], num_logits: int) -> list[tuple[list[int], int]]:
+    """A causal continuation in steps of at most MAX_ROWS rows, each with the number of its rows that are
+    among the last `num_logits` (whose logits are wanted)."""
+    n = len(tokens)
+    return [(tokens[begin : begin + MAX_ROWS], max(0, min(MAX_ROWS, n - begin) - max(0, n - num_logits - begin)))
+            for begin in range(0, n, MAX_ROWS)]
+
+
+@dataclass
+class Segment:
+    """Rows of one request in a batched forward: at most MAX_ROWS tokens appended to its cache (a linear
+    continuation, or a token tree with `parents`), and how many of its last rows want logits."""
+
+    token_ids: list[int]
+    cache: KVCache
+    num_logits: int
+    parents: list[int] | None = None
 
 
 class Decoder(nn.Module):
@@ -214,27 +240,44 @@ class Decoder(nn.Module):
         the committed slots, its ancestors and itself, and sits at position cache.length + its depth.
         A causal continuation of more than MAX_ROWS rows is computed in chunks of MAX_ROWS (a tree and
         the rows before it must fit in one)."""
-        n = token_ids.shape[0]
+        tokens = token_ids.tolist()
+        n = len(tokens)
         if parents is not None and n > MAX_ROWS:
             raise ValueError(f"a token tree with the rows before it must fit in one forward of {MAX_ROWS} rows")
-        cache.reserve(cache.length + n)
-        token_ids = token_ids.to(self.device)
-        wanted = []
-        for begin in range(0, n, MAX_ROWS):  # a prompt is computed in chunks of MAX_ROWS rows
-            hidden = self._rows(token_ids[begin : begin + MAX_ROWS], cache, parents)
-            wanted.append(hidden[max(0, n - num_logits - begin) :])
-        hidden = torch.cat(wanted)
-        return torch.cat([self.lm_head(self.norm(hidden[i : i + MAX_ROWS])) for i in range(0, num_logits, MAX_ROWS)])
+        outs = [self.step([Segment(chunk, cache, wanted, parents)])[0]
+                for chunk, wanted in causal_chunks(tokens, num_logits)]
+        return torch.cat([out for out in outs if out is not None])
 
-    def _rows(self, token_ids: torch.Tensor, cache: KVCache, parents: list[int] | None) -> torch.Tensor:
-        n = token_ids.shape[0]
-        layout = RowLayout.build(cache.length, parents, n, self.device)
-        cos, sin = self._rope(layout.positions)
-        x = self.embed[token_ids].float()
+    @torch.inference_mode()
+    def step(self, segments: list[Segment]) -> list[torch.Tensor | None]:
+        """One forward over the rows of several requests (each at most MAX_ROWS rows, its own cache): float32
+        logits [segment.num_logits, vocab] per segment (None where it wants none). Each row's result is what
+        it would be alone: the numerics are row-invariant and attention reads only the row's own cache."""
+        layouts = []
+        for segment in segments:
+            segment.cache.reserve(segment.cache.length + len(segment.token_ids))
+            layouts.append(RowLayout.build(segment.cache.length, segment.parents, len(segment.token_ids), self.device))
+        positions = layouts[0].positions if len(layouts) == 1 else torch.cat([lay.positions for lay in layouts])
+        cos, sin = self._rope(positions)
+        tokens = torch.tensor([t for segment in segments for t in segment.token_ids], device=self.device)
+        x = self.embed[tokens].float()
         for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache.buffer[layer], layout)
-        cache.length += n
-        return x
+            x = block(x, cos, sin, [(segment.cache.buffer[layer], lay) for segment, lay in zip(segments, layouts)])
+        wanted, first = [], 0
+        for segment in segments:
+            rows = len(segment.token_ids)
+            segment.cache.length += rows
+            wanted.append(torch.arange(first + rows - segment.num_logits, first + rows))
+            first += rows
+        picked = torch.cat(wanted)
+        if not len(picked):
+            return [None] * len(segments)
+        logits = self.lm_head(self.norm(x[picked.to(self.device)]))
+        outs, first = [], 0
+        for segment in segments:
+            outs.append(logits[first : first + segment.num_logits] if segment.num_logits else None)
+            first += segment.num_logits
+        return outs
 
     @classmethod
     def from_hf(cls, hf_model, dtype: torch.dtype, device: torch.device) -> Decoder:

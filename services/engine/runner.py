@@ -11,17 +11,32 @@ keys and values are kept, the other nodes' dropped, with no extra message.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass
+import statistics
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 
 import torch
 
+from services.engine.budget import CostModel
 from services.engine.kernels import MAX_ROWS
-from services.engine.model import Decoder, KVCache
+from services.engine.model import Decoder, KVCache, Segment, causal_chunks
 from services.engine.model_store import load_pretrained
 from services.engine.tree import TokenTree
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COST_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass
+class LevelCall:
+    """One request's forward at a level: logits of the last `num_logits` positions of `token_ids`, or with
+    a `tree`, after the sequence and after each of the tree's nodes."""
+
+    request_id: str
+    token_ids: list[int]
+    num_logits: int = 1
+    tree: TokenTree | None = None
 
 
 @dataclass
@@ -32,6 +47,17 @@ class _RequestCache:
     token_ids: list[int]
     cache: KVCache
     tree: TokenTree | None = None
+
+
+@dataclass(eq=False)
+class Work:
+    """A call in progress: the steps (tokens, logits wanted, parents) still to compute, the logits so far."""
+
+    call: LevelCall
+    state: _RequestCache
+    steps: deque[tuple[list[int], int, list[int] | None]]
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    logits: torch.Tensor | None = None
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -80,9 +106,6 @@ class LevelRunner:
             self._requests.popitem(last=False)
         return state
 
-    def _run(self, state: _RequestCache, new: list[int], num_logits: int, parents=None) -> torch.Tensor:
-        return self.decoder(torch.tensor(new), state.cache, num_logits, parents)
-
     @staticmethod
     def _settle_tree(state: _RequestCache, token_ids: list[int]) -> None:
         """Keep the pending tree's nodes along the path that `token_ids` continues with."""
@@ -105,16 +128,66 @@ class LevelRunner:
         cache.length = total + len(nodes)
         state.token_ids.extend(token_ids[total : total + len(nodes)])
 
+    def begin(self, call: LevelCall) -> Work:
+        """Plan a call's forward: reuse the longest cached prefix, then at most MAX_ROWS rows per step (a
+        prompt takes several steps; a tree goes in the last, after the last uncached token)."""
+        state = self._state(call.request_id)
+        self._settle_tree(state, call.token_ids)
+        total = len(call.token_ids)
+        wanted = 1 if call.tree is not None else call.num_logits
+        keep = min(_common_prefix(state.token_ids, call.token_ids), total - wanted)
+        state.cache.length = keep
+        new = call.token_ids[keep:]
+        steps: deque[tuple[list[int], int, list[int] | None]] = deque()
+        if call.tree is not None:
+            if len(new) + len(call.tree) > MAX_ROWS:
+                steps.extend((tokens, wanted, None) for tokens, wanted in causal_chunks(new[:-1], 0))
+                new = new[-1:]
+            parents = [r - 1 for r in range(len(new))]
+            parents += [len(new) - 1 if parent < 0 else len(new) + parent for parent in call.tree.parents]
+            steps.append((new + call.tree.tokens, len(call.tree) + 1, parents))
+        else:
+            steps.extend((tokens, wanted, None) for tokens, wanted in causal_chunks(new, call.num_logits))
+        return Work(call, state, steps)
+
+    def step(self, works: list[Work]) -> list[Work]:
+        """One forward over the next step of every work; returns the works this step completed (their
+        `logits` set, their request's cache holding the call's sequence)."""
+        segments = []
+        for work in works:
+            tokens, num_logits, parents = work.steps.popleft()
+            segments.append(Segment(tokens, work.state.cache, num_logits, parents))
+        done = []
+        for work, logits in zip(works, self.decoder.step(segments)):
+            if logits is not None:
+                work.outputs.append(logits)
+            if not work.steps:
+                self._finish(work)
+                done.append(work)
+        return done
+
+    @staticmethod
+    def _finish(work: Work) -> None:
+        state, call = work.state, work.call
+        work.logits = work.outputs[0] if len(work.outputs) == 1 else torch.cat(work.outputs)
+        if call.tree is not None:
+            state.cache.length = len(call.token_ids)  # the nodes wait behind the sequence (see _settle_tree)
+            state.tree = call.tree
+        state.token_ids = list(call.token_ids)
+
+    def run(self, calls: list[LevelCall]) -> list[torch.Tensor]:
+        """The calls' logits, computed together (steps until every call is done)."""
+        works = [self.begin(call) for call in calls]
+        active = list(works)
+        while active:
+            self.step(active)
+            active = [work for work in active if work.steps]
+        return [work.logits for work in works]
+
     def logits(self, request_id: str, token_ids: list[int], num_logits: int) -> torch.Tensor:
         """Float32 logits [num_logits, vocab] predicting the tokens after each of the last
         `num_logits` positions of `token_ids`."""
-        state = self._state(request_id)
-        self._settle_tree(state, token_ids)
-        keep = min(_common_prefix(state.token_ids, token_ids), len(token_ids) - num_logits)
-        state.cache.length = keep
-        out = self._run(state, token_ids[keep:], num_logits)
-        state.token_ids = list(token_ids)
-        return out
+        return self.run([LevelCall(request_id, token_ids, num_logits)])[0]
 
     def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree) -> torch.Tensor:
         """Logits [1 + len(tree), vocab]: row 0 after the last token of `token_ids`, row 1 + i after
@@ -122,22 +195,28 @@ class LevelRunner:
 
         Afterwards the cache holds `token_ids`; the nodes' keys and values wait in the slots behind
         it until the next call keeps the verified ones."""
-        state = self._state(request_id)
-        self._settle_tree(state, token_ids)
-        total = len(token_ids)
-        keep = min(_common_prefix(state.token_ids, token_ids), total - 1)
-        state.cache.length = keep
-        linear = token_ids[keep:]
-        if len(linear) + len(tree) > MAX_ROWS:  # a long uncached suffix first, in chunks; the tree after its last token
-            self._run(state, linear[:-1], 1)
-            linear = linear[-1:]
-        parents = [r - 1 for r in range(len(linear))]
-        parents += [len(linear) - 1 if parent < 0 else len(linear) + parent for parent in tree.parents]
-        out = self._run(state, linear + tree.tokens, len(tree) + 1, parents)
-        state.cache.length = total
-        state.token_ids = list(token_ids)
-        state.tree = tree
-        return out
+        return self.run([LevelCall(request_id, token_ids, tree=tree)])[0]
+
+    def measure_costs(self, rows: tuple[int, ...] = COST_ROWS, repeats: int = 3) -> CostModel:
+        """Milliseconds of a forward over `rows` new rows in total, spread over up to 8 requests (a batch),
+        each after a 64-token context: what the draft budget prices a round at."""
+        context = [i % self.vocab_size for i in range(64)]
+        ms = []
+        for total in rows:
+            requests = min(total, 8)
+            sizes = [total // requests + (k < total % requests) for k in range(requests)]
+            calls = [LevelCall(f"cost-{k}", context + [k % self.vocab_size] * size, size)
+                     for k, size in enumerate(sizes)]
+            self.run(calls)  # the contexts cached: each repeat computes the new rows (and their logits) only
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                self.run(calls)
+                times.append(1000 * (time.perf_counter() - start))
+            ms.append(max([statistics.median(times), *ms[-1:]]))  # more rows never cost less
+        for k in range(8):
+            self.release(f"cost-{k}")
+        return CostModel(tuple(rows), tuple(ms))
 
     def release(self, request_id: str) -> None:
         self._requests.pop(request_id, None)

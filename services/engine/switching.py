@@ -45,6 +45,8 @@ class SwitchingDecoder(HierarchicalDecoder):
         self.members = members
         self.names = names
         self.chooser = chooser
+        for member in members:  # the members' draft budgets see this decoder's load
+            member.load = self.load
 
     async def _target_round(self, req: Generation, seq: list[int], limit: int) -> Draft:
         index = self.chooser.choose(req, seq)

@@ -3,7 +3,9 @@
 Every call carries the request id and the full token sequence (see
 `services.engine.runner`), so any replica can answer any call; the router routes a
 request's calls by its id (Serve's multiplexed model id) to keep its cache warm
-on one replica. A replica computes one forward at a time, off the event loop
+on one replica. The calls of concurrent requests run in shared forwards
+(`services.engine.batching`: calls arriving while a forward runs join the next
+one). A replica computes one forward at a time, off the event loop
 so health checks and queued calls are still heard, always on the one thread
 that loaded the weights (torch's OpenMP team belongs to the thread that
 starts a parallel region; on the 2-core dev host, forwards on the loading
@@ -27,7 +29,9 @@ import torch
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from services.engine.levels import Scores, runner_logits, runner_tree_logits
+from services.engine.batching import BatchingLevel, BatchLimits
+from services.engine.budget import CostModel
+from services.engine.levels import Scores
 from services.engine.runner import LevelRunner
 from services.engine.sampling import SamplingParams
 from services.engine.tree import TokenTree
@@ -40,20 +44,35 @@ TRACKED_REQUESTS = 256
 class LevelService:
     """`threads`: torch threads of a forward for a request running alone (default: the node's cores);
     `shared_threads`: while several requests run, when every level of the machine may be computing
-    at once (default: the node's cores divided among `levels_per_node`)."""
+    at once (default: the node's cores divided among `levels_per_node`). `batch`: the limits of one
+    batched forward (`BatchLimits`)."""
 
     def __init__(self, model: str, dtype: str, device: str, threads: int | None, shared_threads: int | None,
-                 levels_per_node: int, max_cached_requests: int):
+                 levels_per_node: int, max_cached_requests: int, batch: dict | None = None):
         self.solo_threads = threads or os.cpu_count() or 1
         self.shared_threads = shared_threads or max(1, self.solo_threads // levels_per_node)
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="level-compute")  # serialises every forward
         self.runner = self._compute.submit(self._load, model, dtype, device).result()
         self.runner.max_cached_requests = max_cached_requests
+        self.level = BatchingLevel(self.runner, BatchLimits.model_validate(batch or {}), run=self._on_compute)
+        self._alone = False  # what the router said with its last call: it runs one request only
+        self._compute.submit(lambda: self.level.costs).result()  # the draft budget's input, measured once per machine
 
     def _load(self, model: str, dtype: str, device: str) -> LevelRunner:
         # Ray caps a worker's threads at its CPU reservation; a level gets what the config says, else the node
         torch.set_num_threads(self.shared_threads)
         return LevelRunner.load(model, dtype, device)
+
+    async def _on_compute(self, function, requests: int):
+        """Run a forward (or a release) on the compute thread, with every core when one request runs alone."""
+        threads = self.solo_threads if requests == 1 and self._alone else self.shared_threads
+        return await asyncio.get_running_loop().run_in_executor(self._compute, self._with_threads, function, threads)
+
+    @staticmethod
+    def _with_threads(function, threads: int):
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        return function()
 
     @serve.multiplexed(max_num_models_per_replica=TRACKED_REQUESTS)
     async def _track(self, request_id: str) -> str:
@@ -61,29 +80,26 @@ class LevelService:
 
     def info(self) -> dict:
         return {"name": self.runner.name, "vocab_size": self.runner.vocab_size,
-                "context_window": self.runner.context_window}
-
-    async def _call(self, forward, alone: bool):
-        await self._track(serve.get_multiplexed_model_id())
-        return await asyncio.get_running_loop().run_in_executor(self._compute, self._forward, forward, alone)
-
-    def _forward(self, forward, alone: bool):
-        threads = self.solo_threads if alone else self.shared_threads
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-        return forward()
+                "context_window": self.runner.context_window, "costs": self.level.costs.__dict__}
 
     async def logits(self, request_id: str, token_ids: list[int], num_logits: int,
                      picks: SamplingParams | None = None, confidence: bool = False, alone: bool = False) -> Scores:
-        return await self._call(
-            lambda: runner_logits(self.runner, request_id, token_ids, num_logits, picks, confidence), alone)
+        await self._track(serve.get_multiplexed_model_id())
+        self._alone = alone
+        return await self.level.logits(request_id, token_ids, num_logits, picks, confidence)
 
     async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree,
                           picks: SamplingParams | None = None, alone: bool = False) -> Scores:
-        return await self._call(lambda: runner_tree_logits(self.runner, request_id, token_ids, tree, picks), alone)
+        await self._track(serve.get_multiplexed_model_id())
+        self._alone = alone
+        return await self.level.tree_logits(request_id, token_ids, tree, picks)
 
     async def release(self, request_id: str) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._compute, self.runner.release, request_id)
+        await self.level.release(request_id)
+
+    def batching(self) -> dict:
+        """Forwards run and the calls they served (calls per forward: the batch size)."""
+        return {"forwards": self.level.forwards_run, "calls": self.level.calls_served}
 
     async def process_id(self) -> int:
         """The process of the replica that calls for this multiplexed request id reach (the
@@ -108,6 +124,7 @@ class RemoteLevel:
         self.name = info["name"]
         self.vocab_size = info["vocab_size"]
         self.context_window = info["context_window"]
+        self.costs = CostModel(tuple(info["costs"]["rows"]), tuple(info["costs"]["ms"]))
         self.alone = alone or (lambda: False)
 
     @classmethod

@@ -1,0 +1,193 @@
+"""Continuous batching at a level: the forwards of many requests computed as one.
+
+A level call (one request's draft step, verification or token tree) waits in a
+queue. A driver takes every waiting call, up to the limits, runs their next
+step as one forward (`Decoder.step`: matmuls and norms over all rows at once,
+attention per request against its own cache), hands each finished call its
+scores, and starts over, so calls that arrive while a forward runs join the
+next one. A call that needs several steps (a prompt, MAX_ROWS rows per step)
+stays in the batch for the forwards that follow, its chunks mixed with the
+other requests' rows (chunked prefill): a long prompt does not stall the
+streams that are decoding.
+
+The numerics are row-invariant (`services.engine.model`), so a request's scores
+do not depend on which requests share its forwards: batching changes no output
+(tested: each of 8 concurrent requests equals the same request alone).
+
+One class serves both places a level runs. In-process (`hierspec generate`,
+`bench`) `run` is None and a forward runs inline: calls made in the same turn
+of the event loop share a forward. In a Serve replica `run` hands the forward
+to the replica's compute thread (every torch op runs there), and the event
+loop keeps taking calls meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.engine.budget import CostModel
+from services.engine.kernels import kernel_choices
+from services.engine.levels import Level, Scores, linear_positions, scores, tree_positions
+from services.engine.runner import LevelCall, LevelRunner, Work
+from services.engine.sampling import SamplingParams
+from services.engine.tree import TokenTree
+
+
+class BatchLimits(BaseModel):
+    """How much one forward of a level takes on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_requests: int = Field(32, ge=1, description="requests whose calls share one forward")
+    max_rows: int = Field(512, ge=1, description="new tokens of one forward, over all its requests (a call that "
+                                                 "does not fit waits for the next forward, unless it is alone)")
+    wait_ms: float = Field(0.0, ge=0.0, le=1000.0,
+                           description="while other requests are active, how long a forward waits for their calls")
+
+
+@dataclass
+class _Pending:
+    call: LevelCall
+    picks: SamplingParams | None
+    confidence: bool
+    positions: list[int]
+    future: asyncio.Future
+    work: Work | None = None
+
+    def rows(self) -> int:
+        """New rows of its next step: its planned step once begun, else what a cached request computes."""
+        if self.work is not None:
+            return len(self.work.steps[0][0])
+        return (len(self.call.tree) + 1) if self.call.tree is not None else self.call.num_logits
+
+
+Run = Callable[[Callable[[], object], int], Awaitable[object]]  # (blocking function, requests in it) -> its result
+
+
+class BatchingLevel:
+    """A runner as a `Level` whose calls from concurrent requests run in shared forwards."""
+
+    def __init__(self, runner: LevelRunner, limits: BatchLimits | None = None, run: Run | None = None):
+        self.runner = runner
+        self.name = runner.name
+        self.vocab_size = runner.vocab_size
+        self.limits = limits or BatchLimits()
+        self._run = run
+        self._queue: deque[_Pending] = deque()
+        self._active: list[_Pending] = []  # calls with steps left after the last forward
+        self._driver: asyncio.Task | None = None
+        self.forwards_run = 0  # statistics: forwards, and the calls they served
+        self.calls_served = 0
+
+    async def logits(self, request_id: str, token_ids: list[int], num_logits: int,
+                     picks: SamplingParams | None = None, confidence: bool = False) -> Scores:
+        return await self._submit(LevelCall(request_id, token_ids, num_logits), picks, confidence,
+                                  linear_positions(len(token_ids), num_logits))
+
+    async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree,
+                          picks: SamplingParams | None = None) -> Scores:
+        return await self._submit(LevelCall(request_id, token_ids, tree=tree), picks, False,
+                                  tree_positions(len(token_ids), tree))
+
+    @functools.cached_property
+    def costs(self) -> CostModel:
+        """This level's forward cost over total rows, measured once per machine (cached with the kernel choices)."""
+        runner = self.runner
+        key = (f"costs|{runner.name}|{runner.decoder.dtype}|{runner.decoder.device}|torch {torch.__version__}|"
+               f"threads {torch.get_num_threads()}")
+        entry = kernel_choices().cached(key, lambda: runner.measure_costs().__dict__)
+        return CostModel(tuple(entry["rows"]), tuple(entry["ms"]))
+
+    async def release(self, request_id: str) -> None:
+        await self._execute(lambda: self.runner.release(request_id), 1)
+
+    async def _execute(self, function: Callable[[], object], requests: int):
+        return function() if self._run is None else await self._run(function, requests)
+
+    async def _submit(self, call: LevelCall, picks: SamplingParams | None, confidence: bool,
+                      positions: list[int]) -> Scores:
+        pending = _Pending(call, picks, confidence, positions, asyncio.get_running_loop().create_future())
+        self._queue.append(pending)
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.ensure_future(self._drive())
+        return await pending.future
+
+    async def _drive(self) -> None:
+        while self._queue or self._active:
+            await asyncio.sleep(0)  # calls made in this turn of the event loop join the forward
+            if self.limits.wait_ms and self._active_requests() > len(self._queue) + len(self._active):
+                await asyncio.sleep(self.limits.wait_ms / 1000)
+            batch = self._take()
+            if not batch:
+                continue
+            try:
+                finished = await self._execute(functools.partial(self._step, batch), len(batch))
+            except Exception as exc:  # the forward failed (out of memory, say): its calls fail, not the level
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+                self._active = [p for p in self._active if p not in batch]
+                continue
+            self.forwards_run += 1
+            for pending, result in finished:
+                self.calls_served += 1
+                if not pending.future.done():  # a caller that went away has cancelled it
+                    if isinstance(result, Exception):
+                        pending.future.set_exception(result)
+                    else:
+                        pending.future.set_result(result)
+            self._active = [p for p in batch if p.work is not None and p.work.steps]
+
+    def _active_requests(self) -> int:
+        return self.runner.cached_requests()
+
+    def _take(self) -> list[_Pending]:
+        """Calls with steps left first, then waiting calls in arrival order, one per request, within the limits."""
+        batch = list(self._active)
+        rows = sum(p.rows() for p in batch)
+        requests = {p.call.request_id for p in batch}
+        deferred = deque()
+        while self._queue:
+            pending = self._queue.popleft()
+            if pending.future.done():  # cancelled while waiting
+                continue
+            fits = len(requests) < self.limits.max_requests and rows + pending.rows() <= self.limits.max_rows
+            if pending.call.request_id in requests or (batch and not fits):
+                deferred.append(pending)
+                continue
+            batch.append(pending)
+            requests.add(pending.call.request_id)
+            rows += pending.rows()
+        self._queue = deferred
+        return batch
+
+    def _step(self, batch: list[_Pending]) -> list[tuple[_Pending, Scores | Exception]]:
+        """On the compute thread: plan new calls, one forward, scores of the calls it finished."""
+        finished: list[tuple[_Pending, Scores | Exception]] = []
+        stepping = []
+        for pending in batch:
+            if pending.work is None:
+                try:
+                    pending.work = self.runner.begin(pending.call)
+                except ValueError as exc:  # a call this level cannot run (a tree too large): it alone fails
+                    finished.append((pending, exc))
+                    continue
+            stepping.append(pending)
+        if stepping:
+            done = self.runner.step([p.work for p in stepping])
+            for pending in stepping:
+                if pending.work in done:
+                    finished.append((pending, scores(pending.work.logits, pending.picks, pending.positions,
+                                                     pending.confidence)))
+        return finished
+
+
+def as_level(level: Level | LevelRunner) -> Level:
+    return BatchingLevel(level) if isinstance(level, LevelRunner) else level

@@ -1,0 +1,64 @@
+"""Load-aware speculation: how many tokens a request drafts for the target while others share its forwards.
+
+Alone, a request's draft length is the plan's (T_i, the drafter's tree): a draft
+row costs little next to reading the weights. With B requests batched at the
+target, every draft row is one more row of a forward all B wait for, so the
+draft that maximises one request's speed over-drafts for the batch. Per round,
+with per-token acceptance alpha (each drafted token accepted with probability
+alpha, independently: the HSD paper's model), n drafted tokens commit
+E(alpha, n) = (1 - alpha^(n+1)) / (1 - alpha) tokens, and a round of the batch
+costs about c_target(B (n + 1)) + n c_draft(B): the target verifying every
+request's n + 1 rows, and the level below taking n steps of B rows. The budget
+is the n <= T that maximises B E(alpha, n) / cost; it shrinks as B grows, down
+to 0 (plain decoding) where speculation no longer pays.
+
+A budget only sizes drafts: every draft is verified by the target, so the
+output is unchanged (lossless), only the speed.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Milliseconds of one forward of a level over `rows` new rows in total (all requests), measured at a few
+    row counts and interpolated linearly (extrapolated from the last two points)."""
+
+    rows: tuple[int, ...]
+    ms: tuple[float, ...]
+
+    def __call__(self, rows: float) -> float:
+        i = min(max(bisect.bisect_left(self.rows, rows), 1), len(self.rows) - 1)
+        (r0, r1), (m0, m1) = self.rows[i - 1 : i + 1], self.ms[i - 1 : i + 1]
+        return max(m0 + (m1 - m0) * (rows - r0) / (r1 - r0), 0.0)
+
+
+def expected_tokens(alpha: float, drafted: int) -> float:
+    """Tokens a round commits with `drafted` tokens, each accepted with probability alpha (plus the bonus)."""
+    return drafted + 1.0 if alpha >= 1.0 else (1.0 - alpha ** (drafted + 1)) / (1.0 - alpha)
+
+
+class DraftBudget:
+    """Draft tokens per round under load, from the target's (and the draft level's) cost model and the
+    acceptance the target has shown recently (a moving average over rounds)."""
+
+    def __init__(self, target: CostModel, draft: CostModel | None, alpha: float = 0.6, smoothing: float = 0.05):
+        self.target, self.draft = target, draft
+        self.alpha, self.smoothing = alpha, smoothing
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        if drafted:
+            self.alpha += self.smoothing * (accepted / drafted - self.alpha)
+
+    def tokens(self, load: int, most: int) -> int:
+        """The draft length (0 to `most`) maximising committed tokens per second across `load` requests."""
+        if load <= 1:
+            return most
+
+        def throughput(n: int) -> float:
+            cost = self.target(load * (n + 1)) + (n * self.draft(load) if self.draft is not None and n else 0.0)
+            return load * expected_tokens(self.alpha, n) / cost
+        return max(range(most + 1), key=throughput)

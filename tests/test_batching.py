@@ -1,0 +1,118 @@
+"""Continuous batching changes no output: each request's tokens are the same whichever requests share its
+forwards, greedy and sampled, with token trees, multi-level drafts, long prompts prefilled in chunks, and a
+request cancelled in the middle of a batch."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from test_sampling_exact import MODES, STOP, chi_square, params, tiny_drafter
+from test_sampling_exact import VOCAB as TINY_VOCAB
+from tiny_models import tiny_runner
+
+from services.engine.batching import BatchingLevel
+from services.engine.hsd import DraftPolicy, HierarchicalDecoder
+from services.engine.sampling import SamplingParams
+
+GREEDY = SamplingParams()
+VOCAB = 32
+
+
+@pytest.fixture(scope="module")
+def levels():
+    torch.set_num_threads(1)
+    return {"draft": BatchingLevel(tiny_runner(5, vocab=VOCAB)), "target": BatchingLevel(tiny_runner(3, vocab=VOCAB))}
+
+
+def prompts(count: int, long_every: int = 3) -> list[list[int]]:
+    """Short prompts, and every few a long one (more than MAX_ROWS tokens: prefilled in several forwards)."""
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(0, VOCAB, (150 if i % long_every == 0 else 4 + i,), generator=generator).tolist()
+            for i in range(count)]
+
+
+async def _collect(generation) -> list[int]:
+    return [token async for chunk in generation.stream() for token in chunk]
+
+
+def run_together(decoder: HierarchicalDecoder, requests: list[list[int]], sampling: list[SamplingParams],
+                 max_tokens: int = 24) -> list[list[int]]:
+    async def main():
+        return await asyncio.gather(*(_collect(decoder.start(p, s, max_tokens, frozenset()))
+                                      for p, s in zip(requests, sampling)))
+    return asyncio.run(main())
+
+
+def hierarchies(levels) -> dict[str, HierarchicalDecoder]:
+    draft, target = levels["draft"], levels["target"]
+    return {"ar": HierarchicalDecoder([target], []),
+            "hsd": HierarchicalDecoder([draft, target], [DraftPolicy(4)]),
+            "hd": HierarchicalDecoder([target], [], proposer=tiny_drafter(3)),
+            "hd+hsd": HierarchicalDecoder([draft, target], [DraftPolicy(3)], proposer=tiny_drafter(4))}
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "coupled"])
+def test_eight_concurrent_requests_each_equal_the_request_alone(levels, sampled):
+    requests = prompts(8)
+    sampling = [SamplingParams(temperature=0.9, seed=i) if sampled else GREEDY for i in range(8)]
+    for name, decoder in hierarchies(levels).items():
+        alone = [run_together(decoder, [p], [s])[0] for p, s in zip(requests, sampling)]
+        forwards, calls = levels["target"].forwards_run, levels["target"].calls_served
+        together = run_together(decoder, requests, sampling)
+        assert together == alone, name
+        batched_forwards = levels["target"].forwards_run - forwards
+        batched_calls = levels["target"].calls_served - calls
+        assert batched_calls >= 2 * batched_forwards, f"{name}: the requests' calls did not share forwards"
+
+
+def test_a_request_cancelled_mid_batch_leaves_the_others_unchanged(levels):
+    decoder = hierarchies(levels)["hsd"]
+    requests = prompts(6)
+    alone = [run_together(decoder, [p], [GREEDY])[0] for p in requests]
+
+    async def main():
+        tasks = [asyncio.ensure_future(_collect(decoder.start(p, GREEDY, 24, frozenset()))) for p in requests]
+        await asyncio.sleep(0)
+        for _ in range(20):  # a few rounds in: the victim has calls queued or computing
+            await asyncio.sleep(0)
+        tasks[2].cancel()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    together = asyncio.run(main())
+    assert isinstance(together[2], asyncio.CancelledError)
+    assert [t for i, t in enumerate(together) if i != 2] == [a for i, a in enumerate(alone) if i != 2]
+    assert levels["target"].runner.cached_requests() == levels["draft"].runner.cached_requests() == 0
+
+
+class Concurrently:
+    """A decoder whose `generate` runs 8 requests at a time (the chi-square test calls it one by one):
+    samples come from batched forwards."""
+
+    def __init__(self, decoder: HierarchicalDecoder, width: int = 8):
+        self.decoder, self.width, self.target = decoder, width, decoder.target
+        self._ready: list = []
+
+    def generate(self, prompt, params, max_tokens, stop_ids=frozenset()):
+        if not self._ready:
+            seeds = range(params.seed, params.seed + self.width)
+
+            async def main():
+                generations = [self.decoder.start(prompt, params.model_copy(update={"seed": s}), max_tokens, stop_ids)
+                               for s in seeds]
+                await asyncio.gather(*(_collect(g) for g in generations))
+                return generations
+            self._ready = asyncio.run(main())
+        return self._ready.pop(0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sampling_with_batched_forwards_matches_target(mode):
+    torch.set_num_threads(1)
+    small = BatchingLevel(tiny_runner(11, layers=1, vocab=TINY_VOCAB))
+    target = BatchingLevel(tiny_runner(13, layers=1, vocab=TINY_VOCAB))
+    decoder = HierarchicalDecoder([small, target], [2], proposer=tiny_drafter(2))
+    p, events = chi_square(Concurrently(decoder), params(mode, temperature=1.0), STOP)
+    assert p > 1e-3 and events["rejected"] > 1000, events
+    assert target.calls_served >= 4 * target.forwards_run, "samples did not share forwards"
