@@ -64,7 +64,7 @@ test: setup models
 bench: setup models stats
 	$(HIERSPEC) bench --config deploy/configs/qwen-coder-cpu.yaml --workload $(WORKLOAD) \
 	  --categories coding_humaneval,mt_bench --per-category 1 --max-tokens 128 \
-	  --methods ar,hf-pld,hf-assisted,hsd,hd,hd+hsd,auto --out results/bench.json
+	  --methods ar,hf-ar,hf-pld,hf-assisted,hsd,hd,hd+hsd,auto --out results/bench.json
 
 # The longer suites of the acceptance notes (about an hour).
 bench-full: setup models stats

@@ -171,7 +171,7 @@ def _cmd_plan(args) -> None:
     config = load_config(args.config)
     run_plan(config, args.workload, args.out, args.dtype, per_category=args.per_category,
              measure_per_category=args.measure_per_category, max_tokens=args.max_tokens,
-             categories=args.categories, refresh=args.refresh)
+             categories=args.categories, refresh=args.refresh, concurrency=args.concurrency)
 
 
 def _counts(text: str, flag: str) -> tuple[int, ...]:
@@ -312,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--categories", default=None, help="comma-separated categories (default: all)")
     plan.add_argument("--max-tokens", type=int, default=128)
     plan.add_argument("--refresh", action="store_true", help="profile again even if a cached profile fits")
+    plan.add_argument("--concurrency", type=int, default=1,
+                      help="requests sharing every forward: plans are priced and measured at this load")
     plan.add_argument("--out", default="results/plan.json")
     plan.set_defaults(func=_cmd_plan)
 

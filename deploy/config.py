@@ -56,7 +56,8 @@ class DrafterSettings(BaseModel):
     max_key: int = Field(4, ge=1, le=8, description="longest n-gram key tried")
     max_depth: int = Field(12, ge=1, le=32, description="longest drafted continuation")
     max_candidates: int = Field(4, ge=1, le=16, description="candidates merged into one token tree")
-    max_nodes: int = Field(12, ge=1, le=64, description="tree size: rows of one verification forward")
+    max_nodes: int = Field(12, ge=1, le=63, description="tree size: rows of one verification forward (with the "
+                                                          "last committed token, at most 64)")
 
 
 class PlannerSettings(BaseModel):

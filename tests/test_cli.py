@@ -45,3 +45,21 @@ def test_generate_sampling_is_reproducible_with_a_seed():
     args = ("--config", "deploy/configs/smollm2-cpu.yaml", "--prompt", "Tell me a fact.", "--max-tokens", "10",
             "--temperature", "0.9", "--seed", "7")
     assert generate(*args)["token_ids"] == generate(*args)["token_ids"]
+
+
+def test_generate_methods_agree_in_the_default_dtype_greedy_and_seeded():
+    """bfloat16 (the config's dtype): row-invariant numerics make speculation plain decoding to the last bit,
+    and a seed makes sampled text the same under every method (coupled sampling)."""
+    args = ("--config", "deploy/configs/smollm2-cpu.yaml", "--prompt", "Repeat after me: one two three, one two three.",
+            "--max-tokens", "24")
+    assert generate(*args, "--method", "ar")["token_ids"] == generate(*args, "--method", "hd")["token_ids"]
+    seeded = (*args, "--temperature", "0.9", "--seed", "11")
+    assert generate(*seeded, "--method", "ar")["token_ids"] == generate(*seeded, "--method", "hd")["token_ids"]
+
+
+def test_verbose_prints_the_kernels_chosen():
+    proc = subprocess.run([str(HIERSPEC), "generate", "--config", "deploy/configs/smollm2-cpu.yaml", "--prompt", "Hi",
+                           "--max-tokens", "2", "--verbose"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "hierspec: kernel for linear" in proc.stderr and "576x49152" in proc.stderr
+    assert "hierspec: attention: query rows padded" in proc.stderr

@@ -91,3 +91,17 @@ def test_failed_checksum_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="sha256 mismatch"):
         model_store.fetch(fake.name)
     assert not list((tmp_path / fake.name).iterdir())
+
+
+@pytest.mark.parametrize("sweep", ["0,2", "1,x", ""])
+def test_bench_serve_sweep_is_checked(capsys, sweep):
+    code, err = run_cli(capsys, "bench-serve", "--config", "deploy/configs/smollm2-cpu.yaml", "--workload",
+                        "deploy/calibration.jsonl", "--sweep", sweep)
+    assert code == 2 and err.startswith("hierspec: error: --sweep")
+
+
+def test_bench_concurrency_is_positive(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--config", "deploy/configs/smollm2-cpu.yaml", "--workload", "deploy/calibration.jsonl",
+              "--concurrency", "0"])
+    assert exit_.value.code == 2 and "--concurrency must be at least 1" in capsys.readouterr().err

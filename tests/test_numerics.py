@@ -15,7 +15,7 @@ import torch
 from tiny_models import tiny_hf_model
 
 from services.engine.attention import RowLayout, attend
-from services.engine.kernels import MAX_ROWS, ChosenLinear, kernel_choices
+from services.engine.kernels import MAX_ROWS, ChosenLinear, kernel_choices, probe
 from services.engine.model import Decoder, RMSNorm, _rotate_half
 from services.engine.tree import TokenTree
 
@@ -48,7 +48,7 @@ def two_threads():
 def test_linear_layers_and_lm_head(shape, dtype):
     weight = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 0.05
     linear = ChosenLinear(weight, torch.randn(shape[0]), dtype, CPU, kernel_choices().linear(weight, dtype, CPU))
-    rows_match_alone(linear, torch.randn(MAX_ROWS, shape[1]) * 2)
+    rows_match_alone(linear, probe(MAX_ROWS, shape[1], generator=torch.Generator().manual_seed(1)) * 2)
 
 
 @pytest.mark.parametrize("hidden", [576, 896, 1536])
@@ -71,10 +71,10 @@ def test_rotary_embedding_and_silu():
 def _attention_case(heads: int, kv_heads: int, head_dim: int, committed: int, n: int, parents=None):
     """(output of the forward's n rows, each row computed alone) for one layer's attention."""
     generator = torch.Generator().manual_seed(committed + n)
-    quantum = kernel_choices().attention_quantum(head_dim, CPU)
+    quantum = kernel_choices().attention_quantum(head_dim, kv_heads, heads // kv_heads, CPU)
     cache = torch.randn(2, kv_heads, committed + MAX_ROWS + 64, head_dim, generator=generator)
     q = torch.randn(n, heads, head_dim, generator=generator)
-    out = attend(q, cache[0], cache[1], RowLayout.build(committed, parents, n, CPU), quantum)
+    out = attend(q, [(cache[0], cache[1], RowLayout.build(committed, parents, n, CPU))], quantum)
     layout = RowLayout.build(committed, parents, n, CPU)
     alone = []
     for r in range(n):
@@ -89,7 +89,7 @@ def _attention_case(heads: int, kv_heads: int, head_dim: int, committed: int, n:
             solo[:, :, committed + depth] = cache[:, :, committed + row]
         position = int(layout.positions[r])
         single = RowLayout.build(position, None, 1, CPU)
-        alone.append(attend(q[r : r + 1], solo[0], solo[1], single, quantum))
+        alone.append(attend(q[r : r + 1], [(solo[0], solo[1], single)], quantum))
     return out, torch.cat(alone)
 
 
@@ -138,3 +138,21 @@ def test_whole_forward_prefill_steps_chunks_and_trees_agree(arch, dtype):
         cache = decoder.new_cache()
         decoder(tokens[:200], cache, 1)
         assert torch.equal(decoder(torch.tensor(path), cache, len(path))[-1], tree_logits[1 + node])
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (12, 2, 128)], ids=["smollm2", "qwen-1.5b"])
+def test_attention_over_several_requests_equals_each_alone(heads, kv_heads, head_dim):
+    """A batched forward: rows of requests with their own caches, lengths and trees in one attention call."""
+    generator = torch.Generator().manual_seed(3)
+    quantum = kernel_choices().attention_quantum(head_dim, kv_heads, heads // kv_heads, CPU)
+    cases = [(5, 3, None), (300, 1, None), (140, 13, [-1, 0, 0, 1, 2, 2, 3, 4, 5, 6, 6, 7, 8]), (700, 64, None),
+             (64, 17, None)]
+    parts, queries, alone = [], [], []
+    for committed, n, parents in cases:
+        cache = torch.randn(2, kv_heads, committed + MAX_ROWS + 64, head_dim, generator=generator)
+        q = torch.randn(n, heads, head_dim, generator=generator)
+        layout = RowLayout.build(committed, parents, n, CPU)
+        parts.append((cache[0], cache[1], layout))
+        queries.append(q)
+        alone.append(attend(q, [parts[-1]], quantum))
+    assert torch.equal(attend(torch.cat(queries), parts, quantum), torch.cat(alone))

@@ -155,7 +155,7 @@ def test_broken_verifier_fails_the_same_test(tiny):
 def test_coupled_noise_that_ignores_the_position_fails_the_same_test(tiny, monkeypatch):
     """Planted bug: every position draws the same noise, so the tokens of a text are not independent."""
     real = sampling.gumbel
-    monkeypatch.setattr(sampling, "gumbel", lambda seed, position, token_ids: real(seed, 0, token_ids))
+    monkeypatch.setattr(sampling, "gumbel", lambda seed, positions, token_ids: real(seed, 0 * positions, token_ids))
     decoder = HierarchicalDecoder([tiny["small"], tiny["target"]], [2])
     assert chi_square(decoder, params("coupled", temperature=1.0))[0] < 1e-3
 

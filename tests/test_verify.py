@@ -6,7 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from services.engine.sampling import SamplingParams
+from services.engine.sampling import GUMBEL_SPAN, Picks, SamplingParams, uniform
 from services.engine.tree import TokenTree
 from services.engine.verify import RejectionSampler
 
@@ -88,3 +88,18 @@ def test_seeds_out_of_range_are_refused(seed):
 def test_largest_seeds_work():
     for seed in (2**64 - 1, -(2**63)):
         SamplingParams(temperature=1.0, seed=seed).generator()
+
+
+def test_coupled_noise_is_finite_at_the_extremes_of_the_hash():
+    """A uniform of exactly 1 would give a token infinite noise (it would win whatever its logit)."""
+    extremes = uniform(torch.tensor([0, 2**32 - 1]))
+    assert float(extremes[0]) > 0 and float(extremes[1]) < 1
+    noise = -torch.log(-torch.log(extremes))
+    assert torch.isfinite(noise).all() and float(noise[1] - noise[0]) < GUMBEL_SPAN
+
+
+def test_coupled_picks_do_not_depend_on_the_other_rows():
+    logits = torch.randn(6, 5000) * 3
+    params = SamplingParams(temperature=0.7, top_p=0.9, seed=5)
+    together = Picks.of(logits, params, list(range(20, 26))).tokens
+    assert together == [Picks.of(logits[i : i + 1], params, [20 + i]).tokens[0] for i in range(6)]

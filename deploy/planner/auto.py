@@ -41,6 +41,7 @@ DECAY = 0.9  # weight of older rounds' evidence: a request can drift between kin
 MARGIN = 0.05  # a switch must save this share of the current plan's expected time
 SHADOW_WINDOW = 16  # recent shadow trees that price "HD under the target" for this very request
 SHADOW_PRIOR_ROUNDS = 4  # ... pooled with the category prior's expected tree as this many rounds
+LOADS = (1, 2, 4, 8, 16, 32)  # concurrent requests the plans are priced at (the request's load rounds down)
 
 
 def load_profile(config: HierspecConfig, dtype: str, pool: RunnerPool) -> Profile:
@@ -118,7 +119,9 @@ class CategoryChooser:
     def __init__(self, profile: Profile, plans: list[Plan], proposer, adaptive: bool = True):
         self.plans = plans
         self.categories = sorted(profile.categories)
-        self.latency = np.array([[plan_latency(p, profile.tables([c])) for c in self.categories] for p in plans])
+        # predictions at each load: requests sharing every forward make draft rows dearer (see Profile.tables)
+        self.latency = {load: np.array([[plan_latency(p, profile.tables([c], load)) for c in self.categories]
+                                        for p in plans]) for load in LOADS}
         self.costs = profile.costs
         self.target = profile.target
         tables = profile.tables()
@@ -129,14 +132,16 @@ class CategoryChooser:
         self.adaptive = adaptive
         size = profile.max_draft + 2
         self.evidence = []
-        # per category: mean (verification ms, accepted tokens) of an HD tree under the target
-        self.tree_means = np.zeros((len(self.categories), 2))
+        # per load and category: mean (verification ms, accepted tokens) of an HD tree under the target
+        self.tree_means = {load: np.zeros((len(self.categories), 2)) for load in LOADS}
         for i, name in enumerate(self.categories):
             tables = profile.tables([name])
             tree = tables.trees.get(profile.target)
             tree_pmf = _log_pmf(tree.accepted, size * 2) if tree is not None else None
             if tree is not None:
-                self.tree_means[i] = float(np.mean(self.costs[self.target](tree.nodes + 1))), tree.accepted.mean()
+                for load in LOADS:
+                    cost = self.costs[self.target].at_load(load)
+                    self.tree_means[load][i] = float(np.mean(cost(tree.nodes + 1))), tree.accepted.mean()
             runs = {lower: _with_tail(_log_pmf(t.rounds(profile.max_draft, None)[1], size))
                     for (lower, upper), t in tables.pairs.items() if upper == profile.target}
             self.evidence.append(_Evidence(tree_pmf, runs))
@@ -160,9 +165,10 @@ class CategoryChooser:
             return state.current
         posterior = np.exp(state.loglik - state.loglik.max())
         posterior /= posterior.sum()
-        expected = self.latency @ posterior
+        load = max((b for b in LOADS if b <= req.load), default=1)
+        expected = self.latency[load] @ posterior
         if self.hd_plan is not None:
-            expected[self.hd_plan] = self._direct_hd(state, posterior)
+            expected[self.hd_plan] = self._direct_hd(state, posterior, load)
         remaining = max(1, req.max_tokens - len(req.token_ids))
         prefill = np.array([sum(float(self.costs[m](len(seq))) for m in p.models[:-1] if m not in state.warm)
                             for p in self.plans])
@@ -173,15 +179,17 @@ class CategoryChooser:
         state.warm.update(self.plans[state.current].models)
         return state.current
 
-    def _direct_hd(self, state: _RequestState, posterior: np.ndarray) -> float:
+    def _direct_hd(self, state: _RequestState, posterior: np.ndarray, load: int = 1) -> float:
         """ms per token of HD under the target alone: the request's own shadow trees (finished, and the
-        ones still being walked, at their depth so far) pooled with the posterior's expected tree."""
-        prior_ms, prior_accepted = posterior @ self.tree_means
+        ones still being walked, at their depth so far) pooled with the posterior's expected tree, with
+        `load` requests sharing the target's forwards."""
+        prior_ms, prior_accepted = posterior @ self.tree_means[load]
         rounds = [*state.trees, *((len(w.tree), w.depth) for w in state.walks[:-1])]
         nodes, accepted = np.array(rounds, dtype=np.int64).reshape(-1, 2).T
         pooled = len(rounds) + SHADOW_PRIOR_ROUNDS
-        ms = (float(np.sum(self.costs[self.target](nodes + 1))) + SHADOW_PRIOR_ROUNDS * prior_ms) / pooled
-        return (self.drafter_ms + ms) / (1 + (accepted.sum() + SHADOW_PRIOR_ROUNDS * prior_accepted) / pooled)
+        cost = self.costs[self.target].at_load(load)
+        ms = (float(np.sum(cost(nodes + 1))) + SHADOW_PRIOR_ROUNDS * prior_ms) / pooled
+        return (load * self.drafter_ms + ms) / (1 + (accepted.sum() + SHADOW_PRIOR_ROUNDS * prior_accepted) / pooled)
 
     def observe(self, req: Generation, member: int, seq: list[int], out: list[int]) -> None:
         if not self.adaptive:

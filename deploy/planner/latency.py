@@ -60,6 +60,12 @@ class CostCurve(BaseModel):
         out = np.where(n > x[-1], y[-1] + slope * (n - x[-1]), out)
         return out if out.ndim else float(out)
 
+    def at_load(self, requests: int) -> CostCurve:
+        """The cost a request sees when `requests` requests share every forward in lockstep (batched levels):
+        a forward of n tokens each is one of requests * n rows."""
+        return self if requests == 1 else CostCurve(tokens=self.tokens, ms=[float(self(requests * t))
+                                                                              for t in self.tokens])
+
 
 class PairTable:
     """Measured outcomes of a lower model drafting autoregressively for an upper one, at every position

@@ -8,6 +8,7 @@ plans it is measured on.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -36,40 +37,53 @@ def split_workload(path: str, per_category: int, measure_per_category: int,
     return calibration, measurement
 
 
-def choose(profile: Profile, categories: list[str] | None = None) -> list[Plan]:
+def choose(profile: Profile, categories: list[str] | None = None, concurrency: int = 1) -> list[Plan]:
     """The chosen plan followed by the best plan of every other structure, by predicted ms per token
-    of whole requests (decoding and prefill)."""
-    return rank_structures(profile.tables(categories), profile.target, profile.drafts)
+    of whole requests (decoding and prefill), each request among `concurrency` sharing every forward."""
+    return rank_structures(profile.tables(categories, concurrency), profile.target, profile.drafts)
 
 
 def measure(config: HierspecConfig, plan: Plan, dtype: str, pool: RunnerPool,
-            questions: list[Question], max_tokens: int) -> dict[str, float]:
-    """Measured ms per token of a plan, per category and overall (whole conversations, greedy). The plan gets
-    a drafter of its own: its model DB must not have learnt another plan's outputs for these prompts."""
+            questions: list[Question], max_tokens: int, concurrency: int = 1) -> dict[str, float]:
+    """Measured ms per token of a plan, per category and overall (whole conversations, greedy), questions
+    running `concurrency` at a time (each request's own time from its start to its end). The plan gets a
+    drafter of its own: its model DB must not have learnt another plan's outputs for these prompts."""
     decoder = plan_decoder(config, plan, dtype, pool.sibling())
     tokenizer = decoder.target.runner.tokenizer
     stop_ids = stop_token_ids(tokenizer)
     decoder.generate(chat_prompt_ids(tokenizer, [{"role": "user", "content": "Say hi."}]), SamplingParams(), 8,
                      stop_ids)
     totals: dict[str, list[float]] = {}
-    for question in questions:
+
+    async def conversation(question: Question) -> None:
         chat = Conversation(tokenizer)
         for turn in question.turns:
-            generation = decoder.generate(chat.ask(turn), SamplingParams(), max_tokens, stop_ids)
+            generation = decoder.start(chat.ask(turn), SamplingParams(), max_tokens, stop_ids)
+            async for _ in generation.stream():
+                pass
             chat.answer(generation.token_ids)
             produced = len(generation.token_ids) + (generation.finish_reason == "stop")
             for key in (category_group(question.category), "_all"):
                 seconds, tokens = totals.setdefault(key, [0.0, 0])
                 totals[key] = [seconds + generation.stats.seconds, tokens + produced]
+
+    async def groups() -> None:
+        for first in range(0, len(questions), concurrency):
+            await asyncio.gather(*(conversation(q) for q in questions[first : first + concurrency]))
+
+    asyncio.run(groups())
     return {key: round(1000 * seconds / tokens, 3) for key, (seconds, tokens) in totals.items()}
 
 
-def _plan_record(plan: Plan, profile: Profile, categories: list[str], measured: dict[str, float] | None) -> dict:
+def _plan_record(plan: Plan, profile: Profile, categories: list[str], measured: dict[str, float] | None,
+                 concurrency: int = 1) -> dict:
     record = {"method": plan.method, "hierarchy": plan.describe(),
               **plan.model_dump(exclude={"predicted_ms_per_token"}),
-              "predicted_ms_per_token": {"_all": round(request_latency(plan, profile.tables(categories)), 3)}}
+              "predicted_ms_per_token": {
+                  "_all": round(request_latency(plan, profile.tables(categories, concurrency)), 3)}}
     for category in categories:
-        record["predicted_ms_per_token"][category] = round(request_latency(plan, profile.tables([category])), 3)
+        record["predicted_ms_per_token"][category] = round(
+            request_latency(plan, profile.tables([category], concurrency)), 3)
     if measured is not None:
         record["measured_ms_per_token"] = measured
         record["error"] = {key: round(record["predicted_ms_per_token"][key] / value - 1, 4)
@@ -95,7 +109,8 @@ def profile_summary(profile: Profile) -> dict:
 
 
 def run_plan(config: HierspecConfig, workload: str, out: str, dtype: str | None, per_category: int,
-             measure_per_category: int, max_tokens: int, categories: str | None, refresh: bool = False) -> dict:
+             measure_per_category: int, max_tokens: int, categories: str | None, refresh: bool = False,
+             concurrency: int = 1) -> dict:
     dtype = dtype or config.dtype
     configure_torch(config)
     calibration, measurement = split_workload(workload, per_category, measure_per_category, categories)
@@ -103,19 +118,20 @@ def run_plan(config: HierspecConfig, workload: str, out: str, dtype: str | None,
     profile, profile_file = run_profile(config, dtype, calibration, max_tokens, pool=pool, refresh=refresh,
                                         log=stderr_log)
     names = sorted(profile.categories)
-    plans = choose(profile)[: 1 + RUNNERS_UP]
+    plans = choose(profile, concurrency=concurrency)[: 1 + RUNNERS_UP]
     records = []
     for plan in plans:
         started = time.perf_counter()
-        measured = measure(config, plan, dtype, pool, measurement, max_tokens) if measurement else None
+        measured = measure(config, plan, dtype, pool, measurement, max_tokens, concurrency) if measurement else None
         stderr_log(f"plan: measured {plan.describe()} in {time.perf_counter() - started:.0f} s")
-        records.append(_plan_record(plan, profile, names, measured))
+        records.append(_plan_record(plan, profile, names, measured, concurrency))
     result = {
         "config": config.name, "dtype": dtype, "workload": workload, "max_tokens": max_tokens,
+        "concurrency": concurrency,
         "calibration_questions": len(calibration), "measurement_questions": len(measurement),
         "profile": str(profile_file),
         "chosen": records[0], "runners_up": records[1:],
-        "per_category_choice": {name: choose(profile, [name])[0].describe() for name in names},
+        "per_category_choice": {name: choose(profile, [name], concurrency)[0].describe() for name in names},
         **profile_summary(profile),
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +142,8 @@ def run_plan(config: HierspecConfig, workload: str, out: str, dtype: str | None,
 
 
 def format_plans(result: dict) -> str:
-    lines = [f"{result['config']}, {result['dtype']}: plans by predicted ms per token "
+    load = f", {result['concurrency']} requests at a time" if result.get("concurrency", 1) > 1 else ""
+    lines = [f"{result['config']}, {result['dtype']}{load}: plans by predicted ms per token "
              f"(calibrated on {result['calibration_questions']} prompts, "
              f"measured on {result['measurement_questions']})"]
     for label, record in [("chosen", result["chosen"])] + [("runner-up", r) for r in result["runners_up"]]:

@@ -97,8 +97,9 @@ class Profile(BaseModel):
     costs: dict[str, CostCurve]
     categories: dict[str, CategoryProfile]
 
-    def tables(self, categories: list[str] | None = None) -> Tables:
-        """The latency model's inputs for some categories pooled (default: all)."""
+    def tables(self, categories: list[str] | None = None, concurrency: int = 1) -> Tables:
+        """The latency model's inputs for some categories pooled (default: all), for a request among
+        `concurrency` that share every forward (the router drafts for each of them in turn)."""
         names = categories or list(self.categories)
         prompts = sum(self.categories[n].prompts for n in names)
         pairs: dict[tuple[str, str], tuple[list, list, list]] = {}
@@ -116,10 +117,10 @@ class Profile(BaseModel):
                 accepted.extend(t.accepted)
                 us.extend(t.drafter_us)
         return Tables(
-            costs=self.costs,
+            costs={name: curve.at_load(concurrency) for name, curve in self.costs.items()},
             pairs={k: PairTable(runs, conf, self.max_draft, starts) for k, (runs, conf, starts) in pairs.items()
                    if runs},
-            trees={k: TreeTable(nodes, acc, statistics.fmean(us) / 1000 if us else 0.0)
+            trees={k: TreeTable(nodes, acc, concurrency * statistics.fmean(us) / 1000 if us else 0.0)
                    for k, (nodes, acc, us) in trees.items() if nodes},
             max_draft=self.max_draft,
             prompt_tokens=sum(self.categories[n].prompt_tokens for n in names) / max(1, prompts),

@@ -33,7 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.engine.budget import CostModel
-from services.engine.kernels import kernel_choices
+from services.engine.kernels import MAX_ROWS, kernel_choices
 from services.engine.levels import Level, Scores, linear_positions, scores, tree_positions
 from services.engine.runner import LevelCall, LevelRunner, Work
 from services.engine.sampling import SamplingParams
@@ -52,7 +52,7 @@ class BatchLimits(BaseModel):
                            description="while other requests are active, how long a forward waits for their calls")
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     call: LevelCall
     picks: SamplingParams | None
@@ -61,11 +61,13 @@ class _Pending:
     future: asyncio.Future
     work: Work | None = None
 
-    def rows(self) -> int:
-        """New rows of its next step: its planned step once begun, else what a cached request computes."""
+    def rows(self, cached: int) -> int:
+        """New rows of its next step: its planned step once begun, else estimated from the length of the
+        request's sequence the level last held (`cached`)."""
         if self.work is not None:
             return len(self.work.steps[0][0])
-        return (len(self.call.tree) + 1) if self.call.tree is not None else self.call.num_logits
+        new = len(self.call.token_ids) - cached if 0 < cached <= len(self.call.token_ids) else len(self.call.token_ids)
+        return min(MAX_ROWS, max(new, 1) + (len(self.call.tree) if self.call.tree is not None else 0))
 
 
 Run = Callable[[Callable[[], object], int], Awaitable[object]]  # (blocking function, requests in it) -> its result
@@ -83,6 +85,7 @@ class BatchingLevel:
         self._queue: deque[_Pending] = deque()
         self._active: list[_Pending] = []  # calls with steps left after the last forward
         self._driver: asyncio.Task | None = None
+        self._lengths: dict[str, int] = {}  # request -> length of the sequence its last call left cached
         self.forwards_run = 0  # statistics: forwards, and the calls they served
         self.calls_served = 0
 
@@ -106,6 +109,7 @@ class BatchingLevel:
         return CostModel(tuple(entry["rows"]), tuple(entry["ms"]))
 
     async def release(self, request_id: str) -> None:
+        self._lengths.pop(request_id, None)
         await self._execute(lambda: self.runner.release(request_id), 1)
 
     async def _execute(self, function: Callable[[], object], requests: int):
@@ -113,10 +117,14 @@ class BatchingLevel:
 
     async def _submit(self, call: LevelCall, picks: SamplingParams | None, confidence: bool,
                       positions: list[int]) -> Scores:
-        pending = _Pending(call, picks, confidence, positions, asyncio.get_running_loop().create_future())
-        self._queue.append(pending)
-        if self._driver is None or self._driver.done():
+        loop = asyncio.get_running_loop()
+        pending = _Pending(call, picks, confidence, positions, loop.create_future())
+        if self._driver is None or self._driver.done() or self._driver.get_loop() is not loop:
+            # a loop that was left (a generation interrupted in-process) leaves calls nobody awaits any more
+            self._queue = deque(p for p in self._queue if p.future.get_loop() is loop)
+            self._active = [p for p in self._active if p.future.get_loop() is loop]
             self._driver = asyncio.ensure_future(self._drive())
+        self._queue.append(pending)
         return await pending.future
 
     async def _drive(self) -> None:
@@ -138,6 +146,7 @@ class BatchingLevel:
             self.forwards_run += 1
             for pending, result in finished:
                 self.calls_served += 1
+                self._lengths[pending.call.request_id] = len(pending.call.token_ids)
                 if not pending.future.done():  # a caller that went away has cancelled it
                     if isinstance(result, Exception):
                         pending.future.set_exception(result)
@@ -150,21 +159,22 @@ class BatchingLevel:
 
     def _take(self) -> list[_Pending]:
         """Calls with steps left first, then waiting calls in arrival order, one per request, within the limits."""
-        batch = list(self._active)
-        rows = sum(p.rows() for p in batch)
+        batch = [p for p in self._active if not p.future.done()]  # a cancelled call stops computing
+        rows = sum(p.rows(0) for p in batch)
         requests = {p.call.request_id for p in batch}
         deferred = deque()
         while self._queue:
             pending = self._queue.popleft()
             if pending.future.done():  # cancelled while waiting
                 continue
-            fits = len(requests) < self.limits.max_requests and rows + pending.rows() <= self.limits.max_rows
+            needs = pending.rows(self._lengths.get(pending.call.request_id, 0))
+            fits = len(requests) < self.limits.max_requests and rows + needs <= self.limits.max_rows
             if pending.call.request_id in requests or (batch and not fits):
                 deferred.append(pending)
                 continue
             batch.append(pending)
             requests.add(pending.call.request_id)
-            rows += pending.rows()
+            rows += needs
         self._queue = deferred
         return batch
 
@@ -174,6 +184,8 @@ class BatchingLevel:
         stepping = []
         for pending in batch:
             if pending.work is None:
+                if pending.future.done():  # cancelled, perhaps released meanwhile: no cache to recreate
+                    continue
                 try:
                     pending.work = self.runner.begin(pending.call)
                 except ValueError as exc:  # a call this level cannot run (a tree too large): it alone fails

@@ -212,6 +212,11 @@ class Generation:
     def max_tokens(self) -> int:
         return self._max_tokens
 
+    @property
+    def load(self) -> int:
+        """Requests its decoder runs now, this one included."""
+        return self._decoder.load.active
+
     def __iter__(self) -> Iterator[list[int]]:
         loop = asyncio.new_event_loop()
         rounds = self.stream()

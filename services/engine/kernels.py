@@ -12,13 +12,14 @@ other rows, plain decoding computes it alone. If a kernel's result for a row
 depends on how many rows share the call (libraries switch code paths for small
 row counts: a GEMV for one row, other tile kernels for two or three), the
 target's logits differ in the last bits and an argmax can flip: the output
-would no longer be plain decoding's. A candidate is invariant when every row of a call with 1..MAX_ROWS rows, at
-any place among them, is bitwise equal to that row computed alone, with one
-thread and with the process's threads. Some kernels are invariant only once
-the row count is a multiple of a small
-`quantum` (MKL float32: 4, oneDNN: 2, measured on an AVX-512 EPYC): calls are
-then padded with zero rows up to that multiple, which costs little where a
-forward reads weights from memory anyway.
+would no longer be plain decoding's. A candidate is invariant when every row
+of a call with 1..MAX_ROWS rows, at different places among them, is bitwise
+equal to that row computed alone, with every thread count a forward may use.
+Some kernels are invariant only once the row count is a multiple of a small
+`quantum` (MKL float32: 4, measured on an AVX-512 EPYC; half-precision outputs
+at least 4, see `smallest_quantum`): calls are then padded with zero rows up
+to that multiple, which costs little where a forward reads weights from memory
+anyway.
 
 Choices are cached per CPU signature (model name, family, flags), torch
 version, dtype and shape. Every process on a machine must use the same kernel
@@ -50,9 +51,10 @@ from services.engine.model_store import cache_dir
 log = logging.getLogger("hierspec.kernels")
 
 MAX_ROWS = 64  # rows of one forward; longer inputs (a prompt) are computed in chunks of this many
+TAIL_KEYS = 2 * MAX_ROWS  # keys of a row's attention tail (see services.engine.attention)
 QUANTA = (1, 2, 4, 8)  # row-count multiples tried, smallest first
 TIMED_ROWS = (1, 4, 16)  # one-token steps, short drafts, trees and long drafts: what decoding runs
-CHOICE_VERSION = 2
+CHOICE_VERSION = 6
 
 
 def _cpuinfo() -> dict[str, str]:
@@ -142,6 +144,24 @@ def candidates(dtype: torch.dtype, device: torch.device) -> dict[str, tuple[Call
     return found
 
 
+HALF_OUTPUT_MIN_ELEMENTS = 1 << 16
+
+
+def half_output_allowed(kernel: str, weight: torch.Tensor) -> bool:
+    """A kernel with a half-precision output rounds away most of what another code path would change, so a
+    check on test inputs cannot see a path switch (on a tiny weight it saw none of the rare flips that real
+    activations showed: torch sends products under 16^3 multiply-adds to its own loop, larger ones to
+    oneDNN). Such kernels serve only weights large enough that every call takes the many-row library path,
+    and pad to at least 4 rows (see `smallest_quantum`); float32 outputs show any change and are checked."""
+    return kernel.endswith("-f32") or weight.numel() >= HALF_OUTPUT_MIN_ELEMENTS
+
+
+def smallest_quantum(kernel: str) -> int:
+    """Half-precision outputs pad to at least 4 rows (see `half_output_allowed`): cheap where a forward reads
+    weights from memory, 4 rows cost about what 1 does."""
+    return 1 if kernel.endswith("-f32") else 4
+
+
 @dataclass(frozen=True)
 class KernelChoice:
     kernel: str
@@ -195,28 +215,53 @@ def _time_ms(call: Callable, x: torch.Tensor, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def thread_counts() -> list[int]:
+    """Thread counts a forward may run with in some process on this machine: one, this process's, all the
+    cores, half of them (a Serve level replica alternates between its share of the cores and all of them)."""
+    cores = os.cpu_count() or 1
+    return sorted({1, torch.get_num_threads(), cores, max(1, cores // 2)})
+
+
+CHECKED_ROWS = (1, 2, 3, 5, 8, 17, 33, MAX_ROWS)  # spot checks at the other thread counts
+
+
+def probe(*shape: int, generator: torch.Generator) -> torch.Tensor:
+    """Test inputs that make a change of accumulation order show: magnitudes spread over 2^-12..2^12 (sums that
+    round differently in another order), and one value in twenty subnormal (some kernels flush those to zero
+    where another code path of the same library keeps them)."""
+    scale = torch.exp2(torch.randint(-12, 13, shape, generator=generator).float())
+    x = torch.randn(*shape, generator=generator) * scale
+    tiny = torch.rand(*shape, generator=generator) < 0.05
+    return torch.where(tiny, x * 1e-42, x)
+
+
 def rows_invariant(call: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> bool:
-    """Every row of a call with n rows (1 <= n <= len(x)), at any place among them, equals that row
-    computed alone, bitwise, with the process's threads and with one. (Kernels differ in all three
-    ways: by row count, by a row's place in the call, by threads.)"""
+    """Every row of a call with n rows (1 <= n <= len(x)), at different places among them, equals that row
+    computed alone, bitwise: every n with the process's threads, spot checks with every other thread count
+    a forward may use. (Kernels differ in all three ways: by row count, by a row's place in the call, by
+    threads.)"""
     alone = torch.cat([call(x[i : i + 1]) for i in range(x.shape[0])])
 
-    def consistent() -> bool:
-        for n in range(2, x.shape[0] + 1):
+    def consistent(counts) -> bool:
+        for n in counts:
             offset = (5 * n) % (x.shape[0] + 1 - n)  # rows land at different places for different n
             if not torch.equal(call(x[offset : offset + n]), alone[offset : offset + n]):
                 return False
         return True
 
-    threads = torch.get_num_threads()
-    if not consistent():
+    if not consistent(range(2, x.shape[0] + 1)):
         return False
-    if threads == 1:
-        return True
-    torch.set_num_threads(1)
+    return _at_each_thread_count(lambda: consistent(CHECKED_ROWS))
+
+
+def _at_each_thread_count(check: Callable[[], bool]) -> bool:
+    threads = torch.get_num_threads()
     try:
-        return torch.equal(torch.cat([call(x[i : i + 1]) for i in range(0, x.shape[0], 7)]), alone[::7]) \
-            and consistent()
+        for count in thread_counts():
+            torch.set_num_threads(count)
+            if not check():
+                return False
+        return True
     finally:
         torch.set_num_threads(threads)
 
@@ -226,9 +271,11 @@ def measure(weight: torch.Tensor, dtype: torch.dtype, device: torch.device) -> K
     (unpadded time); a candidate's smallest invariant quantum is kept; the search stops once the next
     candidate's unpadded time cannot beat the best padded one."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(MAX_ROWS, weight.shape[1], generator=generator).to(device)
+    x = probe(MAX_ROWS, weight.shape[1], generator=generator).to(device)
     raw = []
     for name, (prepare, run) in candidates(dtype, device).items():
+        if not half_output_allowed(name, weight):
+            continue
         prepared = prepare(weight.to(dtype).to(device))
         call = _padded(run, prepared, 1)
         raw.append((sum(_time_ms(call, x[:n]) for n in TIMED_ROWS), name, prepared, run))
@@ -239,7 +286,7 @@ def measure(weight: torch.Tensor, dtype: torch.dtype, device: torch.device) -> K
     for unpadded, name, prepared, run in raw:
         if unpadded >= best_score:
             break
-        for quantum in QUANTA:
+        for quantum in [q for q in QUANTA if q >= smallest_quantum(name)]:
             call = _padded(run, prepared, quantum)
             if rows_invariant(call, x):
                 ms = {str(n): round(_time_ms(call, x[:n]), 4) for n in TIMED_ROWS}
@@ -252,23 +299,41 @@ def measure(weight: torch.Tensor, dtype: torch.dtype, device: torch.device) -> K
     return best
 
 
-def attention_quantum_invariant(quantum: int, head_dim: int, generator: torch.Generator) -> bool:
-    """Attention's float32 GEMMs (scores Q K^T, weighted values E V) give a block of `quantum` query rows
-    the same bits alone and at any block-aligned place among more rows, at several context lengths, K and V
-    being strided slices of a larger cache as in the decoder."""
-    rows = 4 * MAX_ROWS
-    for length in (64, 192, 640, 2048):
-        cache = torch.randn(2, 2, length + 64, head_dim, generator=generator)
+def attention_quantum_invariant(quantum: int, head_dim: int, kv_heads: int, group: int,
+                                generator: torch.Generator) -> bool:
+    """Attention's float32 GEMMs give a query row the same bits alone and among others, with the query heads
+    of a row padded from `group` to a multiple of `quantum`: the head's scores Q K^T and weighted values E V
+    (one GEMM per KV head over up to MAX_ROWS rows' padded queries, K and V strided slices of a cache, at
+    several head lengths) and the tail's batched ones (one per KV head and row, over TAIL_KEYS keys), at
+    every thread count a forward may use."""
+    padded = -(-group // quantum) * quantum
+    rows = MAX_ROWS * padded
+
+    def head(length: int) -> bool:
+        cache = probe(2, kv_heads, length + 64, head_dim, generator=generator)
         keys, values = cache[0, :, :length], cache[1, :, :length]
-        q = torch.randn(2, rows, head_dim, generator=generator)
-        e = torch.rand(2, rows, length, generator=generator)
-        for op, a, b in ((torch.matmul, q, keys.transpose(1, 2)), (torch.matmul, e, values)):
-            alone = torch.cat([op(a[:, i : i + quantum], b) for i in range(0, rows, quantum)], 1)
-            for m in range(2 * quantum, rows + 1, quantum):
-                offset = quantum * ((5 * m // quantum) % ((rows - m) // quantum + 1))
-                if not torch.equal(op(a[:, offset : offset + m], b), alone[:, offset : offset + m]):
+        q = probe(kv_heads, rows, head_dim, generator=generator)
+        e = probe(kv_heads, rows, length, generator=generator).abs()
+        for a, b in ((q, keys.transpose(1, 2)), (e, values)):
+            alone = torch.cat([a[:, i : i + padded] @ b for i in range(0, rows, padded)], 1)
+            for n in CHECKED_ROWS:
+                offset = padded * ((5 * n) % (MAX_ROWS + 1 - n))
+                if not torch.equal(a[:, offset : offset + n * padded] @ b, alone[:, offset : offset + n * padded]):
                     return False
-    return True
+        return True
+
+    def tail() -> bool:
+        q = probe(kv_heads, MAX_ROWS, padded, head_dim, generator=generator)
+        k = probe(kv_heads, MAX_ROWS, head_dim, TAIL_KEYS, generator=generator)
+        e = probe(kv_heads, MAX_ROWS, padded, TAIL_KEYS, generator=generator).abs()
+        v = probe(kv_heads, MAX_ROWS, TAIL_KEYS, head_dim, generator=generator)
+        for a, b in ((q, k), (e, v)):
+            alone = torch.cat([a[:, i : i + 1] @ b[:, i : i + 1] for i in range(MAX_ROWS)], 1)
+            if not all(torch.equal(a[:, :n] @ b[:, :n], alone[:, :n]) for n in CHECKED_ROWS):
+                return False
+        return True
+
+    return _at_each_thread_count(lambda: all(head(length) for length in (64, 192, 640, 2048)) and tail())
 
 
 # --- the cache of choices -------------------------------------------------------------------------
@@ -292,9 +357,13 @@ class KernelChoices:
             fcntl.flock(lock, fcntl.LOCK_EX)  # measure once per machine; the others wait and read
             try:
                 table = json.loads(self.path.read_text()) if self.path.exists() else {}
-            except (OSError, json.JSONDecodeError):
-                table = {}  # a damaged file is measured again
-            if table.get("version") != CHOICE_VERSION:
+            except (OSError, json.JSONDecodeError) as error:
+                damaged = self.path.with_suffix(".damaged")
+                log.warning("kernel choices %s are unreadable (%s): moved to %s, measuring again", self.path, error,
+                            damaged)
+                self.path.replace(damaged)
+                table = {}
+            if table.get("version") != CHOICE_VERSION or not isinstance(table.get("choices"), dict):
                 table = {"version": CHOICE_VERSION, "cpu": self.signature, "choices": {}}
             if key not in table["choices"]:
                 table["choices"][key] = compute()
@@ -315,18 +384,19 @@ class KernelChoices:
                  choice.quantum, "/".join(str(v) for v in choice.ms.values()), "/".join(map(str, TIMED_ROWS)))
         return choice
 
-    def attention_quantum(self, head_dim: int, device: torch.device) -> int:
-        """Query rows per GEMM are padded to a multiple of this in attention (see `attention`)."""
+    def attention_quantum(self, head_dim: int, kv_heads: int, group: int, device: torch.device) -> int:
+        """Query heads of a row are padded to a multiple of this in attention's GEMMs (see `attention`)."""
         if device.type != "cpu":
             return 1
 
         def compute() -> dict:
             generator = torch.Generator().manual_seed(0)
             for quantum in QUANTA + (16,):
-                if attention_quantum_invariant(quantum, head_dim, generator):
+                if attention_quantum_invariant(quantum, head_dim, kv_heads, group, generator):
                     return {"quantum": quantum}
             raise RuntimeError("attention's float32 GEMMs are not row-invariant at any quantum on this machine")
-        quantum = self.cached(f"attention|torch {torch.__version__}|head_dim {head_dim}", compute)["quantum"]
+        key = f"attention|torch {torch.__version__}|head_dim {head_dim}|kv_heads {kv_heads}|group {group}"
+        quantum = self.cached(key, compute)["quantum"]
         log.info("attention: query rows padded to a multiple of %d per GEMM", quantum)
         return quantum
 

@@ -143,7 +143,7 @@ class Block(nn.Module):
                 segments: list[tuple[torch.Tensor, RowLayout]]) -> torch.Tensor:
         """x: [rows, hidden] float32, the rows of every segment one after the other; cos/sin: [rows, head_dim];
         `segments`: (this layer's cache [2, kv_heads, capacity, head_dim], layout) of each request's rows.
-        Matmuls and norms run over all rows at once; attention per segment, against its own cache."""
+        Matmuls and norms run over all rows at once; attention reads each segment's own cache."""
         s = self.shape
         n = x.shape[0]
         qkv = self.wqkv(self.attn_norm(x))
@@ -153,14 +153,13 @@ class Block(nn.Module):
         q = (q * cos[:, None] + _rotate_half(q) * sin[:, None]) * self.scale
         k = (k * cos[:, None] + _rotate_half(k) * sin[:, None]).transpose(0, 1)
         v = v.view(n, s.num_kv_heads, s.head_dim).transpose(0, 1)
-        attended, first = [], 0
+        first = 0
         for kv, layout in segments:
             rows, start = len(layout.positions), layout.start
             kv[0, :, start : start + rows] = k[:, first : first + rows]
             kv[1, :, start : start + rows] = v[:, first : first + rows]
-            attended.append(attend(q[first : first + rows], kv[0], kv[1], layout, self.quantum))
             first += rows
-        x = x + self.wo(attended[0] if len(attended) == 1 else torch.cat(attended))
+        x = x + self.wo(attend(q, [(kv[0], kv[1], layout) for kv, layout in segments], self.quantum))
         gate, up = self.w_gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.w_down(gate / (1.0 + torch.exp(-gate)) * up)
 
@@ -202,7 +201,8 @@ class Decoder(nn.Module):
                 chosen[key] = choices.linear(weight, dtype, device)
             return ChosenLinear(weight, bias, dtype, device, chosen[key])
 
-        quantum = choices.attention_quantum(shape.head_dim, device)
+        quantum = choices.attention_quantum(shape.head_dim, shape.num_kv_heads, shape.num_heads // shape.num_kv_heads,
+                                            device)
         self.embed = weights["embed"].to(dtype).to(device)  # rows are gathered, then read as float32
         self.blocks = nn.ModuleList(
             Block(shape, {k: v.to(dtype).to(device) for k, v in layer.items()}, make_linear, quantum)
@@ -275,7 +275,9 @@ class Decoder(nn.Module):
         logits = self.lm_head(self.norm(x[picked.to(self.device)]))
         outs, first = [], 0
         for segment in segments:
-            outs.append(logits[first : first + segment.num_logits] if segment.num_logits else None)
+            part = logits[first : first + segment.num_logits] if segment.num_logits else None
+            # a view would carry the whole batch's logits wherever it goes (pickled to a router, say)
+            outs.append(part.clone() if part is not None and len(segments) > 1 else part)
             first += segment.num_logits
         return outs
 

@@ -41,8 +41,9 @@ class LevelCall:
 
 @dataclass
 class _RequestCache:
-    """Invariant: `cache.length == len(token_ids)` and slot i holds token_ids[i]. After a tree
-    forward, slot len(token_ids) + i holds node i of `tree` until the next call."""
+    """Invariant (between calls): `cache.length == len(token_ids)` and slot i holds token_ids[i]. After a
+    tree forward, slot len(token_ids) + i holds node i of `tree` until the next call. While a call runs,
+    `token_ids` is the prefix it kept and the cache holds that prefix and the call's rows computed so far."""
 
     token_ids: list[int]
     cache: KVCache
@@ -131,12 +132,17 @@ class LevelRunner:
     def begin(self, call: LevelCall) -> Work:
         """Plan a call's forward: reuse the longest cached prefix, then at most MAX_ROWS rows per step (a
         prompt takes several steps; a tree goes in the last, after the last uncached token)."""
-        state = self._state(call.request_id)
-        self._settle_tree(state, call.token_ids)
         total = len(call.token_ids)
         wanted = 1 if call.tree is not None else call.num_logits
+        if not 1 <= wanted <= total:
+            raise ValueError(f"logits of {wanted} positions asked of a {total}-token sequence")
+        if call.tree is not None and len(call.tree) + 1 > MAX_ROWS:
+            raise ValueError(f"a token tree of {len(call.tree)} nodes: at most {MAX_ROWS - 1} fit in a forward")
+        state = self._state(call.request_id)
+        self._settle_tree(state, call.token_ids)
         keep = min(_common_prefix(state.token_ids, call.token_ids), total - wanted)
         state.cache.length = keep
+        state.token_ids = call.token_ids[:keep]  # until the call completes (a dropped call leaves a valid prefix)
         new = call.token_ids[keep:]
         steps: deque[tuple[list[int], int, list[int] | None]] = deque()
         if call.tree is not None:
@@ -176,7 +182,9 @@ class LevelRunner:
         state.token_ids = list(call.token_ids)
 
     def run(self, calls: list[LevelCall]) -> list[torch.Tensor]:
-        """The calls' logits, computed together (steps until every call is done)."""
+        """The calls' logits, computed together (steps until every call is done); one call per request."""
+        if len({call.request_id for call in calls}) != len(calls):
+            raise ValueError("one call per request in a batch: a request's calls depend on each other")
         works = [self.begin(call) for call in calls]
         active = list(works)
         while active:

@@ -78,7 +78,7 @@ class SamplingParams(BaseModel):
             kth = torch.topk(scaled, self.top_k, dim=-1).values[..., -1:]
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
         if self.top_p < 1.0:
-            sorted_scaled, order = torch.sort(scaled, dim=-1, descending=True)
+            sorted_scaled, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
             sorted_probs = _softmax(sorted_scaled)
             # drop a token when the mass strictly before it already reaches top_p (the first always stays)
             drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= self.top_p
@@ -92,9 +92,12 @@ class SamplingParams(BaseModel):
 
 
 def _softmax(scaled: torch.Tensor) -> torch.Tensor:
-    """Row-wise softmax of values whose row maximum is 0 or finite, with exact row-wise operations."""
+    """Row-wise softmax whose result for a row does not depend on the other rows: the denominator is a
+    sequential sum (a cumulative sum's last element). torch's `sum` of a lone row this long is split across
+    threads, of several rows is not, so a top-p cut could fall elsewhere for one row than for the same row
+    in a verification."""
     e = torch.exp(scaled - scaled.amax(-1, keepdim=True))
-    return e / e.sum(-1, keepdim=True)
+    return e / e.cumsum(-1)[..., -1:]
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
@@ -105,10 +108,11 @@ def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
 # --- coupled sampling: Gumbel noise from (seed, position, token id) ---------------------------------
 
 _MASK32 = 0xFFFFFFFF
-UNIFORM_BITS = 24  # a float32 holds 24 bits of a uniform draw in (0, 1) exactly
-# u in [2^-25, 1 - 2^-25]: the noise -log(-log u) lies within these bounds, so a token whose warped logit is
-# more than GUMBEL_SPAN below the row's maximum can never win and its noise need not be drawn
-GUMBEL_SPAN = -math.log(-math.log(1 - 2.0**-25)) + math.log(-math.log(2.0**-25)) + 1.0
+UNIFORM_BITS = 23  # u = (k + 0.5) / 2^23 for a 23-bit k: exact in float32, within [2^-24, 1 - 2^-24]
+_U_LOW, _U_HIGH = 2.0 ** -(UNIFORM_BITS + 1), 1 - 2.0 ** -(UNIFORM_BITS + 1)
+# the noise -log(-log u) lies within these bounds, so a token whose warped logit is more than GUMBEL_SPAN below the
+# row's maximum can never win and its noise need not be drawn
+GUMBEL_SPAN = -math.log(-math.log(_U_HIGH)) + math.log(-math.log(_U_LOW)) + 1.0
 
 
 def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
@@ -136,14 +140,20 @@ def _key32(seed: int, position: int) -> tuple[int, int]:
     return value & _MASK32, value >> 32
 
 
-def gumbel(seed: int, position: int, token_ids: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise [len(token_ids)] float32 for `token_ids` at `position`: a function of (seed,
-    position, token id) only, so every level, every call shape and every device draws the same."""
-    key_a, key_b = _key32(seed, position)
-    x = _mix32(token_ids.long() ^ key_a)
-    x = _mix32(x ^ key_b)
-    uniform = ((x >> (32 - UNIFORM_BITS)).float() + 0.5) * 2.0**-UNIFORM_BITS
-    return -torch.log(-torch.log(uniform))
+def gumbel(seed: int, positions: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise, float32, for each (position, token id) pair of two equal-length tensors: a function of
+    (seed, position, token id) only, so every level and every call shape draws the same (the integer hash is
+    exact everywhere; the two logarithms are elementwise)."""
+    # positions come in runs (a row's candidates together): one key per run, not a sort of every element
+    distinct, inverse = torch.unique_consecutive(positions, return_inverse=True)
+    keys = positions.new_tensor([_key32(seed, p) for p in distinct.tolist()], dtype=torch.long)  # [runs, 2]
+    x = _mix32(_mix32(token_ids.long() ^ keys[inverse, 0]) ^ keys[inverse, 1])
+    return -torch.log(-torch.log(uniform(x)))
+
+
+def uniform(hashed: torch.Tensor) -> torch.Tensor:
+    """32-bit hash values -> float32 uniforms on a 2^23-point grid in [2^-24, 1 - 2^-24] (never 0 or 1)."""
+    return ((hashed >> (32 - UNIFORM_BITS)).float() + 0.5) * 2.0**-UNIFORM_BITS
 
 
 @dataclass(frozen=True)
@@ -162,11 +172,16 @@ class Picks:
             tokens = logits.argmax(-1)  # on the logits: rounded probabilities could tie where logits do not
             probs = _softmax(logits).gather(-1, tokens[:, None])[:, 0].tolist() if confidence else []
             return cls(tokens.tolist(), probs)
+        if params.seed is None:
+            raise ValueError("coupled sampling needs a seed (a Generation draws one for a request without)")
         scaled = params.warped(logits)
-        picks = []
-        for row, position in zip(scaled, positions):
-            candidates = (row >= -GUMBEL_SPAN).nonzero()[:, 0]  # the row maximum is 0 after warping
-            perturbed = row[candidates] + gumbel(params.seed, position, candidates)
-            picks.append(int(candidates[int(perturbed.argmax())]))
+        rows, tokens = (scaled >= -GUMBEL_SPAN).nonzero(as_tuple=True)  # the row maximum is 0 after warping
+        where = torch.tensor(positions, device=scaled.device)[rows]
+        perturbed = scaled[rows, tokens] + gumbel(params.seed, where, tokens)
+        best = torch.full((len(scaled),), float("-inf"), device=scaled.device).scatter_reduce(
+            0, rows, perturbed, "amax")
+        winners = perturbed == best[rows]
+        picks = torch.full((len(scaled),), scaled.shape[-1], device=scaled.device).scatter_reduce(
+            0, rows[winners], tokens[winners], "amin").tolist()  # ties: the lowest token id
         probs = _softmax(scaled)[torch.arange(len(picks)), picks].tolist() if confidence else []
         return cls(picks, probs)

@@ -11,8 +11,6 @@ children have depth 0), and siblings carry distinct tokens.
 
 from __future__ import annotations
 
-import torch
-
 
 class TokenTree:
     # slots and a plain __init__: the drafter builds one per round, right after a forward has evicted
@@ -51,17 +49,6 @@ class TokenTree:
                 added += 1
             node = child
         return added
-
-    def attention_mask(self, prefix_len: int) -> torch.Tensor:
-        """[n, prefix_len + n] bool: node i sees the whole prefix, its ancestors and itself."""
-        n = len(self.tokens)
-        mask = torch.zeros(n, prefix_len + n, dtype=torch.bool)
-        mask[:, :prefix_len] = True
-        for i, parent in enumerate(self.parents):
-            if parent >= 0:
-                mask[i, prefix_len : prefix_len + n] = mask[parent, prefix_len : prefix_len + n]
-            mask[i, prefix_len + i] = True
-        return mask
 
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root's child down to `node`."""
