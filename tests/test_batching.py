@@ -86,6 +86,39 @@ def test_a_request_cancelled_mid_batch_leaves_the_others_unchanged(levels):
     assert levels["target"].runner.cached_requests() == levels["draft"].runner.cached_requests() == 0
 
 
+def test_a_prompt_cancelled_during_its_prefill_lets_the_level_rest():
+    """A call whose prompt takes several forwards, cancelled after the first, with nothing else to run:
+    the level's driver ends (it used to spin on the cancelled call until new work came)."""
+    level = BatchingLevel(tiny_runner(3, vocab=VOCAB))
+    prompt = prompts(1)[0]  # 150 tokens: three forwards
+
+    async def main():
+        call = asyncio.ensure_future(level.logits("victim", prompt, 1))
+        while level.forwards_run == 0:
+            await asyncio.sleep(0)
+        call.cancel()
+        for _ in range(50):
+            await asyncio.sleep(0)
+        return level._driver.done()
+
+    assert asyncio.run(main())
+
+
+def test_a_call_that_cannot_be_scored_fails_alone():
+    """Two requests' calls in one forward, one with sampling parameters its scores cannot be made with (coupled
+    without a seed): that call raises, the other gets its scores."""
+    level = BatchingLevel(tiny_runner(3, vocab=VOCAB))
+    bad = SamplingParams(temperature=0.9, sampler="coupled")
+
+    async def main():
+        return await asyncio.gather(level.logits("good", [1, 2, 3], 1, GREEDY), level.logits("bad", [4, 5, 6], 1, bad),
+                                    return_exceptions=True)
+
+    good, failed = asyncio.run(main())
+    assert isinstance(failed, ValueError) and not isinstance(good, Exception)
+    assert level.forwards_run == 1
+
+
 class Concurrently:
     """A decoder whose `generate` runs 8 requests at a time (the chi-square test calls it one by one):
     samples come from batched forwards."""

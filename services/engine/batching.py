@@ -46,8 +46,8 @@ class BatchLimits(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_requests: int = Field(32, ge=1, description="requests whose calls share one forward")
-    max_rows: int = Field(512, ge=1, description="new tokens of one forward, over all its requests (a call that "
-                                                 "does not fit waits for the next forward, unless it is alone)")
+    max_rows: int = Field(512, ge=MAX_ROWS, description="new tokens of one forward, over all its requests (a call "
+                          "that does not fit waits for the next forward, unless it is alone); at least one prompt chunk")
     wait_ms: float = Field(0.0, ge=0.0, le=1000.0,
                            description="while other requests are active, how long a forward waits for their calls")
 
@@ -141,13 +141,12 @@ class BatchingLevel:
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_exception(exc)
-                self._active = [p for p in self._active if p not in batch]
                 continue
             self.forwards_run += 1
             for pending, result in finished:
                 self.calls_served += 1
-                self._lengths[pending.call.request_id] = len(pending.call.token_ids)
-                if not pending.future.done():  # a caller that went away has cancelled it
+                if not pending.future.done():  # a caller that went away has cancelled it (and released its request)
+                    self._lengths[pending.call.request_id] = len(pending.call.token_ids)
                     if isinstance(result, Exception):
                         pending.future.set_exception(result)
                     else:
@@ -160,6 +159,7 @@ class BatchingLevel:
     def _take(self) -> list[_Pending]:
         """Calls with steps left first, then waiting calls in arrival order, one per request, within the limits."""
         batch = [p for p in self._active if not p.future.done()]  # a cancelled call stops computing
+        self._active = []  # set again from the batch once its forward has run
         rows = sum(p.rows(0) for p in batch)
         requests = {p.call.request_id for p in batch}
         deferred = deque()
@@ -196,8 +196,11 @@ class BatchingLevel:
             done = self.runner.step([p.work for p in stepping])
             for pending in stepping:
                 if pending.work in done:
-                    finished.append((pending, scores(pending.work.logits, pending.picks, pending.positions,
-                                                     pending.confidence)))
+                    try:
+                        result = scores(pending.work.logits, pending.picks, pending.positions, pending.confidence)
+                    except ValueError as exc:  # its sampling parameters, say: it alone fails
+                        result = exc
+                    finished.append((pending, result))
         return finished
 
 

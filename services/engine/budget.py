@@ -12,8 +12,11 @@ request's n + 1 rows, and the level below taking n steps of B rows. The budget
 is the n <= T that maximises B E(alpha, n) / cost; it shrinks as B grows, down
 to 0 (plain decoding) where speculation no longer pays.
 
-A budget only sizes drafts: every draft is verified by the target, so the
-output is unchanged (lossless), only the speed.
+A budget only sizes drafts: every draft is verified by the target, so greedy
+and coupled output is unchanged (lossless), only the speed. The rejection
+sampler's output keeps the target's distribution, but with an explicit seed
+its text can change with the load (the draft length decides how many random
+numbers it draws): coupled sampling, the default with a seed, has no such gap.
 """
 
 from __future__ import annotations

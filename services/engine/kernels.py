@@ -135,7 +135,7 @@ def candidates(dtype: torch.dtype, device: torch.device) -> dict[str, tuple[Call
     short = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
     found = {f"linear-{short}": _linear_in(dtype)}
     if device.type != "cpu":
-        return found  # cuBLAS: one candidate, not measured (see `choose`)
+        return found  # cuBLAS: one candidate, not measured (its row invariance is not checked either)
     found[f"transposed-{short}"] = _transposed_in(dtype)
     if dtype != torch.float32:
         found["linear-f32"] = _linear_in(torch.float32)

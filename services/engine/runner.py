@@ -161,6 +161,8 @@ class LevelRunner:
         `logits` set, their request's cache holding the call's sequence)."""
         segments = []
         for work in works:
+            if work.call.request_id in self._requests:  # a prompt prefilled over many forwards stays recent
+                self._requests.move_to_end(work.call.request_id)
             tokens, num_logits, parents = work.steps.popleft()
             segments.append(Segment(tokens, work.state.cache, num_logits, parents))
         done = []
