@@ -48,8 +48,11 @@ class BatchLimits(BaseModel):
     max_requests: int = Field(32, ge=1, description="requests whose calls share one forward")
     max_rows: int = Field(512, ge=MAX_ROWS, description="new tokens of one forward, over all its requests (a call "
                           "that does not fit waits for the next forward, unless it is alone); at least one prompt chunk")
-    wait_ms: float = Field(0.0, ge=0.0, le=1000.0,
-                           description="while other requests are active, how long a forward waits for their calls")
+    wait_ms: float = Field(5.0, ge=0.0, le=1000.0,
+                           description="while other requests are active, how long a forward waits for their calls: "
+                                       "about a router's round trip (a Serve call costs ~3 ms), so that requests "
+                                       "whose calls come back a few milliseconds apart share forwards instead of "
+                                       "taking turns (measured: 8 clients 1.93x -> 2.88x one client)")
 
 
 @dataclass(eq=False)
