@@ -81,12 +81,14 @@ plan: setup models stats
 	  --categories coding_humaneval,mt_bench --per-category 4 --measure-per-category 4 --max-tokens 128 \
 	  --out results/plan-qwen-coder.json
 
-# The Serve app under 8 concurrent streaming clients: pipelined vs sequential router, HTTP vs in-process.
+# The Serve app under streaming clients: one client, a sweep of 1-16 clients (tokens/s and latency, PNG), a long
+# prompt among 4 streams, pipelined vs sequential router, HTTP vs in-process.
 bench-serve: setup models stats
 	$(HIERSPEC) bench-serve --config $(SERVE_CONFIG) --workload $(WORKLOAD) --clients 8 --requests 16 \
 	  --max-tokens 64 --out results/bench-serve-smollm2.json
 	$(HIERSPEC) bench-serve --config deploy/configs/qwen-coder-cpu.yaml --workload $(WORKLOAD) \
-	  --categories coding_humaneval --clients 8 --requests 8 --max-tokens 64 --out results/bench-serve-qwen-coder.json
+	  --categories coding_humaneval --clients 8 --requests 8 --max-tokens 64 --sweep 1,2,4,8 \
+	  --long-prompt-tokens 0 --out results/bench-serve-qwen-coder.json
 
 # The image for KubeRay (k8s/README.md); needs docker, which these CI machines lack (tests lint the Dockerfile).
 IMAGE ?= hierspec:0.1.0
