@@ -66,7 +66,7 @@ class _Pending:
 
     def rows(self, cached: int) -> int:
         """New rows of its next step: its planned step once begun, else estimated from the length of the
-        request's sequence the level last held (`cached`)."""
+        request's sequence the level holds (`cached`)."""
         if self.work is not None:
             return len(self.work.steps[0][0])
         new = len(self.call.token_ids) - cached if 0 < cached <= len(self.call.token_ids) else len(self.call.token_ids)
@@ -88,7 +88,6 @@ class BatchingLevel:
         self._queue: deque[_Pending] = deque()
         self._active: list[_Pending] = []  # calls with steps left after the last forward
         self._driver: asyncio.Task | None = None
-        self._lengths: dict[str, int] = {}  # request -> length of the sequence its last call left cached
         self.forwards_run = 0  # statistics: forwards, and the calls they served
         self.calls_served = 0
 
@@ -112,7 +111,6 @@ class BatchingLevel:
         return CostModel(tuple(entry["rows"]), tuple(entry["ms"]))
 
     async def release(self, request_id: str) -> None:
-        self._lengths.pop(request_id, None)
         await self._execute(lambda: self.runner.release(request_id), 1)
 
     async def _execute(self, function: Callable[[], object], requests: int):
@@ -148,8 +146,7 @@ class BatchingLevel:
             self.forwards_run += 1
             for pending, result in finished:
                 self.calls_served += 1
-                if not pending.future.done():  # a caller that went away has cancelled it (and released its request)
-                    self._lengths[pending.call.request_id] = len(pending.call.token_ids)
+                if not pending.future.done():  # a caller that went away has cancelled it
                     if isinstance(result, Exception):
                         pending.future.set_exception(result)
                     else:
@@ -170,7 +167,7 @@ class BatchingLevel:
             pending = self._queue.popleft()
             if pending.future.done():  # cancelled while waiting
                 continue
-            needs = pending.rows(self._lengths.get(pending.call.request_id, 0))
+            needs = pending.rows(self.runner.cached_length(pending.call.request_id))
             fits = len(requests) < self.limits.max_requests and rows + needs <= self.limits.max_rows
             if pending.call.request_id in requests or (batch and not fits):
                 deferred.append(pending)

@@ -233,3 +233,8 @@ class LevelRunner:
 
     def cached_requests(self) -> int:
         return len(self._requests)
+
+    def cached_length(self, request_id: str) -> int:
+        """Tokens of the request's sequence this level holds (0 if none): what its next call need not recompute."""
+        state = self._requests.get(request_id)
+        return len(state.token_ids) if state is not None else 0
