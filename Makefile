@@ -32,9 +32,9 @@ models: $(STAMP)
 	$(HIERSPEC) models fetch
 
 # The embedded statistics DB of each tokenizer (SmolLM2's and the Qwen pair's), built once.
-stats: $(STATS_DIR)/.built-smollm2 $(STATS_DIR)/.built-qwen
+stats: $(STATS_DIR)/.ngrams-smollm2 $(STATS_DIR)/.ngrams-qwen
 
-$(STATS_DIR)/.built-%: | models
+$(STATS_DIR)/.ngrams-%: | models
 	$(HIERSPEC) db build --model $(if $(filter qwen,$*),qwen2.5-coder-1.5b,smollm2-135m) \
 	  --corpus $(STATS_CORPUS) --max-corpus-tokens 1000000
 	mkdir -p $(STATS_DIR) && touch $@
@@ -45,11 +45,11 @@ CHAT_ANSWERS := $(STATS_DIR)/smollm2-chat-answers.jsonl
 chat-stats: setup models
 	$(HIERSPEC) db answers --config deploy/configs/smollm2-cpu.yaml --out $(CHAT_ANSWERS)
 	$(HIERSPEC) db build --model smollm2-135m --corpus $(CHAT_ANSWERS) $(STATS_CORPUS) --max-corpus-tokens 1000000
-	mkdir -p $(STATS_DIR) && touch $(STATS_DIR)/.built-smollm2
+	mkdir -p $(STATS_DIR) && touch $(STATS_DIR)/.ngrams-smollm2
 
 # The main job: the Serve app (SmolLM2, database drafter, embedded statistics store) on a local Ray cluster.
 SERVE_CONFIG ?= deploy/configs/smollm2-cpu.yaml
-run: setup models $(STATS_DIR)/.built-smollm2
+run: setup models $(STATS_DIR)/.ngrams-smollm2
 	$(HIERSPEC) serve --config $(SERVE_CONFIG)
 
 # One prompt with and without speculation, in this process, with both speeds.

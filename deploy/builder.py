@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from deploy.config import ConfigError, DrafterSettings, HierspecConfig
 from deploy.planner.optimizer import Plan
 from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
+from drafter_db.files import TableFileError
 from drafter_db.model_db import ModelDB
 from drafter_db.shared_outputs import SharedOutputs
 from drafter_db.stores import EmbeddedStore, RedisStore, tokenizer_namespace
@@ -17,6 +19,8 @@ from services.engine.batching import BatchingLevel
 from services.engine.hsd import DraftPolicy, HierarchicalDecoder
 from services.engine.model_store import cache_dir
 from services.engine.runner import LevelRunner
+
+log = logging.getLogger("hierspec.builder")
 
 
 class RunnerPool:
@@ -38,7 +42,8 @@ class RunnerPool:
         if self._drafter is None:
             namespace = tokenizer_namespace(tokenizer)
             if namespace not in self._statistics:
-                self._statistics[namespace] = StatisticsDB(statistics_store(config.drafter, namespace), namespace)
+                self._statistics[namespace] = StatisticsDB(statistics_store(config.drafter, namespace), namespace,
+                                                           vocab_size=len(tokenizer))
             self._drafter = build_drafter(config.drafter, tokenizer, self._statistics[namespace])
         return self._drafter
 
@@ -97,14 +102,26 @@ def redis_url(settings: DrafterSettings) -> str | None:
     return settings.redis_url or os.environ.get("HIERSPEC_REDIS_URL")
 
 
+def statistics_path(settings: DrafterSettings, namespace: str) -> Path:
+    return Path(settings.statistics_path or cache_dir() / "stats" / f"{namespace}.ngrams").expanduser()
+
+
 def statistics_store(settings: DrafterSettings, namespace: str):
     """The configured statistics store: Redis when a URL is set (config or $HIERSPEC_REDIS_URL),
-    else the embedded store file."""
+    else the embedded store file. An unreadable file is reported and left out: drafting goes on from the
+    other databases (`hierspec db build` writes a new one)."""
     url = redis_url(settings)
     if url:
         return RedisStore(url)
-    path = settings.statistics_path or cache_dir() / "stats" / f"{namespace}.pkl"
-    return EmbeddedStore(Path(path).expanduser())
+    path = statistics_path(settings, namespace)
+    if not path.exists() and path.with_suffix(".pkl").exists():
+        log.warning("statistics DB %s is in the old pickle format, which is no longer read: rebuild it "
+                    "(`make stats`, or `hierspec db build`)", path.with_suffix(".pkl"))
+    try:
+        return EmbeddedStore(path)
+    except TableFileError as error:
+        log.warning("statistics DB left out: %s", error)
+        return EmbeddedStore()
 
 
 def build_drafter(settings: DrafterSettings, tokenizer, statistics: StatisticsDB | None = None) -> HierarchicalDrafter:
@@ -112,13 +129,15 @@ def build_drafter(settings: DrafterSettings, tokenizer, statistics: StatisticsDB
     if settings.share_model_db and not redis_url(settings):
         raise ConfigError("drafter.share_model_db needs Redis: set drafter.redis_url or $HIERSPEC_REDIS_URL")
     mirror = SharedOutputs(redis_url(settings), namespace) if settings.share_model_db else None
-    model_db = ModelDB(max_key=settings.max_key, max_keys=settings.model_db_max_keys, mirror=mirror)
+    model_db = ModelDB(max_key=settings.max_key, max_keys=settings.model_db_max_keys, mirror=mirror,
+                       vocab_size=len(tokenizer))
     if settings.model_db_path and Path(settings.model_db_path).expanduser().exists():
         try:
             model_db.load(Path(settings.model_db_path).expanduser())
-        except ValueError as error:  # a file from another format version
-            raise ConfigError(f"drafter.model_db_path: {error}") from None
+        except TableFileError as error:  # damaged, or another format: it refills from outputs
+            log.warning("model DB starts empty: %s", error)
     config = DrafterConfig(max_key=settings.max_key, max_depth=settings.max_depth,
                            max_candidates=settings.max_candidates, max_nodes=settings.max_nodes)
-    statistics = statistics or StatisticsDB(statistics_store(settings, namespace), namespace)
+    statistics = statistics or StatisticsDB(statistics_store(settings, namespace), namespace,
+                                            vocab_size=len(tokenizer))
     return HierarchicalDrafter(config, model_db, statistics)

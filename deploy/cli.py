@@ -210,7 +210,7 @@ def _cmd_serve(args) -> None:
     from deploy.app.app import serve_foreground
 
     load_config(args.config)  # config errors before anything starts
-    serve_foreground(args.config, args.method, args.dtype, args.port, args.metrics_port)
+    serve_foreground(args.config, args.method, args.dtype, args.port, args.metrics_port, args.host)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="run the OpenAI-compatible Serve app on a local Ray cluster")
     _add_config_args(srv, SERVE_CONFIG)
     srv.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's serving.port)")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default: this machine only; another needs an API key in "
+                          "$HIERSPEC_API_KEY or serving.allow_unauthenticated)")
     srv.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port of this node")
     srv.set_defaults(func=_cmd_serve)
 

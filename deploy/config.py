@@ -47,8 +47,10 @@ class DrafterSettings(BaseModel):
     redis_url: str | None = Field(
         None, description="statistics DB in Redis (e.g. redis://host:6379/0); default: the embedded store file")
     statistics_path: str | None = Field(
-        None, description="embedded statistics store file; default: <model cache>/stats/<tokenizer>.pkl")
-    model_db_path: str | None = Field(None, description="load the model DB from / save it to this file")
+        None, description="embedded statistics store file; default: <model cache>/stats/<tokenizer>.ngrams")
+    model_db_path: str | None = Field(None, description="the model DB's file: loaded at start; the Serve app saves "
+                                                         "it every model_db_save_s and when it shuts down")
+    model_db_save_s: float = Field(300.0, gt=0.0, description="how often the Serve app saves the model DB")
     model_db_max_keys: int = Field(200_000, ge=1000, description="model DB bound (keys) before eviction")
     share_model_db: bool = Field(
         False, description="mirror the model DB through the statistics Redis, so router replicas learn from each "
@@ -96,8 +98,23 @@ class ServingSettings(BaseModel):
     max_cached_requests: int = Field(64, ge=1, le=100_000, description="request KV caches a level replica keeps")
     batch: BatchLimits = Field(default_factory=BatchLimits,
                                description="one forward of a level replica: the calls of how many requests it batches")
-    api_key_env: str = Field("HIERSPEC_API_KEY",
-                             description="environment variable holding the API key; unset or empty: no key")
+    api_key_env: str = Field("HIERSPEC_API_KEY", description="environment variable holding the API key")
+    allow_unauthenticated: bool = Field(
+        False, description="serve without an API key where others can reach the server (a Kubernetes deployment, "
+                           "`hierspec serve --host 0.0.0.0`); without it, no key there is an error")
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30,
+                                description="larger request bodies get HTTP 413 before they are read")
+    max_queued_requests: int = Field(
+        64, ge=1, le=100_000, description="requests Serve's proxy holds for a busy ingress replica; more get 503")
+
+    @model_validator(mode="after")
+    def _caches_hold_every_running_request(self) -> ServingSettings:
+        running = self.max_in_flight * self.router_replicas
+        if self.max_cached_requests < running:
+            raise ValueError(f"max_cached_requests ({self.max_cached_requests}) is below the requests the routers "
+                             f"run at once (max_in_flight x router_replicas = {running}): a level replica would "
+                             "evict the caches of running requests and recompute them every round")
+        return self
 
 
 class KubernetesSettings(BaseModel):
@@ -119,6 +136,12 @@ class KubernetesSettings(BaseModel):
     redis_memory: str = Field("2Gi", description="memory limit of the statistics Redis (maxmemory: 75%)")
     storage_class: str | None = None
     corpus_claim: str = Field("hierspec-corpus", description="PersistentVolumeClaim the db-build Job reads")
+    api_key_secret: str | None = Field(
+        "hierspec-api-key", description="Secret (key `api-key`) every pod requires; null only with "
+                                        "serving.allow_unauthenticated: true")
+    operator_namespace: str = Field("kuberay-system", description="namespace of the KubeRay operator, the one "
+                                                           "client outside the cluster's pods its NetworkPolicy "
+                                                           "lets reach the Ray dashboard")
     gcs_redis_address: str | None = Field(
         None, description="host:port of a Redis for GCS fault tolerance (its own, not the statistics store)")
 

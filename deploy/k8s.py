@@ -10,8 +10,17 @@ Rendered (names fixed so the operator's guide can use them):
   rayservice.yaml                          head + one GPU worker group per level (CPU: one group), serveConfigV2
   redis.yaml                               the statistics store: ConfigMap, StatefulSet with a PVC, Service
   db-build-job.yaml                        `hierspec db build` from the corpus volume into that Redis
+  network-policy.yaml                      who may reach the Ray ports and Redis
   kustomization.yaml                       all of the above (`kubectl apply -k DIR`)
-  secrets.example.yaml                     the two Secrets, with fresh random values; apply once, never commit
+  secrets.example.yaml                     the Secrets, with fresh random values; apply once, never commit
+
+Closed by default: every pod requires the API key Secret (unless the config says
+`serving.allow_unauthenticated: true`), Ray's control plane takes token
+authentication (KubeRay generates the token), NetworkPolicies admit only the
+cluster's own Ray pods to the Ray ports and only the Ray pods and the loader Job
+to Redis, and Redis knows one ACL user per role: `admin` (the loader Job) and
+`router` (read-only on the statistics keys, read-write on the shared outputs
+stream); its default user is off.
 """
 
 from __future__ import annotations
@@ -30,8 +39,10 @@ from deploy.config import ConfigError, HierspecConfig
 RAY_VERSION = "2.60.0"  # the pinned ray[serve]; the image's base tag follows it
 REDIS_IMAGE = "redis:7.4"
 REDIS_SERVICE = "hierspec-redis"
-REDIS_SECRET = "hierspec-redis"  # key: password
-API_KEY_SECRET = "hierspec-api-key"  # key: api-key
+REDIS_SECRET = "hierspec-redis"  # keys: password (Redis user admin), router-password (Redis user router)
+API_KEY_SECRET = "hierspec-api-key"  # key: api-key (the default of kubernetes.api_key_secret)
+RAY_NODE = {"ray.io/is-ray-node": "yes"}  # KubeRay's label on every Ray pod
+DB_BUILD = "hierspec-db-build"
 CONFIG_MAP = "hierspec-config"
 CONFIG_MOUNT = "/etc/hierspec"
 SERVE_PORT, DASHBOARD_PORT, METRICS_PORT = 8000, 8265, 8080
@@ -46,18 +57,32 @@ def _memory_bytes(quantity: str) -> int:
     return int(float(match.group(1)) * units.get(match.group(2) or "", 1))
 
 
-def _redis_env() -> list[dict]:
-    return [{"name": "REDIS_PASSWORD",
-             "valueFrom": {"secretKeyRef": {"name": REDIS_SECRET, "key": "password"}}}]
+def _redis_env(*keys: str) -> list[dict]:
+    names = {"password": "REDIS_PASSWORD", "router-password": "REDIS_ROUTER_PASSWORD"}
+    return [{"name": names[key], "valueFrom": {"secretKeyRef": {"name": REDIS_SECRET, "key": key}}} for key in keys]
+
+
+def _api_key_secret(config: HierspecConfig) -> str | None:
+    """The Secret holding the API key; None only where the config allows an open API (else a render error)."""
+    secret = config.kubernetes.api_key_secret
+    if secret is None and not config.serving.allow_unauthenticated:
+        raise ConfigError("kubernetes.api_key_secret is null: the API would be open to every client that reaches "
+                          "it; name the Secret, or set serving.allow_unauthenticated: true")
+    return secret
 
 
 def _hierspec_env(config: HierspecConfig) -> list[dict]:
-    """The statistics DB URL (the password from its Secret), the optional API key and Serve's throughput mode."""
-    return _redis_env() + [{"name": name, "value": value} for name, value in THROUGHPUT_MODE.items()] + [
-        {"name": "HIERSPEC_REDIS_URL", "value": f"redis://:$(REDIS_PASSWORD)@{REDIS_SERVICE}:6379/0"},
-        {"name": config.serving.api_key_env,
-         "valueFrom": {"secretKeyRef": {"name": API_KEY_SECRET, "key": "api-key", "optional": True}}},
-    ]
+    """The statistics DB URL (Redis user `router`, its password from the Secret), the API key (required unless
+    the config allows an open API) and Serve's throughput mode."""
+    env = _redis_env("router-password") + [{"name": name, "value": value} for name, value in THROUGHPUT_MODE.items()]
+    env.append({"name": "HIERSPEC_REDIS_URL",
+                "value": f"redis://router:$(REDIS_ROUTER_PASSWORD)@{REDIS_SERVICE}:6379/0"})
+    secret = _api_key_secret(config)
+    if secret:
+        required = not config.serving.allow_unauthenticated
+        env.append({"name": config.serving.api_key_env, "valueFrom": {"secretKeyRef": {
+            "name": secret, "key": "api-key", **({} if required else {"optional": True})}}})
+    return env
 
 
 def _container(config: HierspecConfig, name: str, cpu: str, memory: str, gpus: int = 0) -> dict:
@@ -126,6 +151,7 @@ def ray_service(config: HierspecConfig, method: str) -> dict:
                       (SERVE_PORT, "serve"), (METRICS_PORT, "metrics"))]
     cluster = {
         "rayVersion": RAY_VERSION,
+        "authOptions": {"mode": "token"},  # KubeRay generates the token Secret and hands it to every Ray container
         "headGroupSpec": {
             # no level replicas on the head: it runs the controller, the dashboard, a proxy and the ingress
             "rayStartParams": {"dashboard-host": "0.0.0.0", "metrics-export-port": str(METRICS_PORT),
@@ -155,16 +181,19 @@ def redis_documents(config: HierspecConfig) -> list[dict]:
     maxmemory = int(0.75 * _memory_bytes(k8s.redis_memory))
     conf = "\n".join([
         "appendonly yes", "appendfsync everysec", "save 900 1", "save 300 100", "dir /data",
-        f"maxmemory {maxmemory}", "maxmemory-policy noeviction", "",
+        f"maxmemory {maxmemory}", "maxmemory-policy noeviction",
+        "",
     ])
     claim = {"metadata": {"name": "data"},
              "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": k8s.redis_storage}}}}
     if k8s.storage_class:
         claim["spec"]["storageClassName"] = k8s.storage_class
     container = {
-        "name": "redis", "image": REDIS_IMAGE,
-        "command": ["redis-server", "/etc/redis/redis.conf", "--requirepass", "$(REDIS_PASSWORD)"],
-        "env": _redis_env(),
+        # args, not command: the image's entrypoint runs, as the unprivileged user below
+        "name": "redis", "image": REDIS_IMAGE, "args": ["redis-server", "/etc/redis/redis.conf", *redis_users()],
+        "env": _redis_env("password", "router-password"),
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 999, "runAsGroup": 999,
+                            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
         "ports": [{"containerPort": 6379, "name": "redis"}],
         "resources": {"requests": {"cpu": "500m", "memory": k8s.redis_memory},
                       "limits": {"memory": k8s.redis_memory}},
@@ -178,7 +207,7 @@ def redis_documents(config: HierspecConfig) -> list[dict]:
         {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": REDIS_SERVICE, "namespace": ns},
          "spec": {"serviceName": REDIS_SERVICE, "replicas": 1, "selector": {"matchLabels": labels},
                   "template": {"metadata": {"labels": labels},
-                               "spec": {"containers": [container],
+                               "spec": {"securityContext": {"fsGroup": 999}, "containers": [container],
                                         "volumes": [{"name": "config",
                                                      "configMap": {"name": f"{REDIS_SERVICE}-config"}}]}},
                   "volumeClaimTemplates": [claim]}},
@@ -187,30 +216,70 @@ def redis_documents(config: HierspecConfig) -> list[dict]:
     ]
 
 
+def redis_users() -> list[str]:
+    """redis-server arguments: the ACL users, passwords from the Secret's keys in the environment. `router`
+    reads the statistics keys and reads and appends to the shared outputs streams (`hs:<tokenizer>:outputs`)."""
+    return ["--user", "default", "off",
+            "--user", "admin", "on", ">$(REDIS_PASSWORD)", "~*", "&*", "+@all",
+            "--user", "router", "on", ">$(REDIS_ROUTER_PASSWORD)", "resetkeys", "%R~hs:*", "%RW~hs:*:outputs",
+            "+@connection", "-@admin", "-@dangerous", "+get", "+mget", "+xread", "+xadd"]
+
+
 def db_build_job(config: HierspecConfig) -> dict:
     k8s = config.kubernetes
     command = (f"hierspec db build --corpus /corpus --model {config.models.target} "
-               f"--redis redis://:$REDIS_PASSWORD@{REDIS_SERVICE}:6379/0")
+               f"--redis redis://admin:$REDIS_PASSWORD@{REDIS_SERVICE}:6379/0")
     return {
-        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "hierspec-db-build", "namespace": k8s.namespace},
-        "spec": {"backoffLimit": 2, "template": {"spec": {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": DB_BUILD, "namespace": k8s.namespace},
+        "spec": {"backoffLimit": 2, "template": {"metadata": {"labels": {"app.kubernetes.io/name": DB_BUILD}}, "spec": {
             "restartPolicy": "Never",
             "containers": [{"name": "db-build", "image": k8s.image, "imagePullPolicy": k8s.image_pull_policy,
-                            "command": ["sh", "-c", command], "env": _redis_env(),
+                            "command": ["sh", "-c", command], "env": _redis_env("password"),
                             "volumeMounts": [{"name": "corpus", "mountPath": "/corpus", "readOnly": True}]}],
             "volumes": [{"name": "corpus", "persistentVolumeClaim": {"claimName": k8s.corpus_claim}}],
         }}},
     }
 
 
+def network_policies(config: HierspecConfig) -> list[dict]:
+    """The Ray pods take anything from each other, the OpenAI port and metrics from the cluster, and the
+    dashboard from the KubeRay operator; Redis takes connections from the Ray pods and the loader Job only."""
+    k8s = config.kubernetes
+    operator = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": k8s.operator_namespace}},
+                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}
+    ray_pods = {"podSelector": {"matchLabels": RAY_NODE}}
+
+    def policy(name: str, selected: dict, rules: list[dict]) -> dict:
+        return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": name, "namespace": k8s.namespace},
+                "spec": {"podSelector": {"matchLabels": selected}, "policyTypes": ["Ingress"], "ingress": rules}}
+
+    def ports(*numbers: int) -> list[dict]:
+        return [{"protocol": "TCP", "port": n} for n in numbers]
+
+    return [
+        policy("hierspec-ray", RAY_NODE, [
+            {"from": [ray_pods]},
+            {"from": [{"namespaceSelector": {}}], "ports": ports(SERVE_PORT, METRICS_PORT)},
+            {"from": [operator], "ports": ports(DASHBOARD_PORT, SERVE_PORT)},
+        ]),
+        policy(REDIS_SERVICE, {"app.kubernetes.io/name": REDIS_SERVICE}, [
+            {"from": [ray_pods, {"podSelector": {"matchLabels": {"app.kubernetes.io/name": DB_BUILD}}}],
+             "ports": ports(6379)},
+        ]),
+    ]
+
+
 def secrets_example(config: HierspecConfig) -> list[dict]:
     ns = config.kubernetes.namespace
-    return [
-        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": REDIS_SECRET, "namespace": ns},
-         "type": "Opaque", "stringData": {"password": secrets.token_hex(24)}},
-        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": API_KEY_SECRET, "namespace": ns},
-         "type": "Opaque", "stringData": {"api-key": secrets.token_hex(24)}},
-    ]
+    documents = [{"apiVersion": "v1", "kind": "Secret", "metadata": {"name": REDIS_SECRET, "namespace": ns},
+                  "type": "Opaque",
+                  "stringData": {"password": secrets.token_hex(24), "router-password": secrets.token_hex(24)}}]
+    if _api_key_secret(config):
+        documents.append({"apiVersion": "v1", "kind": "Secret",
+                          "metadata": {"name": _api_key_secret(config), "namespace": ns},
+                          "type": "Opaque", "stringData": {"api-key": secrets.token_hex(24)}})
+    return documents
 
 
 def render(config: HierspecConfig, config_text: str, method: str | None = None) -> dict[str, list[dict]]:
@@ -228,6 +297,7 @@ def render(config: HierspecConfig, config_text: str, method: str | None = None) 
         "rayservice.yaml": [ray_service(config, method)],
         "redis.yaml": redis_documents(config),
         "db-build-job.yaml": [db_build_job(config)],
+        "network-policy.yaml": network_policies(config),
     }
     files["kustomization.yaml"] = [{"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
                                     "resources": sorted(files)}]

@@ -16,6 +16,7 @@ back to nothing, never to an error, when its store is away.
 from __future__ import annotations
 
 import itertools
+import struct
 import time
 from dataclasses import dataclass
 
@@ -49,8 +50,11 @@ class StatisticsDB:
     values keyed by `ngram_key` (a warm lookup is one dict probe). Absent keys are cached too; the
     "no data" of an outage never is. Entries expire after `ttl_seconds` so that a rebuilt store shows."""
 
-    def __init__(self, store: TableStore, namespace: str, cache_capacity: int = 200_000, ttl_seconds: float = 60.0):
+    def __init__(self, store: TableStore, namespace: str, cache_capacity: int = 200_000, ttl_seconds: float = 60.0,
+                 vocab_size: int | None = None):
         self.store = store
+        self.vocab_size = vocab_size  # values naming other token ids are malformed
+        self.malformed = 0  # values that did not decode, or named token ids outside the vocabulary
         self.namespace = namespace
         self.cache_capacity = cache_capacity
         self.ttl_seconds = ttl_seconds
@@ -81,13 +85,27 @@ class StatisticsDB:
         cacheable = getattr(self.store, "available", True)
         cache = self._cache
         for i, value in zip(missing, values):
-            conts = table.decode(value) if value is not None else ()
+            conts = self._decode(value) if value is not None else ()
             out[i] = (sum(count for count, _ in conts), conts)
             if cacheable:
                 cache[keys[i]] = (now + self.ttl_seconds, *out[i])
         if len(cache) > self.cache_capacity:  # drop the oldest tenth (insertion order): amortised
             for key in list(itertools.islice(cache, len(cache) - int(self.cache_capacity * 0.9))):
                 del cache[key]
+
+    def _decode(self, value: bytes) -> Continuations:
+        """A store's value, or none where it is malformed: the store is shared and outlives this process, so
+        what it holds is checked before it reaches a model (an out-of-vocabulary id is a device-side assert on
+        a GPU)."""
+        try:
+            conts = table.decode(value)
+        except (struct.error, TypeError):
+            conts = None
+        vocab = self.vocab_size
+        if conts is None or (vocab is not None and any(t >= vocab for _, tokens in conts for t in tokens)):
+            self.malformed += 1
+            return ()
+        return conts
 
     def clear_cache(self) -> None:
         """Forget every cached value (after a rebuild of the store, or to test the store itself)."""

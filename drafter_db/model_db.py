@@ -10,15 +10,18 @@ from each other's requests.
 
 from __future__ import annotations
 
-import pickle
+import struct
+import threading
 from pathlib import Path
 
 from drafter_db import table
+from drafter_db.files import TableFileError, read_table, write_table
 from drafter_db.keys import ngram_key
 from drafter_db.shared_outputs import SharedOutputs
 from drafter_db.table import Continuations
 
-FORMAT = 2  # of the saved file: int keys, (total, continuations) entries
+FILE = ("model-db", 3)  # kind and version of the saved file: `ngram_key` bytes -> total uint64 + table value
+_TOTAL = struct.Struct("<Q")
 
 
 class ModelDB:
@@ -27,13 +30,15 @@ class ModelDB:
     `top` of them (one dict probe per lookup on the drafting hot path)."""
 
     def __init__(self, max_key: int = 4, length: int = 6, top: int = 4, max_keys: int = 200_000,
-                 mirror: SharedOutputs | None = None):
+                 mirror: SharedOutputs | None = None, vocab_size: int | None = None):
         self.mirror = mirror
+        self.vocab_size = vocab_size  # outputs from the mirror with other token ids are dropped
         self.max_key = max_key
         self.length = length
         self.top = top
         self.max_keys = max_keys
         self._entries: dict[int, tuple[int, Continuations]] = {}
+        self.changes = 0  # outputs counted so far (a saver writes only when this moved)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -47,6 +52,7 @@ class ModelDB:
         and hand it to the mirror unless it came from there."""
         if share and self.mirror is not None:
             self.mirror.publish(token_ids)
+        self.changes += 1
         counted = table.count_ngrams(token_ids, self.max_key, self.length)
         for ngram, conts in counted.items():
             key = ngram_key(ngram)
@@ -60,7 +66,8 @@ class ModelDB:
         """Count what other replicas generated since the last sync (a no-op without a mirror)."""
         if self.mirror is not None:
             for output in self.mirror.pull():
-                self.add_output(output, share=False)
+                if self.vocab_size is None or all(0 <= t < self.vocab_size for t in output):
+                    self.add_output(output, share=False)
 
     def _evict(self) -> None:
         """Drop the least frequent keys down to 90% of the bound (batched, so eviction is amortised)."""
@@ -69,18 +76,51 @@ class ModelDB:
         self._entries = dict(ranked[:keep])
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(path.suffix + ".partial")
-        with open(partial, "wb") as f:
-            pickle.dump({"version": FORMAT, "entries": self._entries}, f, protocol=pickle.HIGHEST_PROTOCOL)
-        partial.replace(path)
+        """Write the DB to `path` (`drafter_db.files`); safe from another thread while requests add outputs
+        (the entries are copied first, in one step)."""
+        entries = dict(self._entries)
+        write_table(path, *FILE, ((key.to_bytes((key.bit_length() + 7) // 8, "little"), _TOTAL.pack(total) +
+                                   table.encode(ranked)) for key, (total, ranked) in entries.items()))
 
     def load(self, path: str | Path) -> None:
-        with open(path, "rb") as f:
-            data = pickle.load(f)
-        if not isinstance(data, dict) or data.get("version") != FORMAT:
-            raise ValueError(f"{path}: not a model DB of this hierspec version (delete it; it refills from outputs)")
-        self._entries = data["entries"]
+        """Read a file `save` wrote; raises `TableFileError` (one line) for anything else, a record that does not
+        decode or names a token id outside the vocabulary included (the checksum proves integrity, not origin)."""
+        entries = {}
+        try:
+            for key, value in read_table(path, *FILE):
+                ranked = table.decode(value[_TOTAL.size:])
+                if self.vocab_size is not None and any(t >= self.vocab_size for _, tokens in ranked for t in tokens):
+                    raise TableFileError(f"{path}: names token ids outside this vocabulary (another model's file?)")
+                entries[int.from_bytes(key, "little")] = (_TOTAL.unpack_from(value)[0], ranked)
+        except struct.error:
+            raise TableFileError(f"{path}: a record does not decode") from None
+        self._entries = entries
         if len(self._entries) > self.max_keys:
             self._evict()
+
+
+class ModelDBSaver:
+    """Keeps a model DB's file current: saved every `period_s` when outputs were added since, and once more
+    on `close` (the server's shutdown), so what the model DB learned survives a restart."""
+
+    def __init__(self, db: ModelDB, path: str | Path, period_s: float):
+        self.db, self.path, self.period_s = db, Path(path), period_s
+        self._saved = db.changes
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model-db-saver", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.save()
+
+    def save(self) -> None:
+        changes = self.db.changes
+        if changes != self._saved:
+            self.db.save(self.path)
+            self._saved = changes
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.save()

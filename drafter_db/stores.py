@@ -16,13 +16,30 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
 
+from drafter_db.files import read_table, write_table
 from drafter_db.keys import ngram_bytes
+
+STATISTICS_FILE = ("statistics", 1)  # kind and version of the embedded store's file (`drafter_db.files`)
+
+
+def redact(url: str) -> str:
+    """A URL fit for logs and printed summaries: the password of its user part and of a `password=` query
+    parameter replaced by ***."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        credentials, _, host = netloc.rpartition("@")
+        user, colon, _ = credentials.partition(":")
+        netloc = f"{user}:***@{host}" if colon else netloc
+    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def tokenizer_namespace(tokenizer) -> str:
@@ -52,14 +69,14 @@ class StoreStats:
 
 
 class EmbeddedStore:
-    """An in-process dict persisted to a file: the default statistics store, no server needed."""
+    """An in-process dict persisted to a file (`drafter_db.files`): the default statistics store, no server
+    needed. An unreadable file raises `TableFileError` (one line)."""
 
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path else None
         self.data: dict[bytes, bytes] = {}
         if self.path and self.path.exists():
-            with open(self.path, "rb") as f:
-                self.data = pickle.load(f)
+            self.data = dict(read_table(self.path, *STATISTICS_FILE))
 
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
         data = self.data
@@ -69,13 +86,8 @@ class EmbeddedStore:
         self.data.update(items)
 
     def save(self) -> None:
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(self.path.suffix + ".partial")
-        with open(partial, "wb") as f:
-            pickle.dump(self.data, f, protocol=pickle.HIGHEST_PROTOCOL)
-        partial.replace(self.path)
+        if self.path is not None:
+            write_table(self.path, *STATISTICS_FILE, self.data.items())
 
 
 class RedisStore:
@@ -84,7 +96,7 @@ class RedisStore:
     def __init__(self, url: str, timeout: float = 0.05, retry_seconds: float = 1.0, batch: int = 1000):
         import redis
 
-        self.url = url
+        self.url = redact(url)  # what logs and summaries may show
         self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self.retry_seconds = retry_seconds
         self.batch = batch

@@ -17,11 +17,15 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, workdir):
+    """`args`: more redis-server arguments (ACL users, say); `login`: (user, password) the start-up ping uses."""
+
+    def __init__(self, workdir, args: list[str] | None = None, login: tuple[str, str] | None = None):
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed: run `make setup`")
         self.port = free_port()
         self.workdir = workdir
+        self.args = args or []
+        self.login = login
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -31,9 +35,10 @@ class RedisServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
+             "--dir", str(self.workdir), *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
+        user, password = self.login or (None, None)
+        client = redis.Redis(port=self.port, username=user, password=password)
         for _ in range(100):
             try:
                 client.ping()

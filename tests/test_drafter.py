@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import pickle
+import time
+from pathlib import Path
 
 import pytest
 
 from drafter_db import table
 from drafter_db.context import ContextIndex
 from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
+from drafter_db.files import TableFileError
 from drafter_db.keys import ngram_key, suffix_keys
 from drafter_db.model_db import ModelDB
 from drafter_db.replay import replay
@@ -45,8 +48,90 @@ def test_model_db_ranks_by_count_and_evicts_rare_keys(tmp_path):
     again.load(tmp_path / "model.db")
     assert again.lookup(ngram_key([1, 2])) == db.lookup(ngram_key([1, 2]))
     (tmp_path / "old.db").write_bytes(pickle.dumps({"entries": {}, "totals": {}}))  # before format versions
-    with pytest.raises(ValueError, match="not a model DB of this hierspec version"):
+    with pytest.raises(TableFileError, match="not a hierspec table file"):
         again.load(tmp_path / "old.db")
+
+
+class _Planted:
+    """Unpickling this runs code: it creates the file named in its state."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "altered", "pickle", "other kind"])
+def test_table_files_hold_data_only_and_a_damaged_one_is_one_line(tmp_path, damage):
+    """A statistics or model DB file from anyone is at worst refused: a pickle is not loaded (its code does
+    not run), and truncation or a flipped byte fails the checksum."""
+    from drafter_db.files import read_table, write_table
+
+    path, ran = tmp_path / "table", tmp_path / "code-ran"
+    write_table(path, "statistics", 1, [(b"k%d" % i, b"value %d" % i) for i in range(100)])
+    assert read_table(path, "statistics", 1)[7] == (b"k7", b"value 7")
+    data = path.read_bytes()
+    damaged = {"truncated": data[: len(data) // 2], "altered": data[:40] + bytes([data[40] ^ 1]) + data[41:],
+               "pickle": pickle.dumps({"entries": _Planted(ran)}), "other kind": None}[damage]
+    if damaged is None:
+        write_table(path, "model-db", 1, [])
+    else:
+        path.write_bytes(damaged)
+    with pytest.raises(TableFileError) as error:
+        read_table(path, "statistics", 1)
+    assert "\n" not in str(error.value) and str(path) in str(error.value) and not ran.exists()
+
+
+def test_a_damaged_statistics_or_model_db_file_is_left_out_with_a_warning(tmp_path, caplog):
+    from deploy.builder import build_drafter
+    from deploy.config import DrafterSettings
+    from services.engine.model_store import load_tokenizer
+
+    (tmp_path / "stats").write_bytes(b"\x80\x04garbage")
+    (tmp_path / "model.db").write_bytes(b"HSTABLE\0" + b"\0" * 10)
+    settings = DrafterSettings(statistics_path=str(tmp_path / "stats"), model_db_path=str(tmp_path / "model.db"))
+    drafter = build_drafter(settings, load_tokenizer("smollm2-135m"))
+    assert len(drafter.model_db) == 0 and drafter.statistics.store.data == {}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("statistics DB left out" in w and "stats" in w for w in warnings)
+    assert any("model DB starts empty" in w for w in warnings)
+
+
+def test_the_model_db_survives_a_restart(tmp_path):
+    """Saved periodically while outputs come in, and when the server shuts down; the next start reads it."""
+    from deploy.builder import build_drafter
+    from deploy.config import DrafterSettings
+    from drafter_db.model_db import ModelDBSaver
+    from services.engine.model_store import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    path = tmp_path / "model.db"
+    settings = DrafterSettings(model_db_path=str(path))
+    first = build_drafter(settings, tokenizer)
+    saver = ModelDBSaver(first.model_db, path, period_s=0.05)
+    first.model_db.add_output([5, 6, 7, 8])
+    deadline = time.time() + 10
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    assert path.exists()  # the periodic save
+    first.model_db.add_output([15, 16, 17, 18])
+    saver.close()  # shutdown
+    again = build_drafter(settings, tokenizer).model_db
+    assert again.lookup(ngram_key([6]))[1] == [(1, (7, 8))] and again.lookup(ngram_key([16]))[1] == [(1, (17, 18))]
+
+
+def test_malformed_or_out_of_vocabulary_store_values_are_not_drafted():
+    """The statistics store is shared and outlives the process: a value that does not decode, or names a
+    token id the vocabulary lacks, drafts nothing (and is counted) instead of raising or reaching a model."""
+    store = EmbeddedStore()
+    store.set_many({full_key("ns", (1,)): b"\x05\x00",  # truncated
+                    full_key("ns", (2,)): table.encode([(9, (3, 40_000))]),  # out of a 32-token vocabulary
+                    full_key("ns", (3,)): table.encode([(9, (4, 5))])})
+    stats = StatisticsDB(store, "ns", vocab_size=32)
+    drafter = HierarchicalDrafter(DrafterConfig(max_key=1, min_share=0.0, min_count=1), None, stats)
+    assert [drafter.propose("r", [t], 4).tokens for t in (1, 2, 3)] == [[], [], [4, 5]]
+    assert stats.malformed == 2
 
 
 def make_drafter(**overrides) -> HierarchicalDrafter:

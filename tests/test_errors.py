@@ -43,6 +43,8 @@ def write(tmp_path, text: str) -> str:
         (GOOD + "dtype: float8\n", "dtype: Input should be 'float32' or 'bfloat16'"),
         ("name: [unclosed\n", "not valid YAML"),
         ("- just\n- a list\n", "expected a mapping"),
+        (GOOD + "serving: {max_in_flight: 16, router_replicas: 2, max_cached_requests: 20}\n",
+         "serving: Value error, max_cached_requests (20) is below the requests the routers run at once"),
     ],
 )
 def test_bad_config_is_one_clear_line(tmp_path, capsys, config, message):

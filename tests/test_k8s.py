@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from deploy.config import load_config
-from deploy.k8s import API_KEY_SECRET, REDIS_SECRET, REDIS_SERVICE, render, write
+from deploy.k8s import API_KEY_SECRET, REDIS_SECRET, REDIS_SERVICE, ConfigError, render, write
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "deploy/configs").glob("*.yaml"))
@@ -101,3 +101,82 @@ def test_one_ray_version_everywhere():
 
     assert f"FROM rayproject/ray:{RAY_VERSION}-" in (ROOT / "k8s/Dockerfile").read_text()
     assert f'"ray[serve]=={RAY_VERSION}"' in (ROOT / "pyproject.toml").read_text()
+
+
+def _config_text(**serving_and_k8s) -> str:
+    raw = yaml.safe_load((ROOT / "deploy/configs/smollm2-cpu.yaml").read_text())
+    raw.setdefault("serving", {}).update(serving_and_k8s.get("serving", {}))
+    raw.setdefault("kubernetes", {}).update(serving_and_k8s.get("kubernetes", {}))
+    return yaml.safe_dump(raw)
+
+
+def test_the_api_key_is_required_unless_the_config_allows_an_open_api(tmp_path):
+    path = ROOT / "deploy/configs/smollm2-cpu.yaml"
+    env = _rendered(path, tmp_path)["rayservice.yaml"][0]["spec"]["rayClusterConfig"]["headGroupSpec"]["template"][
+        "spec"]["containers"][0]["env"]
+    key = next(e for e in env if e["name"] == "HIERSPEC_API_KEY")["valueFrom"]["secretKeyRef"]
+    assert key["name"] == API_KEY_SECRET and not key.get("optional")  # a pod without the Secret does not start
+    with pytest.raises(ConfigError, match="allow_unauthenticated"):
+        _rendered(path, tmp_path, _config_text(kubernetes={"api_key_secret": None}))
+    open_api = _rendered(path, tmp_path, _config_text(kubernetes={"api_key_secret": None},
+                                                      serving={"allow_unauthenticated": True}))
+    head = open_api["rayservice.yaml"][0]["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    assert "HIERSPEC_API_KEY" not in {e["name"] for e in head["containers"][0]["env"]}
+
+
+def test_ray_token_auth_and_network_policies(tmp_path):
+    rendered = _rendered(ROOT / "deploy/configs/smollm2-cpu.yaml", tmp_path)
+    assert rendered["rayservice.yaml"][0]["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+    policies = {p["metadata"]["name"]: p["spec"] for p in rendered["network-policy.yaml"]}
+    ray = policies["hierspec-ray"]
+    assert ray["podSelector"]["matchLabels"] == {"ray.io/is-ray-node": "yes"}
+    open_ports = {port["port"] for rule in ray["ingress"] for port in rule.get("ports", [])
+                  if rule["from"] == [{"namespaceSelector": {}}]}
+    assert open_ports == {8000, 8080}  # the GCS (6379), dashboard (8265) and client (10001) ports are not among them
+    operator = next(rule["from"][0] for rule in ray["ingress"] if "namespaceSelector" in rule["from"][0] and
+                    rule["from"][0]["namespaceSelector"])
+    assert operator["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kuberay-system"}
+    assert "kuberay-system" in (ROOT / "k8s/README.md").read_text()  # where the guide installs the operator
+    redis_rule, = policies[REDIS_SERVICE]["ingress"]
+    assert [p["port"] for p in redis_rule["ports"]] == [6379] and len(redis_rule["from"]) == 2
+    job = rendered["db-build-job.yaml"][0]["spec"]["template"]["metadata"]["labels"]
+    assert {"podSelector": {"matchLabels": job}} in redis_rule["from"]
+    assert "network-policy.yaml" in rendered["kustomization.yaml"][0]["resources"]
+
+
+def test_redis_runs_unprivileged_with_a_user_per_role(tmp_path):
+    """The rendered ACL users on a real redis-server: the loader writes statistics as `admin`; a router reads
+    them and shares outputs as `router`, and can write nothing else; the default user is off."""
+    import redis
+    from redis_server import RedisServer
+
+    from drafter_db.shared_outputs import SharedOutputs
+    from drafter_db.stores import RedisStore, full_key
+
+    sts = next(d for d in _rendered(ROOT / "deploy/configs/smollm2-cpu.yaml", tmp_path)["redis.yaml"]
+               if d["kind"] == "StatefulSet")
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    assert "command" not in container and container["securityContext"]["runAsNonRoot"]
+    args = [a.replace("$(REDIS_PASSWORD)", "admin-pw").replace("$(REDIS_ROUTER_PASSWORD)", "router-pw")
+            for a in container["args"][2:]]  # after `redis-server <conf file>`
+    server = RedisServer(tmp_path, args, login=("admin", "admin-pw"))
+    server.start()
+    try:
+        url = f"127.0.0.1:{server.port}/0"
+        admin, router = f"redis://admin:admin-pw@{url}", f"redis://router:router-pw@{url}"
+        key = full_key("ns", (1, 2))
+        RedisStore(admin).set_many({key: b"value"})
+        reader = RedisStore(router)
+        assert reader.get_many([key]) == [b"value"] and reader.stats.errors == 0
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            redis.Redis.from_url(router).set(key, b"overwritten")
+        for command in (("CLIENT", "PAUSE", "1000"), ("FLUSHALL",), ("CONFIG", "GET", "*"), ("KEYS", "*")):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                redis.Redis.from_url(router).execute_command(*command)
+        mine, theirs = SharedOutputs(router, "ns"), SharedOutputs(router, "ns")
+        mine.publish([3, 4, 5])
+        assert theirs.pull() == [[3, 4, 5]] and mine.errors == theirs.errors == 0
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(port=server.port).get(key)
+    finally:
+        server.stop()

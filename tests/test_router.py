@@ -67,6 +67,20 @@ def test_overload_is_refused_and_counted_requests_come_back():
     asyncio.run(main())
 
 
+def test_a_request_holds_its_place_before_its_stream_begins():
+    """A streamed reply's rounds begin only once the response starts: requests accepted but not yet
+    streaming must count against max_in_flight, and one dropped unread gives its place back."""
+    router, _ = _router(max_in_flight=2)
+    first = router.start(PROMPT, GREEDY, 5, frozenset())
+    second = router.start(PROMPT, GREEDY, 5, frozenset())
+    with pytest.raises(Overloaded):
+        router.start(PROMPT, GREEDY, 5, frozenset())
+    del second  # a client gone before its stream began
+    assert router.in_flight == 1
+    asyncio.run(_collect(router, first))
+    assert router.in_flight == 0
+
+
 def test_timeout_ends_the_request_and_frees_its_caches():
     async def main():
         router, level = _router(delay=0.05, timeout_s=0.12)

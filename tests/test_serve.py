@@ -120,6 +120,7 @@ BAD_REQUESTS = [
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi " * 9000}]}, 400, "messages"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100_000}, 400, "max_tokens"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": 2**70}, 400, "seed"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": ["x" * 32_000] * 4}, 400, "stop"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 1e-45, "max_tokens": 2}, 200,
      None),
 ]
@@ -152,6 +153,45 @@ def test_malformed_json_auth_and_health(server, client):
     assert requests.get(url + "/health", timeout=30).status_code == 200
     assert requests.get(url + "/v2/nothing", timeout=30, headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
     assert _chat(client).choices[0].message.content  # still serving
+
+
+def test_every_route_but_health_needs_the_key_docs_and_schema_included(server):
+    for route in ("/docs", "/redoc", "/openapi.json", "/v1/models"):
+        assert requests.get(server["url"] + route, timeout=30).status_code == 401, route
+    schema = requests.get(server["url"] + "/openapi.json", timeout=30, headers={"Authorization": f"Bearer {KEY}"})
+    assert "/v1/chat/completions" in schema.json()["paths"]
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
+    """413 from the declared length, before the replica reads the body, and from the bytes counted when a
+    chunked body declares none."""
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    huge = b'{"model": "x", "prompt": "' + b"a" * (2 << 20) + b'"}'
+    reply = requests.post(server["url"] + "/v1/completions", data=huge, headers=headers, timeout=60)
+    assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large"
+    chunked = requests.post(server["url"] + "/v1/completions", data=iter([huge[i : i + 65536] for i in
+                                                                         range(0, len(huge), 65536)]),
+                            headers=headers, timeout=60)
+    assert chunked.status_code == 413
+
+
+def test_streams_count_against_the_in_flight_bound(server):
+    """3x max_in_flight streaming requests at once: exactly max_in_flight streams, the rest 503 with
+    Retry-After (a stream used to take its place only once its body began)."""
+    def one(_):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 40,
+                "temperature": 0, "stream": True}
+        with requests.post(server["url"] + "/v1/chat/completions", json=body, timeout=300, stream=True,
+                           headers={"Authorization": f"Bearer {KEY}"}) as reply:
+            text = reply.text
+            return reply.status_code, reply.headers.get("retry-after"), text
+
+    with ThreadPoolExecutor(9) as pool:
+        replies = list(pool.map(one, range(9)))
+    codes = sorted(code for code, _, _ in replies)
+    assert codes == [200] * 3 + [503] * 6, codes
+    assert all(retry for code, retry, _ in replies if code == 503)
+    assert all(text.rstrip().endswith("data: [DONE]") for code, _, text in replies if code == 200)
 
 
 def test_load_is_shed_with_503_and_retry_after(server):

@@ -18,6 +18,7 @@ SERVE_FILES = sorted((ROOT / "deploy/serve").glob("*.yaml"))
 @pytest.mark.parametrize("path", SERVE_FILES, ids=lambda p: p.name)
 def test_serve_files_are_valid_and_build(path, monkeypatch):
     monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("HIERSPEC_API_KEY", "a-key")
     schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     for application in schema.applications:
         assert application.import_path == "deploy.app:build_app"
@@ -59,3 +60,49 @@ def test_grafana_dashboard_queries_the_metrics_we_export():
         for target in panel["targets"]:
             for name in re.findall(r"ray_(hierspec_[a-z_]+?)(?:_total|_bucket)?\{", target["expr"]):
                 assert name in exported, (panel["title"], name)
+
+
+def test_an_app_others_can_reach_needs_an_api_key_or_says_it_is_open(monkeypatch, tmp_path, capsys):
+    """Fail closed: the Serve config files listen on every interface, so without a key the app does not build;
+    `hierspec serve` listens on this machine only unless --host says otherwise, and then needs one too."""
+    from deploy.app.cluster_env import THROUGHPUT_MODE
+    from deploy.cli import main
+
+    monkeypatch.chdir(ROOT)
+    for name in ("HIERSPEC_API_KEY", "RAY_worker_niceness", *THROUGHPUT_MODE):  # restored after the test
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match="no API key"):
+        build_app({"config": "deploy/configs/smollm2-cpu.yaml"})
+    raw = yaml.safe_load((ROOT / "deploy/configs/smollm2-cpu.yaml").read_text())
+    raw.setdefault("serving", {})["allow_unauthenticated"] = True
+    (tmp_path / "open.yaml").write_text(yaml.safe_dump(raw))
+    assert build_app({"config": str(tmp_path / "open.yaml")}) is not None
+    assert main(["serve", "--config", "deploy/configs/smollm2-cpu.yaml", "--host", "0.0.0.0"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "no API key" in error and "--host 0.0.0.0" in error and len(error.splitlines()) == 1
+
+
+def test_an_error_after_the_stream_began_ends_it_with_an_error_event_and_done():
+    """Once the 200 is sent, a failure can only be told in the stream: an error event, then [DONE]."""
+    import asyncio
+    import json
+    from types import SimpleNamespace
+
+    from deploy.app.server import HierspecServer
+
+    async def pieces():
+        yield "partial "
+        raise RuntimeError("a level failed")
+
+    server = SimpleNamespace(model_name="m")
+    body = SimpleNamespace(include_usage=False)
+
+    async def collect():
+        stream = HierspecServer._stream(server, body, "id", 0, pieces(), SimpleNamespace(finish_reason=None), None,
+                                        1, True)
+        return [event async for event in stream]
+
+    events = asyncio.run(collect())
+    assert events[-1] == "data: [DONE]\n\n"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["type"] == "internal_error" and "a level failed" not in error["message"]

@@ -60,13 +60,28 @@ def test_build_writes_ranked_continuations_and_rerun_is_idempotent(tmp_path, red
 
 
 def test_embedded_store_persists(tmp_path):
-    path = tmp_path / "stats.pkl"
+    path = tmp_path / "stats.ngrams"
     store = EmbeddedStore(path)
     build_statistics(corpus(tmp_path), CharTokenizer(), store, "chars", BuildSettings(length=4))
     store.save()
     again = EmbeddedStore(path)
     key = full_key("chars", CharTokenizer().encode("the"))
     assert again.get_many([key]) == store.get_many([key]) != [None]
+
+
+def test_db_build_never_prints_the_redis_password(tmp_path, capsys, caplog):
+    server = RedisServer(tmp_path, ["--requirepass", "s3cret-pw"], login=("default", "s3cret-pw"))
+    server.start()
+    try:
+        url = f"redis://:s3cret-pw@127.0.0.1:{server.port}/0"
+        assert main(["db", "build", "--corpus", *corpus(tmp_path), "--model", "smollm2-135m", "--redis", url,
+                     "--min-count", "1"]) == 0
+        out = capsys.readouterr()
+        printed = out.out + out.err + caplog.text
+        assert json.loads(out.out.splitlines()[-1])["redis"] == f"redis://:***@127.0.0.1:{server.port}/0"
+        assert "s3cret-pw" not in printed
+    finally:
+        server.stop()
 
 
 def test_db_build_cli_reports_bad_corpus(capsys):
@@ -92,9 +107,9 @@ def test_chat_corpus_of_the_models_own_answers_resumes_and_builds(tmp_path, caps
     assert lines[:1] == first and len(lines) == 3 and all(json.loads(line)["text"] for line in lines)
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["generated"] == 2
     assert main(common) == 0 and len(out.read_text().splitlines()) == 3  # nothing left to do
-    assert main(["db", "build", "--corpus", str(out), "--model", "smollm2-135m", "--out", str(tmp_path / "s.pkl"),
+    assert main(["db", "build", "--corpus", str(out), "--model", "smollm2-135m", "--out", str(tmp_path / "s.ngrams"),
                  "--min-count", "1"]) == 0
-    assert json.loads(capsys.readouterr().out.splitlines()[-1])["path"] == str(tmp_path / "s.pkl")
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["path"] == str(tmp_path / "s.ngrams")
 
 
 VOCAB = 8

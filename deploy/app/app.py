@@ -39,7 +39,11 @@ def level_options(config: HierspecConfig, method: str) -> list[dict]:
             for name in level_deployment_names(config, method)]
 
 
-def build_from_config(config: HierspecConfig, method: str | None = None, dtype: str | None = None) -> Application:
+def build_from_config(config: HierspecConfig, method: str | None = None, dtype: str | None = None,
+                      require_key: bool = True) -> Application:
+    """`require_key`: others can reach the app, so its ingress refuses to start without an API key unless the
+    config allows an open API (checked again in every ingress replica, whose environment is the one that
+    counts)."""
     dtype = dtype or config.dtype
     config, method = resolve_auto(config, method or config.default_method, dtype)
     serving = config.serving
@@ -50,8 +54,8 @@ def build_from_config(config: HierspecConfig, method: str | None = None, dtype: 
               for options, (model, _) in zip(level_options(config, method), chain)]
     ingress = serve.deployment(HierspecServer).options(
         name="ingress", num_replicas=serving.router_replicas, ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=2 * serving.max_in_flight)
-    return ingress.bind(config.model_dump(), method, levels)
+        max_ongoing_requests=2 * serving.max_in_flight, max_queued_requests=serving.max_queued_requests)
+    return ingress.bind(config.model_dump(), method, levels, require_key)
 
 
 def build_app(args: dict) -> Application:
@@ -59,7 +63,29 @@ def build_app(args: dict) -> Application:
     unknown = set(args) - {"config", "method", "dtype"}
     if unknown or "config" not in args:
         raise ConfigError(f"application args: expected config (and optionally method, dtype); got {sorted(args)}")
-    return build_from_config(load_config(packaged_path(args["config"])), args.get("method"), args.get("dtype"))
+    config = load_config(packaged_path(args["config"]))
+    require_api_key(config, "the Serve config's http_options")
+    return build_from_config(config, args.get("method"), args.get("dtype"))
+
+
+def require_api_key(config: HierspecConfig, exposure: str) -> None:
+    """Fail closed: an app others can reach runs with an API key unless the config says
+    `serving.allow_unauthenticated: true` (here, before anything starts; the ingress checks its own
+    environment again)."""
+    serving = config.serving
+    if not os.environ.get(serving.api_key_env) and not serving.allow_unauthenticated:
+        raise ConfigError(f"no API key: ${serving.api_key_env} is unset, and {exposure} let other machines reach "
+                          "the server; set the key, or `serving.allow_unauthenticated: true` in the config to "
+                          "serve without one")
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def http_options(config: HierspecConfig, host: str, port: int) -> dict:
+    """The proxy's options: past `request_timeout_s` (with a margin for the router's own timeout, which answers
+    with an OpenAI error first) the proxy ends a request too."""
+    return {"host": host, "port": port, "request_timeout_s": config.serving.request_timeout_s + 30}
 
 
 def _interrupt(signum, frame):
@@ -67,12 +93,15 @@ def _interrupt(signum, frame):
 
 
 def serve_foreground(config_path: str, method: str | None = None, dtype: str | None = None,
-                     port: int | None = None, metrics_port: int = 8080) -> None:
+                     port: int | None = None, metrics_port: int = 8080, host: str = "127.0.0.1") -> None:
     """Start a local Ray cluster and the app, print how to query it, serve until Ctrl-C or SIGTERM
-    (what `kill`, systemd and Kubernetes send), then shut Serve and the cluster down."""
+    (what `kill`, systemd and Kubernetes send), then shut Serve and the cluster down. Only this machine
+    reaches it unless `host` says otherwise (then an API key is required, see `require_api_key`)."""
     import ray
 
     config = load_config(config_path)
+    if host not in LOOPBACK:
+        require_api_key(config, f"--host {host}")
     config, method = resolve_auto(config, method or config.default_method, dtype or config.dtype)
     port = port or config.serving.port
     serving = config.serving
@@ -82,13 +111,14 @@ def serve_foreground(config_path: str, method: str | None = None, dtype: str | N
              log_to_driver=False)
     signal.signal(signal.SIGTERM, _interrupt)  # after ray.init: Ray's own handler aborts the process
     try:
-        serve.start(http_options={"host": "0.0.0.0", "port": port})
+        serve.start(http_options=http_options(config, host, port))
         print(f"starting {config.name} ({method}, {dtype or config.dtype}): loading "
               f"{len(config.chain(method))} level(s); the first start may take a minute", flush=True)
-        serve.run(build_from_config(config, method, dtype), name=config.name, route_prefix="/")
+        serve.run(build_from_config(config, method, dtype, require_key=host not in LOOPBACK), name=config.name,
+                  route_prefix="/")
         dashboard = ray.get_runtime_context().dashboard_url if hasattr(ray.get_runtime_context(), "dashboard_url") \
             else None
-        print(_usage(config.name, port, dashboard or "http://127.0.0.1:8265", metrics_port), flush=True)
+        print(_usage(config.name, host, port, dashboard or "http://127.0.0.1:8265", metrics_port), flush=True)
         import time
 
         while True:
@@ -100,9 +130,11 @@ def serve_foreground(config_path: str, method: str | None = None, dtype: str | N
         ray.shutdown()
 
 
-def _usage(model: str, port: int, dashboard: str, metrics_port: int) -> str:
+def _usage(model: str, host: str, port: int, dashboard: str, metrics_port: int) -> str:
+    reach = "only this machine reaches it (--host 0.0.0.0 opens it to others)" if host in LOOPBACK else \
+        f"listening on {host}"
     return f"""
-hierspec is serving {model!r} on http://localhost:{port} (Ctrl-C stops it)
+hierspec is serving {model!r} on http://localhost:{port}; {reach} (Ctrl-C stops it)
 
   curl http://localhost:{port}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Write a haiku about caches."}}]}}'

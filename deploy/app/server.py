@@ -8,12 +8,18 @@ levels is token ids.
 
 # No `from __future__ import annotations`: FastAPI reads the route annotations of the Serve class-based view.
 
+import asyncio
+import contextlib
 import hmac
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
@@ -21,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deploy.builder import build_drafter, chain_decoder
 from deploy.config import HierspecConfig
+from drafter_db.model_db import ModelDBSaver
 from services.engine.model_store import load_tokenizer
 from services.engine.prompts import chat_prompt_ids, stop_token_ids, text_prompt_ids
 from services.serve.level_service import RemoteLevel
@@ -40,7 +47,11 @@ from services.serve.openai_api import (
 )
 from services.serve.router import Overloaded, RequestTimeout, Router
 
-app = FastAPI(title="hierspec", description="Lossless speculative decoding, OpenAI-compatible")
+log = logging.getLogger("hierspec.server")
+
+# The schema and its pages are routes of the class below, behind the API key like every route but /health.
+app = FastAPI(title="hierspec", description="Lossless speculative decoding, OpenAI-compatible", docs_url=None,
+              redoc_url=None, openapi_url=None)
 
 
 def _error_response(error: APIError) -> JSONResponse:
@@ -63,6 +74,15 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
     return _error_response(APIError(exc.status_code, str(exc.detail), type=kind))
 
 
+@contextlib.contextmanager
+def _overloaded_is_503():
+    try:
+        yield
+    except Overloaded as exc:
+        raise APIError(503, str(exc), type="overloaded_error", code="overloaded",
+                       headers={"Retry-After": str(exc.retry_after)}) from None
+
+
 def _completion_tokens(generation, assembler: TextAssembler) -> int:
     """Tokens plain decoding would have generated: up to the one that completed a stop string, if one did
     (a round may have committed more)."""
@@ -71,25 +91,42 @@ def _completion_tokens(generation, assembler: TextAssembler) -> int:
 
 @serve.ingress(app)  # at import: every replica process re-imports this module and needs the class-based view
 class HierspecServer:
-    async def __init__(self, config: dict, method: str, level_handles: list):
+    async def __init__(self, config: dict, method: str, level_handles: list, require_key: bool = True):
         self.config = HierspecConfig.model_validate(config)
         self.model_name = self.config.name
         self.tokenizer = load_tokenizer(self.config.models.target)
         self.stop_ids = stop_token_ids(self.tokenizer)
         self.metrics = ServingMetrics(self.model_name)
-        self._api_key = os.environ.get(self.config.serving.api_key_env) or None
-        self._created = now()
         serving = self.config.serving
+        self._api_key = os.environ.get(serving.api_key_env) or None
+        if self._api_key is None:
+            if require_key and not serving.allow_unauthenticated:
+                raise RuntimeError(f"no API key in ${serving.api_key_env} in this replica's environment; set it on "
+                                   "every node, or serving.allow_unauthenticated: true to serve without one")
+            log.warning("no API key in $%s: every client that reaches this server may use it", serving.api_key_env)
+        self._created = now()
+        # Prompts are tokenized off the event loop (a long one takes seconds) on one thread: a tokenizer is not
+        # safe to share between threads.
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         # On CPU the levels share the machine's cores: a request running alone gets them all at each level,
         # and no lookahead, which would take them from the verification the request waits for.
         shared_cores = self.config.device == "cpu"
         alone = (lambda: self.router.in_flight <= 1) if shared_cores else None
         levels = [await RemoteLevel.connect(handle, alone) for handle in level_handles]  # waits for the levels
         lookahead = (lambda: not alone()) if shared_cores else True
-        decoder = chain_decoder(self.config, method, levels, lambda: build_drafter(self.config.drafter, self.tokenizer),
-                                on_forward=self.metrics.on_forward, lookahead=serving.pipelined and lookahead)
+        drafter = build_drafter(self.config.drafter, self.tokenizer) if method.startswith("hd") else None
+        decoder = chain_decoder(self.config, method, levels, lambda: drafter, on_forward=self.metrics.on_forward,
+                                lookahead=serving.pipelined and lookahead)
+        settings = self.config.drafter
+        self._saver = ModelDBSaver(drafter.model_db, Path(settings.model_db_path).expanduser(),
+                                   settings.model_db_save_s) if drafter and settings.model_db_path else None
         self.router = Router(decoder, serving.max_in_flight, serving.request_timeout_s, pipelined=serving.pipelined,
                              metrics=self.metrics)
+
+    def __del__(self):
+        """Serve's shutdown of the replica: what the model DB learned goes to its file."""
+        if getattr(self, "_saver", None) is not None:
+            self._saver.close()
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -103,12 +140,36 @@ class HierspecServer:
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                            type="authentication_error", code="invalid_api_key")
 
+    async def _body(self, request: Request) -> bytes:
+        """The body, refused with 413 as soon as it is known to exceed `max_body_bytes`: from its declared length
+        before reading any of it, else while it streams in."""
+        limit = self.config.serving.max_body_bytes
+        too_large = APIError(413, f"the request body exceeds this server's limit of {limit} bytes",
+                             code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def _parse(self, request: Request, model: type[BaseModel]):
         self._authorize(request)
+        body = await self._body(request)
         try:
-            return model.model_validate_json(await request.body())
+            return model.model_validate_json(body)
         except ValidationError as exc:
             raise validation_error(list(exc.errors())) from None
+
+    async def _tokenize(self, function, *args) -> list[int]:
+        """A request the router has no room for is refused before its prompt costs a tokenization."""
+        with _overloaded_is_503():
+            self.router.check_room()
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, function, self.tokenizer, *args)
 
     def _check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -130,11 +191,8 @@ class HierspecServer:
                                 f"model's context window of {window} tokens", param="max_tokens",
                            code="context_length_exceeded")
         limit = limit or min(self.config.max_tokens, room)
-        try:
+        with _overloaded_is_503():
             return self.router.start(prompt_ids, body.sampling(), limit, self.stop_ids, request_id)
-        except Overloaded as exc:
-            raise APIError(503, str(exc), type="overloaded_error", code="overloaded",
-                           headers={"Retry-After": str(exc.retry_after)}) from None
 
     async def _pieces(self, generation, assembler: TextAssembler, arrival: float) -> AsyncIterator[str]:
         """Text deltas until the generation ends or a stop string appears."""
@@ -191,6 +249,11 @@ class HierspecServer:
             yield sse(APIError(504, str(exc), type="timeout_error", code="timeout").body())
             yield sse("[DONE]")
             return
+        except Exception:  # the 200 is sent: the client learns of the failure from an error event, then [DONE]
+            log.exception("request %s failed mid-stream", rid)
+            yield sse(APIError(500, "internal error; the server logged it", type="internal_error").body())
+            yield sse("[DONE]")
+            return
         yield sse(chunk(None, generation.finish_reason or "length"))
         if body.include_usage:
             final = chat_chunk(rid, self.model_name, created, {}, None) if chat else \
@@ -206,6 +269,21 @@ class HierspecServer:
     async def health(self):
         return {"status": "ok"}
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request):
+        self._authorize(request)
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request):
+        self._authorize(request)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="hierspec")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(self, request: Request):
+        self._authorize(request)
+        return get_redoc_html(openapi_url="/openapi.json", title="hierspec")
+
     @app.get("/v1/models")
     async def models(self, request: Request):
         self._authorize(request)
@@ -215,10 +293,9 @@ class HierspecServer:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         body = await self._parse(request, ChatCompletionRequest)
-        prompt_ids = chat_prompt_ids(self.tokenizer, body.chat())
-        return await self._run(body, prompt_ids, chat=True)
+        return await self._run(body, await self._tokenize(chat_prompt_ids, body.chat()), chat=True)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         body = await self._parse(request, CompletionRequest)
-        return await self._run(body, text_prompt_ids(self.tokenizer, body.text()), chat=False)
+        return await self._run(body, await self._tokenize(text_prompt_ids, body.text()), chat=False)

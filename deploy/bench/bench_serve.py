@@ -151,7 +151,8 @@ def run_serve_bench(config: HierspecConfig, workload: str, out: str, clients: in
         for mode, pipelined in (("pipelined", True), ("sequential", False)):
             variant = config.model_copy(update={"serving": config.serving.model_copy(update={"pipelined": pipelined})})
             print(f"[{mode}] deploying {config.name} ({method})", flush=True)
-            serve.run(build_from_config(variant, method), name=config.name, route_prefix="/")
+            # on 127.0.0.1: no key needed
+            serve.run(build_from_config(variant, method, require_key=False), name=config.name, route_prefix="/")
             stream_chat(url, config.name, prompts[0], 4)  # warm-up
             if pipelined:
                 print(f"[single stream] {single_requests} requests, one client", flush=True)

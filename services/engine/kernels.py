@@ -30,13 +30,11 @@ every later one reads it.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.engine.model_store import cache_dir
+from services.engine.model_store import cache_dir, exclusive
 
 log = logging.getLogger("hierspec.kernels")
 
@@ -54,7 +52,7 @@ MAX_ROWS = 64  # rows of one forward; longer inputs (a prompt) are computed in c
 TAIL_KEYS = 2 * MAX_ROWS  # keys of a row's attention tail (see services.engine.attention)
 QUANTA = (1, 2, 4, 8)  # row-count multiples tried, smallest first
 TIMED_ROWS = (1, 4, 16)  # one-token steps, short drafts, trees and long drafts: what decoding runs
-CHOICE_VERSION = 6
+CHOICE_VERSION = 7  # 7: timings interleaved, fastest round (6 kept choices timed under load)
 
 
 def _cpuinfo() -> dict[str, str]:
@@ -205,14 +203,22 @@ def _padded(run: Callable, weight, quantum: int) -> Callable[[torch.Tensor], tor
     return call
 
 
-def _time_ms(call: Callable, x: torch.Tensor, repeats: int = 5) -> float:
-    call(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call(x)
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+def _timings(calls: dict[str, Callable], x: torch.Tensor, rounds: int = 7) -> dict[str, dict[str, float]]:
+    """ms per call at each TIMED_ROWS row count, for every call: the calls take turns round by round and each
+    keeps its fastest round. Other work on the machine (a test run, another replica loading) only ever adds
+    time, so the minimum is the least disturbed figure, and taking turns spreads a burst of that work over
+    every candidate instead of condemning the one that was being timed (a choice timed once under load kept
+    a kernel twice as slow as the one it beat)."""
+    for call in calls.values():
+        call(x[:1])  # first call: one-off allocation and weight reordering
+    best = {name: {str(n): float("inf") for n in TIMED_ROWS} for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            for n in TIMED_ROWS:
+                start = time.perf_counter()
+                call(x[:n])
+                best[name][str(n)] = min(best[name][str(n)], 1000 * (time.perf_counter() - start))
+    return {name: {n: round(ms, 4) for n, ms in row.items()} for name, row in best.items()}
 
 
 def thread_counts() -> list[int]:
@@ -268,31 +274,31 @@ def _at_each_thread_count(check: Callable[[], bool]) -> bool:
 
 def measure(weight: torch.Tensor, dtype: torch.dtype, device: torch.device) -> KernelChoice:
     """The fastest row-invariant (kernel, quantum) for this weight. Candidates are tried fastest first
-    (unpadded time); a candidate's smallest invariant quantum is kept; the search stops once the next
-    candidate's unpadded time cannot beat the best padded one."""
+    (unpadded time), each at its smallest invariant quantum; the invariant ones found so far are timed again
+    together, padded; the search stops once the next candidate's unpadded time cannot beat the best padded
+    one."""
     generator = torch.Generator().manual_seed(0)
     x = probe(MAX_ROWS, weight.shape[1], generator=generator).to(device)
-    raw = []
-    for name, (prepare, run) in candidates(dtype, device).items():
-        if not half_output_allowed(name, weight):
-            continue
-        prepared = prepare(weight.to(dtype).to(device))
-        call = _padded(run, prepared, 1)
-        raw.append((sum(_time_ms(call, x[:n]) for n in TIMED_ROWS), name, prepared, run))
-        log.debug("kernel %s %s: %.3f ms unpadded", name, tuple(weight.shape), raw[-1][0])
-    raw.sort(key=lambda item: item[0])
+    prepared = {name: (prepare(weight.to(dtype).to(device)), run)
+                for name, (prepare, run) in candidates(dtype, device).items() if half_output_allowed(name, weight)}
+    unpadded = _timings({name: _padded(run, w, 1) for name, (w, run) in prepared.items()}, x)
+    for name, ms in unpadded.items():
+        log.debug("kernel %s %s: %s ms unpadded", name, tuple(weight.shape), ms)
+    contenders: dict[str, int] = {}  # invariant kernel -> its smallest quantum
     best: KernelChoice | None = None
-    best_score = float("inf")
-    for unpadded, name, prepared, run in raw:
-        if unpadded >= best_score:
+    for name in sorted(unpadded, key=lambda name: sum(unpadded[name].values())):
+        if best is not None and sum(unpadded[name].values()) >= sum(best.ms.values()):
             break
-        for quantum in [q for q in QUANTA if q >= smallest_quantum(name)]:
-            call = _padded(run, prepared, quantum)
-            if rows_invariant(call, x):
-                ms = {str(n): round(_time_ms(call, x[:n]), 4) for n in TIMED_ROWS}
-                if sum(ms.values()) < best_score:
-                    best, best_score = KernelChoice(name, quantum, ms), sum(ms.values())
-                break
+        w, run = prepared[name]
+        quantum = next((q for q in QUANTA if q >= smallest_quantum(name) and rows_invariant(_padded(run, w, q), x)),
+                       None)
+        if quantum is None:
+            continue
+        contenders[name] = quantum
+        padded = _timings({name: _padded(prepared[name][1], prepared[name][0], q) for name, q in contenders.items()},
+                          x)
+        fastest = min(padded, key=lambda name: sum(padded[name].values()))
+        best = KernelChoice(fastest, contenders[fastest], padded[fastest])
     if best is None:
         raise RuntimeError(f"no row-invariant matmul kernel for a {tuple(weight.shape)} {dtype} weight on this "
                            "machine; report it with `lscpu` and torch's version")
@@ -352,9 +358,7 @@ class KernelChoices:
         """The entry under `key`, computed by the first process that asks for it on this machine."""
         if key in self._memo:
             return self._memo[key]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # measure once per machine; the others wait and read
+        with exclusive(self.path.with_suffix(".lock")):  # measure once per machine; the others wait and read
             try:
                 table = json.loads(self.path.read_text()) if self.path.exists() else {}
             except (OSError, json.JSONDecodeError) as error:

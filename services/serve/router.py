@@ -7,7 +7,8 @@ so different requests keep different levels busy (the pipeline). With
 that the serving benchmark compares against.
 
 The router bounds what it runs (past `max_in_flight` it refuses, and the HTTP
-layer answers 503 with Retry-After), ends requests that run past their
+layer answers 503 with Retry-After; a request holds its place from `start`, so
+a streamed one whose stream has not begun yet counts), ends requests that run past their
 timeout, and releases every level's cache when a client goes away (the
 awaiting task is cancelled and the generation closed).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import weakref
 from collections.abc import AsyncIterator
 
 from services.engine.hsd import Generation, HierarchicalDecoder
@@ -42,20 +44,36 @@ class Router:
         self.timeout_s = timeout_s
         self.metrics = metrics
         self.in_flight = 0
+        self._holding: set[str] = set()  # ids of the generations holding a place
         self._one_round_at_a_time = None if pipelined else asyncio.Lock()
 
     def start(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
               stop_ids: frozenset[int], request_id: str | None = None) -> Generation:
+        """A generation holding one of the `max_in_flight` places until its rounds end, or until it is
+        dropped unread (a client gone before its stream began)."""
+        self.check_room()
+        generation = self.decoder.start(prompt_ids, params, max_tokens, stop_ids, request_id)
+        self._holding.add(generation.id)
+        self.in_flight += 1
+        weakref.finalize(generation, self._leave, generation.id)
+        self._report_in_flight()
+        return generation
+
+    def check_room(self) -> None:
+        """Raise Overloaded now if `start` would: before a request's prompt is tokenized for nothing."""
         if self.in_flight >= self.max_in_flight:
             raise Overloaded(f"the server runs {self.max_in_flight} requests at once; retry shortly")
-        return self.decoder.start(prompt_ids, params, max_tokens, stop_ids, request_id)
+
+    def _leave(self, generation_id: str) -> None:
+        if generation_id in self._holding:
+            self._holding.discard(generation_id)
+            self.in_flight -= 1
+            self._report_in_flight()
 
     async def rounds(self, generation: Generation, arrival: float | None = None) -> AsyncIterator[list[int]]:
         """The tokens each round commits. Raises RequestTimeout past the router's timeout."""
         arrival = arrival or time.perf_counter()
         deadline = arrival + self.timeout_s
-        self.in_flight += 1
-        self._report_in_flight()
         rounds = generation.stream()
         outcome, last = "cancelled", arrival
         try:
@@ -78,8 +96,7 @@ class Router:
         finally:
             with contextlib.suppress(Exception):
                 await rounds.aclose()
-            self.in_flight -= 1
-            self._report_in_flight()
+            self._leave(generation.id)
             if self.metrics:
                 self.metrics.on_finish(generation.stats, outcome)
 
