@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from deploy.app.app import level_options
+from deploy.app.app import http_options, level_options
 from deploy.app.cluster_env import THROUGHPUT_MODE
 from deploy.config import ConfigError, HierspecConfig
 
@@ -106,7 +106,7 @@ def serve_config(config: HierspecConfig, method: str) -> dict:
     """The Serve config KubeRay deploys: the same app builder `serve run` uses, on the mounted config."""
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
+        "http_options": http_options(config, "0.0.0.0", SERVE_PORT),
         "applications": [{
             "name": config.name, "route_prefix": "/", "import_path": "deploy.app:build_app",
             "args": {"config": f"{CONFIG_MOUNT}/config.yaml", "method": method},

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from deploy.app.app import build_app, level_options
+from deploy.app.app import build_app, http_options, level_options
 from deploy.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +24,7 @@ def test_serve_files_are_valid_and_build(path, monkeypatch):
         assert application.import_path == "deploy.app:build_app"
         config = load_config(application.args["config"])
         assert application.name == config.name
+        assert schema.http_options.request_timeout_s == http_options(config, "", 0)["request_timeout_s"]
         assert build_app(application.args) is not None
 
 

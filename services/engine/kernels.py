@@ -204,20 +204,27 @@ def _padded(run: Callable, weight, quantum: int) -> Callable[[torch.Tensor], tor
 
 
 def _timings(calls: dict[str, Callable], x: torch.Tensor, rounds: int = 7) -> dict[str, dict[str, float]]:
-    """ms per call at each TIMED_ROWS row count, for every call: the calls take turns round by round and each
-    keeps its fastest round. Other work on the machine (a test run, another replica loading) only ever adds
-    time, so the minimum is the least disturbed figure, and taking turns spreads a burst of that work over
-    every candidate instead of condemning the one that was being timed (a choice timed once under load kept
-    a kernel twice as slow as the one it beat)."""
-    for call in calls.values():
-        call(x[:1])  # first call: one-off allocation and weight reordering
-    best = {name: {str(n): float("inf") for n in TIMED_ROWS} for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            for n in TIMED_ROWS:
-                start = time.perf_counter()
-                call(x[:n])
-                best[name][str(n)] = min(best[name][str(n)], 1000 * (time.perf_counter() - start))
+    """ms per call at each TIMED_ROWS row count, for every call, with every core: the calls take turns round by
+    round and each keeps its fastest round. Other work on the machine (a test run, another replica loading) only
+    ever adds time, so the minimum is the least disturbed figure, and taking turns spreads a burst of that work
+    over every candidate instead of condemning the one that was being timed (a choice timed once under load
+    kept a kernel twice as slow as the one it beat). The thread count is the machine's, not the measuring
+    process's: the choice is cached for every process, and one timed in a single-threaded test process kept a
+    kernel that is the faster one on one core only (SmolLM2's `ar` lost 16% in a two-thread benchmark)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        for call in calls.values():
+            call(x[:1])  # first call: one-off allocation and weight reordering
+        best = {name: {str(n): float("inf") for n in TIMED_ROWS} for name in calls}
+        for _ in range(rounds):
+            for name, call in calls.items():
+                for n in TIMED_ROWS:
+                    start = time.perf_counter()
+                    call(x[:n])
+                    best[name][str(n)] = min(best[name][str(n)], 1000 * (time.perf_counter() - start))
+    finally:
+        torch.set_num_threads(threads)
     return {name: {n: round(ms, 4) for n, ms in row.items()} for name, row in best.items()}
 
 
@@ -272,15 +279,16 @@ def _at_each_thread_count(check: Callable[[], bool]) -> bool:
         torch.set_num_threads(threads)
 
 
-def measure(weight: torch.Tensor, dtype: torch.dtype, device: torch.device) -> KernelChoice:
+def measure(weight: torch.Tensor, dtype: torch.dtype, device: torch.device, float_output: bool = False) -> KernelChoice:
     """The fastest row-invariant (kernel, quantum) for this weight. Candidates are tried fastest first
     (unpadded time), each at its smallest invariant quantum; the invariant ones found so far are timed again
     together, padded; the search stops once the next candidate's unpadded time cannot beat the best padded
-    one."""
+    one. `float_output`: only kernels whose output is float32 (the LM head's logits)."""
     generator = torch.Generator().manual_seed(0)
     x = probe(MAX_ROWS, weight.shape[1], generator=generator).to(device)
     prepared = {name: (prepare(weight.to(dtype).to(device)), run)
-                for name, (prepare, run) in candidates(dtype, device).items() if half_output_allowed(name, weight)}
+                for name, (prepare, run) in candidates(dtype, device).items()
+                if half_output_allowed(name, weight) and (name.endswith("-f32") or not float_output)}
     unpadded = _timings({name: _padded(run, w, 1) for name, (w, run) in prepared.items()}, x)
     for name, ms in unpadded.items():
         log.debug("kernel %s %s: %s ms unpadded", name, tuple(weight.shape), ms)
@@ -377,12 +385,14 @@ class KernelChoices:
             self._memo[key] = table["choices"][key]
         return self._memo[key]
 
-    def linear(self, weight: torch.Tensor, dtype: torch.dtype, device: torch.device) -> KernelChoice:
+    def linear(self, weight: torch.Tensor, dtype: torch.dtype, device: torch.device,
+               float_output: bool = False) -> KernelChoice:
         if device.type != "cpu":
             return KernelChoice(next(iter(candidates(dtype, device))), 1, {})
         out_features, in_features = weight.shape
-        key = f"linear|torch {torch.__version__}|{dtype}|{in_features}x{out_features}"
-        entry = self.cached(key, lambda: measure(weight, dtype, device).__dict__)
+        key = f"linear|torch {torch.__version__}|{dtype}|{in_features}x{out_features}" + \
+            ("|float output" if float_output else "")
+        entry = self.cached(key, lambda: measure(weight, dtype, device, float_output).__dict__)
         choice = KernelChoice(**entry)
         log.info("kernel for %s: %s, rows padded to a multiple of %d (%s ms for %s rows)", key, choice.kernel,
                  choice.quantum, "/".join(str(v) for v in choice.ms.values()), "/".join(map(str, TIMED_ROWS)))

@@ -195,10 +195,10 @@ class Decoder(nn.Module):
         choices = kernel_choices()
         chosen: dict[tuple[int, int], KernelChoice] = {}
 
-        def make_linear(weight, bias):
+        def make_linear(weight, bias, float_output: bool = False):
             key = tuple(weight.shape)
             if key not in chosen:
-                chosen[key] = choices.linear(weight, dtype, device)
+                chosen[key] = choices.linear(weight, dtype, device, float_output)
             return ChosenLinear(weight, bias, dtype, device, chosen[key])
 
         quantum = choices.attention_quantum(shape.head_dim, shape.num_kv_heads, shape.num_heads // shape.num_kv_heads,
@@ -208,7 +208,9 @@ class Decoder(nn.Module):
             Block(shape, {k: v.to(dtype).to(device) for k, v in layer.items()}, make_linear, quantum)
             for layer in weights["layers"])
         self.norm = RMSNorm(weights["norm"].to(dtype).to(device), shape.rms_norm_eps)
-        self.lm_head = make_linear(weights["lm_head"], None)
+        # logits keep float32 precision: rounded to bfloat16, near-ties become exact ties (decided by vocabulary
+        # order) and sampling probabilities coarsen
+        self.lm_head = make_linear(weights["lm_head"], None, float_output=True)
         self.kernels = {f"{o}x{i}": f"{c.kernel} (rows padded to {c.quantum}n)" for (o, i), c in chosen.items()}
         self.kernels["attention"] = f"query rows padded to {quantum}n per GEMM"
         exponents = torch.arange(0, shape.head_dim, 2, dtype=torch.float32, device=device) / shape.head_dim
