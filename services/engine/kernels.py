@@ -394,8 +394,9 @@ class KernelChoices:
             ("|float output" if float_output else "")
         entry = self.cached(key, lambda: measure(weight, dtype, device, float_output).__dict__)
         choice = KernelChoice(**entry)
+        timings = "/".join(str(choice.ms.get(str(n))) for n in TIMED_ROWS)
         log.info("kernel for %s: %s, rows padded to a multiple of %d (%s ms for %s rows)", key, choice.kernel,
-                 choice.quantum, "/".join(str(v) for v in choice.ms.values()), "/".join(map(str, TIMED_ROWS)))
+                 choice.quantum, timings, "/".join(map(str, TIMED_ROWS)))
         return choice
 
     def attention_quantum(self, head_dim: int, kv_heads: int, group: int, device: torch.device) -> int:
