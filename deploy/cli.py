@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sampler", choices=("coupled", "rejection"), default=None,
                        help="with a temperature: how drafts are verified (default: coupled, what a seed selects)")
     bench.add_argument("--concurrency", type=int, default=1,
-                       help="questions run at once, their forwards batched at every level (default 1)")
+                       help="questions in flight at all times (the next starts as one ends), their forwards "
+                            "batched at every level (default 1)")
     bench.add_argument("--out", default="results/bench.json")
     bench.set_defaults(func=_cmd_bench)
 

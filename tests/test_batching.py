@@ -119,6 +119,23 @@ def test_a_call_that_cannot_be_scored_fails_alone():
     assert level.forwards_run == 1
 
 
+def test_an_isolated_call_shares_no_forward():
+    """A suspect's call (a replica died computing it) runs in a forward of its own, with the same scores; the calls
+    around it share theirs."""
+    level = BatchingLevel(tiny_runner(3, vocab=VOCAB))
+    calls = [(f"r{i}", [1 + i, 2, 3, 4]) for i in range(4)]
+
+    async def main(isolated: str | None):
+        return await asyncio.gather(*(level.logits(rid, ids, 1, GREEDY, isolated=rid == isolated)
+                                      for rid, ids in calls))
+
+    shared = asyncio.run(main(None))
+    assert (level.forwards_run, level.calls_served) == (1, 4)
+    apart = asyncio.run(main("r1"))
+    assert (level.forwards_run, level.calls_served) == (1 + 3, 4 + 4)  # r0 | r1 alone | r2 and r3
+    assert [s.tokens for s in apart] == [s.tokens for s in shared]
+
+
 class Concurrently:
     """A decoder whose `generate` runs 8 requests at a time (the chi-square test calls it one by one):
     samples come from batched forwards."""

@@ -22,6 +22,8 @@ import requests
 import yaml
 from redis_server import free_port
 
+from services.serve.level_service import FAULT_TOKEN_ENV
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +50,7 @@ def server(tmp_path_factory):
     config = load_config(config_path)
     port, metrics_port = free_port(), free_port()
     os.environ[KEY_ENV] = KEY  # inherited by the workers of the cluster started below
+    os.environ[FAULT_TOKEN_ENV] = str(_fault_token())  # a level call holding it ends its replica (fault test)
     ray.init(num_cpus=6, _metrics_export_port=metrics_port, log_to_driver=False, include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_from_config(config), name=MODEL, route_prefix="/")
@@ -56,6 +59,20 @@ def server(tmp_path_factory):
     serve.shutdown()
     ray.shutdown()
     os.environ.pop(KEY_ENV, None)
+    os.environ.pop(FAULT_TOKEN_ENV, None)
+
+
+POISON = "Spell xylophone backwards."  # its prompt holds the fault token
+
+
+def _fault_token() -> int:
+    """A token of POISON's prompt that no other prompt of this module holds."""
+    from services.engine.model_store import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    token = tokenizer.encode(" xylophone")[-1]
+    assert token not in tokenizer.encode(PROMPT) and token in tokenizer.encode(POISON)
+    return token
 
 
 @pytest.fixture
@@ -225,6 +242,30 @@ def test_killing_a_level_replica_mid_request_keeps_the_output(server, client):
             os.kill(pid, signal.SIGKILL)
             killed = True
     assert killed and "".join(pieces) == reference
+
+
+def test_a_request_that_kills_its_replica_twice_fails_alone(server, client):
+    """A request whose level calls end the replica computing them (as an out-of-memory kill would) is retried once,
+    in a forward of its own, then fails with an error; a stream running meanwhile keeps its exact text."""
+    kwargs = {"max_tokens": 80, "temperature": 0}
+    reference = _chat(client, **kwargs).choices[0].message.content
+
+    def stream() -> str:
+        return "".join(choice.delta.content or "" for chunk in _chat(client, stream=True, **kwargs)
+                       for choice in chunk.choices)
+
+    def poison() -> requests.Response:
+        time.sleep(1.0)  # the stream is under way
+        return requests.post(server["url"] + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                             json={"model": MODEL, "messages": [{"role": "user", "content": POISON}],
+                                   "max_tokens": 8}, timeout=300)
+
+    with ThreadPoolExecutor(2) as pool:
+        streamed, failed = pool.submit(stream), pool.submit(poison)
+        assert streamed.result() == reference
+        reply = failed.result()
+    assert reply.status_code == 500 and reply.json()["error"]["code"] == "replica_crashed", reply.text
+    assert _chat(client, **kwargs).choices[0].message.content == reference  # and the app serves on
 
 
 def test_metrics_reach_the_node_metrics_endpoint(server, client):

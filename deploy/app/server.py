@@ -30,7 +30,7 @@ from deploy.config import HierspecConfig
 from drafter_db.model_db import ModelDBSaver
 from services.engine.model_store import load_tokenizer
 from services.engine.prompts import chat_prompt_ids, stop_token_ids, text_prompt_ids
-from services.serve.level_service import RemoteLevel
+from services.serve.level_service import LevelCrashed, RemoteLevel
 from services.serve.metrics import ServingMetrics
 from services.serve.openai_api import (
     APIError,
@@ -81,6 +81,14 @@ def _overloaded_is_503():
     except Overloaded as exc:
         raise APIError(503, str(exc), type="overloaded_error", code="overloaded",
                        headers={"Retry-After": str(exc.retry_after)}) from None
+
+
+def _failure(exc: RequestTimeout | LevelCrashed) -> APIError:
+    """The error a client gets for a request the server ended: past its timeout, or one whose computation kept
+    ending level replicas (it fails alone; the others go on)."""
+    if isinstance(exc, RequestTimeout):
+        return APIError(504, str(exc), type="timeout_error", code="timeout")
+    return APIError(500, str(exc), type="server_error", code="replica_crashed")
 
 
 def _completion_tokens(generation, assembler: TextAssembler) -> int:
@@ -222,8 +230,8 @@ class HierspecServer:
                                                   chat), media_type="text/event-stream")
         try:
             text = "".join([piece async for piece in pieces])
-        except RequestTimeout as exc:
-            raise APIError(504, str(exc), type="timeout_error", code="timeout") from None
+        except (RequestTimeout, LevelCrashed) as exc:
+            raise _failure(exc) from None
         reason = generation.finish_reason or "length"
         choice = {"index": 0, "logprobs": None, "finish_reason": reason}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
@@ -245,8 +253,8 @@ class HierspecServer:
         try:
             async for piece in pieces:
                 yield sse(chunk(piece, None))
-        except RequestTimeout as exc:
-            yield sse(APIError(504, str(exc), type="timeout_error", code="timeout").body())
+        except (RequestTimeout, LevelCrashed) as exc:
+            yield sse(_failure(exc).body())
             yield sse("[DONE]")
             return
         except Exception:  # the 200 is sent: the client learns of the failure from an error event, then [DONE]

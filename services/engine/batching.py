@@ -62,6 +62,7 @@ class _Pending:
     confidence: bool
     positions: list[int]
     future: asyncio.Future
+    isolated: bool = False  # computed in a forward of its own (a suspect: a replica died computing it)
     work: Work | None = None
 
     def rows(self, cached: int) -> int:
@@ -92,14 +93,15 @@ class BatchingLevel:
         self.calls_served = 0
 
     async def logits(self, request_id: str, token_ids: list[int], num_logits: int,
-                     picks: SamplingParams | None = None, confidence: bool = False) -> Scores:
+                     picks: SamplingParams | None = None, confidence: bool = False, isolated: bool = False) -> Scores:
+        """`isolated`: no other call shares its forwards (see `_take`)."""
         return await self._submit(LevelCall(request_id, token_ids, num_logits), picks, confidence,
-                                  linear_positions(len(token_ids), num_logits))
+                                  linear_positions(len(token_ids), num_logits), isolated)
 
     async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree,
-                          picks: SamplingParams | None = None) -> Scores:
+                          picks: SamplingParams | None = None, isolated: bool = False) -> Scores:
         return await self._submit(LevelCall(request_id, token_ids, tree=tree), picks, False,
-                                  tree_positions(len(token_ids), tree))
+                                  tree_positions(len(token_ids), tree), isolated)
 
     @functools.cached_property
     def costs(self) -> CostModel:
@@ -117,9 +119,9 @@ class BatchingLevel:
         return function() if self._run is None else await self._run(function, requests)
 
     async def _submit(self, call: LevelCall, picks: SamplingParams | None, confidence: bool,
-                      positions: list[int]) -> Scores:
+                      positions: list[int], isolated: bool = False) -> Scores:
         loop = asyncio.get_running_loop()
-        pending = _Pending(call, picks, confidence, positions, loop.create_future())
+        pending = _Pending(call, picks, confidence, positions, loop.create_future(), isolated)
         if self._driver is None or self._driver.done() or self._driver.get_loop() is not loop:
             # a loop that was left (a generation interrupted in-process) leaves calls nobody awaits any more
             self._queue = deque(p for p in self._queue if p.future.get_loop() is loop)
@@ -157,11 +159,14 @@ class BatchingLevel:
         return self.runner.cached_requests()
 
     def _take(self) -> list[_Pending]:
-        """Calls with steps left first, then waiting calls in arrival order, one per request, within the limits."""
+        """Calls with steps left first, then waiting calls in arrival order, one per request, within the limits.
+        An isolated call runs alone: it waits until the calls under way have finished their steps, no call joins
+        those meanwhile, and none joins it (should it end the process, it ends no one else's forward)."""
         batch = [p for p in self._active if not p.future.done()]  # a cancelled call stops computing
         self._active = []  # set again from the batch once its forward has run
         rows = sum(p.rows(0) for p in batch)
         requests = {p.call.request_id for p in batch}
+        closed = any(p.isolated for p in batch)  # no call joins this forward
         deferred = deque()
         while self._queue:
             pending = self._queue.popleft()
@@ -169,12 +174,14 @@ class BatchingLevel:
                 continue
             needs = pending.rows(self.runner.cached_length(pending.call.request_id))
             fits = len(requests) < self.limits.max_requests and rows + needs <= self.limits.max_rows
-            if pending.call.request_id in requests or (batch and not fits):
+            if closed or pending.call.request_id in requests or (batch and (not fits or pending.isolated)):
+                closed = closed or pending.isolated
                 deferred.append(pending)
                 continue
             batch.append(pending)
             requests.add(pending.call.request_id)
             rows += needs
+            closed = pending.isolated
         self._queue = deferred
         return batch
 

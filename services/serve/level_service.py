@@ -83,16 +83,19 @@ class LevelService:
                 "context_window": self.runner.context_window, "costs": self.level.costs.__dict__}
 
     async def logits(self, request_id: str, token_ids: list[int], num_logits: int,
-                     picks: SamplingParams | None = None, confidence: bool = False, alone: bool = False) -> Scores:
+                     picks: SamplingParams | None = None, confidence: bool = False, alone: bool = False,
+                     isolated: bool = False) -> Scores:
         await self._track(serve.get_multiplexed_model_id())
         self._alone = alone
-        return await self.level.logits(request_id, token_ids, num_logits, picks, confidence)
+        _crash_on_fault_token(token_ids)
+        return await self.level.logits(request_id, token_ids, num_logits, picks, confidence, isolated)
 
     async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree,
-                          picks: SamplingParams | None = None, alone: bool = False) -> Scores:
+                          picks: SamplingParams | None = None, alone: bool = False, isolated: bool = False) -> Scores:
         await self._track(serve.get_multiplexed_model_id())
         self._alone = alone
-        return await self.level.tree_logits(request_id, token_ids, tree, picks)
+        _crash_on_fault_token(token_ids)
+        return await self.level.tree_logits(request_id, token_ids, tree, picks, isolated)
 
     async def release(self, request_id: str) -> None:
         await self.level.release(request_id)
@@ -108,10 +111,29 @@ class LevelService:
         return os.getpid()
 
 
+# Fault injection for the reliability tests: a call whose sequence holds this token id ends its replica's process at
+# once, as an out-of-memory kill would. Unset (always, outside tests), nothing is checked.
+FAULT_TOKEN_ENV = "HIERSPEC_TEST_FAULT_TOKEN"
+
+
+def _crash_on_fault_token(token_ids: list[int]) -> None:
+    token = os.environ.get(FAULT_TOKEN_ENV)
+    if token and int(token) in token_ids:
+        os._exit(137)
+
+
 # A replica that dies mid-call (a crash, a node lost) is retried on another: every call carries the
-# whole sequence, so the retry recomputes what the dead replica held and returns the same logits.
+# whole sequence, so the retry recomputes what the dead replica held and returns the same logits. A request whose
+# call was computing when a replica died is a suspect (it may be what killed it): its calls are retried one
+# suspect at a time, each in a forward of its own, and a request whose calls end a replica twice in a row fails
+# alone (`LevelCrashed`) instead of taking more replicas, and other requests' forwards, down with it.
 RETRY_ATTEMPTS = 20
 RETRY_BACKOFF_S = 0.25
+DEATHS_TO_FAIL = 2
+
+
+class LevelCrashed(RuntimeError):
+    """A request's level calls ended a level replica `DEATHS_TO_FAIL` times in a row; it is not retried."""
 
 
 class RemoteLevel:
@@ -126,6 +148,8 @@ class RemoteLevel:
         self.context_window = info["context_window"]
         self.costs = CostModel(tuple(info["costs"]["rows"]), tuple(info["costs"]["ms"]))
         self.alone = alone or (lambda: False)
+        self._deaths: dict[str, int] = {}  # request id -> replicas that died in a row computing its calls
+        self._suspects = asyncio.Lock()  # one suspect's call at a time
 
     @classmethod
     async def connect(cls, handle, alone: Callable[[], bool] | None = None) -> RemoteLevel:
@@ -135,11 +159,25 @@ class RemoteLevel:
         for attempt in range(RETRY_ATTEMPTS):
             call = getattr(self.handle.options(multiplexed_model_id=request_id), method)
             try:
-                return await call.remote(request_id, *args, **kwargs)
-            except (RayActorError, ActorUnavailableError):
+                if request_id not in self._deaths:
+                    return await call.remote(request_id, *args, **kwargs)
+                async with self._suspects:
+                    result = await call.remote(request_id, *args, **kwargs, isolated=True)
+                self._deaths.pop(request_id, None)
+                return result
+            except ActorUnavailableError:  # unreachable for now (restarting, say): the call may not have run
                 if attempt == RETRY_ATTEMPTS - 1:
                     raise
-                await asyncio.sleep(RETRY_BACKOFF_S)
+            except RayActorError:  # the replica died while it held the call
+                deaths = self._deaths[request_id] = self._deaths.get(request_id, 0) + 1
+                if deaths >= DEATHS_TO_FAIL:
+                    del self._deaths[request_id]
+                    raise LevelCrashed(f"level {self.name}: a replica died computing this request {deaths} times "
+                                       "in a row (the second time in a forward of its own); it is not retried "
+                                       "again") from None
+                if attempt == RETRY_ATTEMPTS - 1:
+                    raise
+            await asyncio.sleep(RETRY_BACKOFF_S)
 
     async def logits(self, request_id: str, token_ids: list[int], num_logits: int,
                      picks: SamplingParams | None = None, confidence: bool = False) -> Scores:
@@ -150,4 +188,5 @@ class RemoteLevel:
         return await self._call("tree_logits", request_id, token_ids, tree, picks, alone=self.alone())
 
     async def release(self, request_id: str) -> None:
+        self._deaths.pop(request_id, None)
         await self._call("release", request_id)
