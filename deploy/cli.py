@@ -11,7 +11,7 @@ from pathlib import Path
 from deploy.app.cluster_env import set_cluster_environment
 from deploy.config import METHODS, ConfigError, load_config
 from services.engine.model_store import PACKAGED_MODELS, ModelError
-from services.engine.sampling import SEED_RANGE
+from services.engine.sampling import MAX_TOP_LOGPROBS, SEED_RANGE
 
 DEFAULT_CONFIG = "deploy/configs/qwen-coder-cpu.yaml"
 SERVE_CONFIG = "deploy/configs/smollm2-cpu.yaml"
@@ -38,12 +38,12 @@ def _cmd_models_fetch(args) -> None:
 
 
 def _generate_once(config, method: str, dtype: str | None, prompt: str, max_tokens: int,
-                   temperature: float, seed: int | None, chat: bool, pool=None):
+                   temperature: float, seed: int | None, chat: bool, pool=None, logprobs: int | None = None):
     from deploy.planner.auto import method_decoder
     from services.engine.prompts import chat_prompt_ids, stop_token_ids, text_prompt_ids
     from services.engine.sampling import SamplingParams
 
-    params = SamplingParams(temperature=temperature, seed=seed)
+    params = SamplingParams(temperature=temperature, seed=seed, logprobs=logprobs)
     decoder = method_decoder(config, method, dtype, pool)
     tokenizer = decoder.target.runner.tokenizer
     prompt_ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}]) if chat else \
@@ -64,12 +64,16 @@ def _cmd_generate(args) -> None:
     configure_torch(config)
     method = args.method or config.default_method
     generation, text = _generate_once(config, method, args.dtype, args.prompt, args.max_tokens or config.max_tokens,
-                                      args.temperature, args.seed, not args.no_chat)
+                                      args.temperature, args.seed, not args.no_chat, logprobs=args.logprobs)
     stats = generation.stats.as_dict()
     stats["accepted_by_level"] = {level["name"]: level["accepted"] for level in stats["levels"][:-1]}
     if args.json:
+        logprobs = None if generation.logprobs is None else \
+            [{"logprob": value, "top": [[token, top_value] for token, top_value in top]}
+             for value, top in generation.logprobs]
         print(json.dumps({"text": text, "token_ids": generation.token_ids, "finish_reason": generation.finish_reason,
-                          "method": method, "dtype": args.dtype or config.dtype, "stats": stats}))
+                          "method": method, "dtype": args.dtype or config.dtype, "stats": stats,
+                          **({"logprobs": logprobs} if logprobs is not None else {})}))
     else:
         print(text)
         print(f"\n[{method}] {stats['tokens']} tokens in {stats['seconds']:.2f} s = {stats['tokens_per_s']:.2f} "
@@ -234,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--no-chat", action="store_true", help="use the prompt as raw text, without the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.add_argument("--logprobs", type=int, default=None, choices=range(MAX_TOP_LOGPROBS + 1), metavar="N",
+                     help="with --json: the target's log-probability of each token and its N most likely "
+                          f"alternatives (0 to {MAX_TOP_LOGPROBS})")
     gen.set_defaults(func=_cmd_generate)
 
     demo = sub.add_parser("demo", help="generate with and without speculation and compare speeds")
@@ -352,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     seed = getattr(args, "seed", None)
     if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         parser.error(f"--seed must be within [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+    if getattr(args, "logprobs", None) is not None and not args.json:
+        parser.error("--logprobs is printed with --json")
     if getattr(args, "verbose", False):
         logging.basicConfig(format="hierspec: %(message)s")
         logging.getLogger("hierspec").setLevel(logging.INFO)

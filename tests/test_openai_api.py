@@ -20,7 +20,7 @@ CHAT_FIELDS = {
     "function_call": ("auto", "refused"),
     "functions": ([{"name": "f"}], "refused"),
     "logit_bias": ({"50256": -100}, "refused"),
-    "logprobs": (True, "refused"),
+    "logprobs": (True, "honoured"),
     "max_completion_tokens": (12, "honoured"),
     "max_tokens": (12, "honoured"),
     "metadata": ({"team": "a"}, "honoured"),
@@ -45,7 +45,7 @@ CHAT_FIELDS = {
     "temperature": (0.5, "honoured"),
     "tool_choice": ("auto", "refused"),
     "tools": ([{"type": "function", "function": {"name": "f"}}], "refused"),
-    "top_logprobs": (3, "refused"),
+    "top_logprobs": (3, "refused"),  # alone: OpenAI wants logprobs: true with it (honoured then, see below)
     "top_p": (0.9, "honoured"),
     "user": ("u1", "honoured"),
     "verbosity": ("low", "refused"),
@@ -57,7 +57,7 @@ TEXT_FIELDS = {
     "echo": (True, "refused"),
     "frequency_penalty": (0.5, "refused"),
     "logit_bias": ({"50256": -100}, "refused"),
-    "logprobs": (2, "refused"),
+    "logprobs": (2, "honoured"),
     "max_tokens": (12, "honoured"),
     "n": (2, "refused"),
     "presence_penalty": (0.5, "refused"),
@@ -111,6 +111,21 @@ def test_every_openai_field_is_honoured_or_refused_by_name(model, base, fields):
 def test_fields_openai_does_not_define_are_refused_not_ignored(field, value):
     error = _outcome(ChatCompletionRequest, {**CHAT, field: value})
     assert error.status == 400 and error.param == field and "refused rather than ignored" in error.message
+
+
+def test_logprobs_are_honoured_within_openais_bounds_and_not_yet_streamed():
+    chat = _outcome(ChatCompletionRequest, {**CHAT, "logprobs": True, "top_logprobs": 20})
+    assert chat.sampling().logprobs == 20
+    assert _outcome(ChatCompletionRequest, {**CHAT, "logprobs": True}).sampling().logprobs == 0
+    assert _outcome(ChatCompletionRequest, CHAT).sampling().logprobs is None
+    assert _outcome(CompletionRequest, {**TEXT, "logprobs": 5}).sampling().logprobs == 5
+    refused = [(ChatCompletionRequest, CHAT, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+               (CompletionRequest, TEXT, {"logprobs": 6}, "logprobs"),
+               (ChatCompletionRequest, CHAT, {"logprobs": True, "stream": True}, "logprobs"),
+               (CompletionRequest, TEXT, {"logprobs": 0, "stream": True}, "logprobs")]
+    for model, base, body, param in refused:
+        error = _outcome(model, {**base, **body})
+        assert not isinstance(error, model) and error.status == 400 and error.param == param, (body, error)
 
 
 def test_neutral_values_of_refused_fields_pass():

@@ -97,6 +97,24 @@ def test_chat_equals_hierspec_generate(server, client):
     assert reply.choices[0].finish_reason == ("length" if len(local["token_ids"]) == 48 else "stop")
 
 
+def test_logprobs_are_the_targets_own(server, client):
+    """Through the official client, `hd` reports exactly what plain decoding (`hierspec generate --method ar`)
+    computes: every token's log-probability and its top alternatives."""
+    reply = _chat(client, logprobs=True, top_logprobs=2, max_tokens=24)
+    proc = subprocess.run([str(Path(sys.executable).with_name("hierspec")), "generate", "--config",
+                           str(server["config"]), "--method", "ar", "--prompt", PROMPT, "--max-tokens", "24",
+                           "--logprobs", "2", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    local = json.loads(proc.stdout)
+    content = reply.choices[0].logprobs.content
+    assert [entry.logprob for entry in content] == [entry["logprob"] for entry in local["logprobs"]]
+    assert [[top.logprob for top in entry.top_logprobs] for entry in content] == \
+        [[value for _, value in entry["top"]] for entry in local["logprobs"]]
+    assert "".join(entry.token for entry in content) == reply.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="stream"):
+        _chat(client, logprobs=True, stream=True)
+
+
 def test_streamed_chat_matches_plain_chat(client):
     plain = _chat(client).choices[0].message.content
     stream = _chat(client, stream=True, stream_options={"include_usage": True})

@@ -38,8 +38,10 @@ from services.serve.openai_api import (
     CompletionRequest,
     TextAssembler,
     chat_chunk,
+    chat_logprobs,
     completion_chunk,
     completion_id,
+    completion_logprobs,
     now,
     sse,
     usage,
@@ -233,12 +235,20 @@ class HierspecServer:
         except (RequestTimeout, LevelCrashed) as exc:
             raise _failure(exc) from None
         reason = generation.finish_reason or "length"
-        choice = {"index": 0, "logprobs": None, "finish_reason": reason}
+        logprobs = None if generation.logprobs is None else await asyncio.get_running_loop().run_in_executor(
+            self._tokenizing, self._logprobs, generation, assembler, chat)  # a decode per token: off the loop
+        choice = {"index": 0, "logprobs": logprobs, "finish_reason": reason}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": self.model_name, "choices": [choice],
                 "usage": usage(len(prompt_ids), _completion_tokens(generation, assembler)),
                 "hierspec_stats": generation.stats.as_dict()}
+
+    def _logprobs(self, generation, assembler: TextAssembler, chat: bool) -> dict:
+        """The target's log-probabilities of the tokens the response holds (on the tokenizer's thread)."""
+        used = _completion_tokens(generation, assembler)
+        shape = chat_logprobs if chat else completion_logprobs
+        return shape(self.tokenizer, generation.token_ids[:used], generation.logprobs[:used])
 
     async def _stream(self, body, rid: str, created: int, pieces: AsyncIterator[str], generation,
                       assembler: TextAssembler, prompt_tokens: int, chat: bool) -> AsyncIterator[str]:

@@ -46,7 +46,7 @@ from services.engine.batching import as_level
 from services.engine.budget import DraftBudget
 from services.engine.levels import Level, Scores
 from services.engine.runner import LevelRunner
-from services.engine.sampling import SamplingParams
+from services.engine.sampling import SamplingParams, TokenLogprob, logprobs_of
 from services.engine.tree import TokenTree
 from services.engine.verify import RejectionSampler
 
@@ -183,6 +183,7 @@ class Draft:
     tokens: list[int] = field(default_factory=list)
     probs: torch.Tensor | None = None
     unsure: bool = False
+    logprobs: list[TokenLogprob] | None = None  # the target's, of a round's output tokens, when the request asks
 
 
 class Generation:
@@ -200,6 +201,9 @@ class Generation:
         self.params = params
         self.stop_ids = stop_ids
         self.generator = params.generator()
+        self.draft_params = params.without_logprobs()  # what levels below the target pick by
+        # the target's log-probability of each token of `token_ids` (and its top alternatives), when asked for
+        self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
         self.stats = GenerationStats([LevelStats(level.name) for level in decoder.levels])
         self.finish_reason: str | None = None
         self.token_ids: list[int] = []
@@ -242,15 +246,17 @@ class Generation:
         try:
             while len(self.token_ids) < self._max_tokens:
                 budget = self._max_tokens - len(self.token_ids)
-                new = (await decoder._target_round(self, seq, budget)).tokens
+                out = await decoder._target_round(self, seq, budget)
                 committed = []
-                for token in new:
+                for token in out.tokens:
                     if token in self.stop_ids:
                         self.finish_reason = "stop"
                         break
                     committed.append(token)
                 seq.extend(committed)
                 self.token_ids.extend(committed)
+                if self.logprobs is not None:
+                    self.logprobs.extend(out.logprobs[: len(committed)])
                 if proposer is not None:
                     proposer.commit(self.id, committed)
                 self.stats.tokens = len(self.token_ids)
@@ -268,9 +274,21 @@ class Generation:
             await asyncio.gather(*(level.release(self.id) for level in decoder.levels), return_exceptions=True)
 
 
-def _picks(req: Generation) -> SamplingParams | None:
-    """What a level call asks for: picks under the request's params (greedy, coupled), else logits."""
-    return req.params if req.params.picks else None
+def _logprobs(req: Generation, scores: Scores, rows: list[int], tokens: list[int]) -> list[TokenLogprob] | None:
+    """The target's log-probabilities of a round's output `tokens`, which it computed at `rows` of its scores."""
+    if req.logprobs is None:
+        return None
+    if req.params.picks:  # the target's pick at each of these rows is the token committed there
+        return [scores.logprobs[row] for row in rows]
+    return logprobs_of(scores[rows], tokens, req.params.logprobs)
+
+
+def _picks(req: Generation, target: bool) -> SamplingParams | None:
+    """What a level call asks for: picks under the request's params (greedy, coupled), with the target's
+    log-probabilities when the request wants them, else logits."""
+    if not req.params.picks:
+        return None
+    return req.params if target else req.draft_params
 
 
 class HierarchicalDecoder:
@@ -401,9 +419,12 @@ class HierarchicalDecoder:
             below = req.stats.of(self.levels[level_index - 1].name)
             below.drafted += len(draft.tokens)
             below.accepted += verdict.num_accepted
-        if level_index == len(self.levels) - 1 and self._budget is not None:
+        top = level_index == len(self.levels) - 1
+        if top and self._budget is not None:
             self._budget.observe(len(draft.tokens), verdict.num_accepted)
-        return Draft(draft.tokens[: verdict.num_accepted] + [verdict.next_token], rows, confidence < min_confidence)
+        out = draft.tokens[: verdict.num_accepted] + [verdict.next_token]
+        logprobs = _logprobs(req, scores, list(range(len(out))), out) if top else None
+        return Draft(out, rows, confidence < min_confidence, logprobs)
 
     async def _draft(self, req: Generation, level_index: int, seq: list[int], limit: int) -> Draft:
         """At most `limit` tokens from level `level_index` for the level above: T_i when it can.
@@ -444,7 +465,8 @@ class HierarchicalDecoder:
     async def _verify_tree(self, req: Generation, seq: list[int], tree: TokenTree) -> Draft:
         """Level 0 verifies the proposer's tree in one forward and keeps the accepted path."""
         level = self.levels[0]
-        scores = await self._counted(req, 0, level.tree_logits(req.id, seq, tree, _picks(req)))
+        target = len(self.levels) == 1
+        scores = await self._counted(req, 0, level.tree_logits(req.id, seq, tree, _picks(req, target)))
         req.stats.of(level.name).verifications += 1
         if req.params.picks:
             verdict = self.sampler.picked_tree(tree, scores.tokens)
@@ -453,6 +475,8 @@ class HierarchicalDecoder:
             probs = req.params.probs(scores)
             verdict = self.sampler.sampled_tree(tree, probs, req.generator)
             rows = probs[[0] + [node + 1 for node in verdict.path]]
+        out = [tree.tokens[node] for node in verdict.path] + [verdict.next_token]
+        logprobs = _logprobs(req, scores, [0] + [node + 1 for node in verdict.path], out) if target else None
         if len(self.levels) == 1 and self._budget is not None:
             self._budget.observe(len(tree), len(verdict.path))
         for source in tree.sources:
@@ -460,13 +484,14 @@ class HierarchicalDecoder:
         for node in verdict.path:
             req.stats.sources[tree.sources[node]].accepted += 1
         self.proposer.observe(req.id, tree, verdict.path)
-        return Draft([tree.tokens[node] for node in verdict.path] + [verdict.next_token], rows)
+        return Draft(out, rows, logprobs=logprobs)
 
     async def _forward(self, req: Generation, level_index: int, token_ids: list[int], num_logits: int,
                        confidence: bool = False) -> Scores:
         """Picks (with their probabilities if `confidence`) when the levels pick, else logits."""
         level = self.levels[level_index]
-        forward = level.logits(req.id, token_ids, num_logits, _picks(req), confidence)
+        forward = level.logits(req.id, token_ids, num_logits, _picks(req, level_index == len(self.levels) - 1),
+                               confidence)
         return await self._counted(req, level_index, forward)
 
     async def _counted(self, req: Generation, level_index: int, forward) -> Scores:

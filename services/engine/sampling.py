@@ -21,6 +21,14 @@ from. Every level therefore warps its logits through `SamplingParams.warped`.
 
 Greedy and coupled requests need only each row's pick from a level
 (`Picks`), a few numbers instead of [rows, vocab] logits.
+
+Log-probabilities (`SamplingParams.logprobs`, OpenAI's `logprobs`) are the
+target's own: log-softmax of its raw logits (before temperature, top-k and
+top-p, as vLLM reports them by default) at each committed token, computed with
+row-wise operations whose result does not depend on the other rows (`logprobs_of`).
+The target's logits of a position are the same bits whichever forward computes
+them (the row-invariant numerics), so every method reports the same numbers as
+plain decoding, at no extra forward: verification computed those logits anyway.
 """
 
 from __future__ import annotations
@@ -33,6 +41,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts, and OpenAI's int64 besides
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
+
+# A generated token's log-probability and its most likely alternatives [(token id, log-probability)], most likely
+# first (ties: the lower token id first).
+TokenLogprob = tuple[float, list[tuple[int, float]]]
 
 
 class SamplingParams(BaseModel):
@@ -46,6 +59,9 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="the request's random numbers")
     sampler: Literal["coupled", "rejection"] | None = Field(
         None, description="how a sampled request verifies drafts; default: coupled with a seed, rejection without")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                 description="report the target's log-probability of each generated token and of "
+                                             "its `logprobs` most likely alternatives; None: none")
 
     @property
     def greedy(self) -> bool:
@@ -89,6 +105,29 @@ class SamplingParams(BaseModel):
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Warped distributions, [n, vocab] float32 logits -> [n, vocab] float32 probabilities."""
         return _softmax(self.warped(logits))
+
+    def without_logprobs(self) -> SamplingParams:
+        """The same rule for levels below the target, whose log-probabilities nobody reports."""
+        return self if self.logprobs is None else self.model_copy(update={"logprobs": None})
+
+
+def logprobs_of(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Row i's log-softmax at tokens[i], and its `top` most likely tokens: [n, vocab] float32 raw logits. Row-wise
+    operations only (the normaliser a sequential sum, as in `_softmax`; a stable sort), so a row's numbers do not
+    depend on the rows computed with it."""
+    shifted = logits.float() - logits.float().amax(-1, keepdim=True)
+    logprobs = shifted - torch.log(torch.exp(shifted).cumsum(-1)[..., -1:])
+    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    if not top:
+        return [(value, []) for value in chosen]
+    # every token at least as likely as the top-th, ordered by value then id: exact ties are ranked by id,
+    # whichever ones topk happened to return
+    kth = torch.topk(logprobs, min(top, logprobs.shape[-1]), dim=-1).values[:, -1:]
+    rows, ids = (logprobs >= kth).nonzero(as_tuple=True)
+    ranked: list[list[tuple[int, float]]] = [[] for _ in chosen]
+    for row, token, value in zip(rows.tolist(), ids.tolist(), logprobs[rows, ids].tolist()):
+        ranked[row].append((token, value))
+    return [(value, sorted(row, key=lambda entry: (-entry[1], entry[0]))[:top]) for value, row in zip(chosen, ranked)]
 
 
 def _softmax(scaled: torch.Tensor) -> torch.Tensor:
@@ -163,6 +202,7 @@ class Picks:
 
     tokens: list[int]
     probs: list[float]  # empty unless asked for
+    logprobs: list[TokenLogprob] | None = None  # of each row's pick, when the params ask for them
 
     @classmethod
     def of(cls, logits: torch.Tensor, params: SamplingParams, positions: list[int],
@@ -171,7 +211,7 @@ class Picks:
         if params.greedy:
             tokens = logits.argmax(-1)  # on the logits: rounded probabilities could tie where logits do not
             probs = _softmax(logits).gather(-1, tokens[:, None])[:, 0].tolist() if confidence else []
-            return cls(tokens.tolist(), probs)
+            return cls.reporting(logits, params, tokens.tolist(), probs)
         if params.seed is None:
             raise ValueError("coupled sampling needs a seed (a Generation draws one for a request without)")
         scaled = params.warped(logits)
@@ -184,4 +224,11 @@ class Picks:
         picks = torch.full((len(scaled),), scaled.shape[-1], device=scaled.device).scatter_reduce(
             0, rows[winners], tokens[winners], "amin").tolist()  # ties: the lowest token id
         probs = _softmax(scaled)[torch.arange(len(picks)), picks].tolist() if confidence else []
-        return cls(picks, probs)
+        return cls.reporting(logits, params, picks, probs)
+
+    @classmethod
+    def reporting(cls, logits: torch.Tensor, params: SamplingParams, tokens: list[int], probs: list[float]) -> Picks:
+        """With the log-probabilities of the picks when asked for: at the target, a pick at a row is the token
+        committed there whenever that row is committed (an accepted draft token equals the pick)."""
+        logprobs = None if params.logprobs is None else logprobs_of(logits, tokens, params.logprobs)
+        return cls(tokens, probs, logprobs)

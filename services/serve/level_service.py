@@ -21,13 +21,14 @@ forward's regions waits for a sleeping thread (SmolLM2's forward in a replica:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import RayActorError
 
 from services.engine.batching import BatchingLevel, BatchLimits
 from services.engine.budget import CostModel
@@ -124,11 +125,17 @@ def _crash_on_fault_token(token_ids: list[int]) -> None:
 
 # A replica that dies mid-call (a crash, a node lost) is retried on another: every call carries the
 # whole sequence, so the retry recomputes what the dead replica held and returns the same logits. A request whose
-# call was computing when a replica died is a suspect (it may be what killed it): its calls are retried one
-# suspect at a time, each in a forward of its own, and a request whose calls end a replica twice in a row fails
-# alone (`LevelCrashed`) instead of taking more replicas, and other requests' forwards, down with it.
-RETRY_ATTEMPTS = 20
+# call was in flight when its replica died is a suspect (it may be what killed it): its calls are retried one
+# suspect at a time, each in a forward of its own, and a request whose calls were in flight at two deaths in a
+# row fails alone (`LevelCrashed`) instead of taking more replicas, and other requests' forwards, down with it.
+# A death shows as ActorDiedError, or as ActorUnavailableError where calls go over gRPC (Serve's throughput mode,
+# which hierspec runs in) or Ray learns of it late; a replica unreachable for another reason counts the same. Two
+# deaths means two replicas: a retry routed to the replica that already died (before Serve drops it) is retried.
+# What that does not tell apart: an innocent suspect whose isolated call waits on a replica that another request
+# kills (a second poison arriving at once, or another ingress replica's suspect: the one-at-a-time rule holds
+# per ingress replica) fails too.
 RETRY_BACKOFF_S = 0.25
+RETRY_ATTEMPTS = 40
 DEATHS_TO_FAIL = 2
 
 
@@ -148,14 +155,15 @@ class RemoteLevel:
         self.context_window = info["context_window"]
         self.costs = CostModel(tuple(info["costs"]["rows"]), tuple(info["costs"]["ms"]))
         self.alone = alone or (lambda: False)
-        self._deaths: dict[str, int] = {}  # request id -> replicas that died in a row computing its calls
+        self._deaths: dict[str, set] = {}  # request id -> the replicas that died in a row holding its calls
         self._suspects = asyncio.Lock()  # one suspect's call at a time
 
     @classmethod
     async def connect(cls, handle, alone: Callable[[], bool] | None = None) -> RemoteLevel:
         return cls(handle, await handle.info.remote(), alone)
 
-    async def _call(self, method: str, request_id: str, *args, **kwargs):
+    async def _forward(self, method: str, request_id: str, *args, **kwargs):
+        """A forward call, retried as the comment above RETRY_BACKOFF_S says."""
         for attempt in range(RETRY_ATTEMPTS):
             call = getattr(self.handle.options(multiplexed_model_id=request_id), method)
             try:
@@ -165,28 +173,28 @@ class RemoteLevel:
                     result = await call.remote(request_id, *args, **kwargs, isolated=True)
                 self._deaths.pop(request_id, None)
                 return result
-            except ActorUnavailableError:  # unreachable for now (restarting, say): the call may not have run
-                if attempt == RETRY_ATTEMPTS - 1:
-                    raise
-            except RayActorError:  # the replica died while it held the call
-                deaths = self._deaths[request_id] = self._deaths.get(request_id, 0) + 1
-                if deaths >= DEATHS_TO_FAIL:
+            except RayActorError as exc:  # ActorDiedError, ActorUnavailableError (a subclass): see above
+                deaths = self._deaths.setdefault(request_id, set())
+                deaths.add(exc.actor_id or f"unknown-{len(deaths)}")
+                if len(deaths) >= DEATHS_TO_FAIL:
                     del self._deaths[request_id]
-                    raise LevelCrashed(f"level {self.name}: a replica died computing this request {deaths} times "
-                                       "in a row (the second time in a forward of its own); it is not retried "
-                                       "again") from None
+                    raise LevelCrashed(f"level {self.name}: {len(deaths)} replicas in a row died computing this "
+                                       "request (the last in a forward of its own); it is not retried again") from None
                 if attempt == RETRY_ATTEMPTS - 1:
                     raise
             await asyncio.sleep(RETRY_BACKOFF_S)
 
     async def logits(self, request_id: str, token_ids: list[int], num_logits: int,
                      picks: SamplingParams | None = None, confidence: bool = False) -> Scores:
-        return await self._call("logits", request_id, token_ids, num_logits, picks, confidence, alone=self.alone())
+        return await self._forward("logits", request_id, token_ids, num_logits, picks, confidence,
+                                   alone=self.alone())
 
     async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree,
                           picks: SamplingParams | None = None) -> Scores:
-        return await self._call("tree_logits", request_id, token_ids, tree, picks, alone=self.alone())
+        return await self._forward("tree_logits", request_id, token_ids, tree, picks, alone=self.alone())
 
     async def release(self, request_id: str) -> None:
+        """Best effort: a replica that died took the request's cache with it, and an unused cache is evicted."""
         self._deaths.pop(request_id, None)
-        await self._call("release", request_id)
+        with contextlib.suppress(RayActorError):
+            await self.handle.options(multiplexed_model_id=request_id).release.remote(request_id)

@@ -2,8 +2,8 @@
 
 Validation lives here so that every user mistake becomes a 4xx with OpenAI's
 error shape, `{"error": {"message", "type", "param", "code"}}`, before any work
-starts. Options we cannot honour exactly (n > 1, logprobs, penalties, tools)
-are refused, never silently ignored: a client that asked for them would get a
+starts. Options we cannot honour exactly (n > 1, penalties, tools) are
+refused, never silently ignored: a client that asked for them would get a
 different distribution than it expects. Fields OpenAI does not define are
 refused too, with a 400 naming the field.
 """
@@ -18,12 +18,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.engine.sampling import SEED_RANGE, SamplingParams
+from services.engine.sampling import MAX_TOP_LOGPROBS, SEED_RANGE, SamplingParams, TokenLogprob
 
 MAX_STOPS = 4
 # Longest stop string: the text held back for a partial stop is rescanned every token (four 32k-character
 # stops cost 132 ms a round), and no tokenizer's output needs a longer one.
 MAX_STOP_CHARS = 512
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound on the completions API's logprobs
 
 
 class APIError(Exception):
@@ -37,6 +38,13 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _logprobs_not_streamed(value, info):
+    """A field validator of `logprobs` (declared after `stream`, so that `stream` is known)."""
+    if value is not None and value is not False and info.data.get("stream"):
+        raise ValueError("log-probabilities come with a whole response, not yet with a stream (send stream: false)")
+    return value
 
 
 def _refused_unless_neutral(neutral: dict[str, tuple]):
@@ -100,8 +108,14 @@ class _GenerationRequest(BaseModel):
     def stop_strings(self) -> list[str]:
         return self.stop or []
 
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        """How many alternatives each token's log-probability comes with (None: no log-probabilities)."""
+        return None
+
     def sampling(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed)
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+                              logprobs=self.top_logprobs_wanted)
 
     @property
     def include_usage(self) -> bool:
@@ -146,9 +160,9 @@ class ChatCompletionRequest(_GenerationRequest):
     safety_identifier: str | None = None
     parallel_tool_calls: bool | None = None  # tools are refused, so there are no tool calls to parallelise
     service_tier: str | None = None
+    logprobs: bool | None = None  # the target's own, the same from every method (`services.engine.sampling`)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # refused unless neutral (a later issue may honour some)
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
     functions: list | None = None
@@ -165,7 +179,7 @@ class ChatCompletionRequest(_GenerationRequest):
     prompt_cache_options: dict | None = None
 
     _neutral = _refused_unless_neutral({
-        "logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+        "tools": (None, []), "tool_choice": (None, "none"),
         "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
         "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
         "verbosity": (None,), "web_search_options": (None,), "store": (None, False),
@@ -176,6 +190,19 @@ class ChatCompletionRequest(_GenerationRequest):
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    _logprobs = field_validator("logprobs")(_logprobs_not_streamed)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value, info):
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def chat(self) -> list[dict[str, str]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
@@ -183,13 +210,17 @@ class ChatCompletionRequest(_GenerationRequest):
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = None
 
-    _neutral = _refused_unless_neutral({"logprobs": (None,), "echo": (None, False), "suffix": (None,),
-                                        "best_of": (None, 1)})
+    _neutral = _refused_unless_neutral({"echo": (None, False), "suffix": (None,), "best_of": (None, 1)})
+    _logprobs = field_validator("logprobs")(_logprobs_not_streamed)
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -284,6 +315,57 @@ class TextAssembler:
         delta = text[self.sent:]
         self.sent = len(text)
         return delta
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's scheme, which SmolLM2, Llama 3 and Qwen use):
+    printable Latin-1 bytes stand for themselves, the others for the characters from U+0100 on."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(moved)}}
+
+
+_BYTE_OF = _byte_level_alphabet()
+
+
+def _piece(tokenizer, token: int) -> tuple[str, list[int]]:
+    """A token's text and its bytes: a token holding part of a UTF-8 character decodes to U+FFFD, and its bytes
+    are then the raw ones its byte-level name spells."""
+    text = tokenizer.decode([token])
+    if "\ufffd" in text:
+        name = tokenizer.convert_ids_to_tokens(token)
+        if isinstance(name, str) and name and all(c in _BYTE_OF for c in name):
+            return text, [_BYTE_OF[c] for c in name]
+    return text, list(text.encode())
+
+
+def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[TokenLogprob]) -> dict:
+    """A chat choice's `logprobs`: each generated token with its log-probability and top alternatives."""
+    def entry(token: int, value: float) -> dict:
+        text, raw = _piece(tokenizer, token)
+        return {"token": text, "logprob": value, "bytes": raw}
+    return {"content": [{**entry(token, value), "top_logprobs": [entry(t, v) for t, v in top]}
+                        for token, (value, top) in zip(token_ids, logprobs)], "refusal": None}
+
+
+def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[TokenLogprob]) -> dict:
+    """A text completion choice's `logprobs` (the legacy shape: parallel lists, offsets into the text)."""
+    tokens, offsets, offset = [], [], 0
+    for token in token_ids:
+        text = _piece(tokenizer, token)[0]
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+    def alternatives(token: int, value: float, top: list[tuple[int, float]]) -> dict[str, float]:
+        # up to logprobs + 1 entries, the generated token's among them (as OpenAI's); texts that two tokens share
+        # keep the likelier one's value
+        entries = {}
+        for t, v in [*top, (token, value)]:
+            entries.setdefault(_piece(tokenizer, t)[0], v)
+        return entries
+    return {"tokens": tokens, "token_logprobs": [value for value, _ in logprobs],
+            "top_logprobs": [alternatives(token, value, top) for token, (value, top) in zip(token_ids, logprobs)],
+            "text_offset": offsets}
 
 
 def completion_id(prefix: str) -> str:

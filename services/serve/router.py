@@ -93,6 +93,11 @@ class Router:
                 last = now
                 yield tokens
             outcome = "completed"
+        except (GeneratorExit, asyncio.CancelledError):  # the client went away: "cancelled"
+            raise
+        except Exception:
+            outcome = "error" if outcome == "cancelled" else outcome
+            raise
         finally:
             with contextlib.suppress(Exception):
                 await rounds.aclose()
