@@ -115,7 +115,8 @@ def logprobs_of(logits: torch.Tensor, tokens: list[int], top: int) -> list[Token
     """Row i's log-softmax at tokens[i], and its `top` most likely tokens: [n, vocab] float32 raw logits. Row-wise
     operations only (the normaliser a sequential sum, as in `_softmax`; a stable sort), so a row's numbers do not
     depend on the rows computed with it."""
-    shifted = logits.float() - logits.float().amax(-1, keepdim=True)
+    logits = logits.float()
+    shifted = logits - logits.amax(-1, keepdim=True)
     logprobs = shifted - torch.log(torch.exp(shifted).cumsum(-1)[..., -1:])
     chosen = logprobs.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
     if not top:

@@ -37,6 +37,10 @@ from services.engine.runner import LevelRunner
 from services.engine.sampling import SamplingParams
 from services.engine.tree import TokenTree
 
+# Fault injection for the reliability tests: a call whose sequence holds this token id ends its replica's process at
+# once, as an out-of-memory kill would. Unset (always, outside tests), nothing is checked.
+FAULT_TOKEN_ENV = "HIERSPEC_TEST_FAULT_TOKEN"
+
 # Request ids a replica reports to Serve's router for affinity (most recent first); memory is
 # bounded separately, by the runner's cache bound.
 TRACKED_REQUESTS = 256
@@ -57,6 +61,8 @@ class LevelService:
         self.runner.max_cached_requests = max_cached_requests
         self.level = BatchingLevel(self.runner, BatchLimits.model_validate(batch or {}), run=self._on_compute)
         self._alone = False  # what the router said with its last call: it runs one request only
+        fault = os.environ.get(FAULT_TOKEN_ENV)
+        self._fault_token = int(fault) if fault else None  # read once: calls are the hot path
         self._compute.submit(lambda: self.level.costs).result()  # the draft budget's input, measured once per machine
 
     def _load(self, model: str, dtype: str, device: str) -> LevelRunner:
@@ -88,18 +94,22 @@ class LevelService:
                      isolated: bool = False) -> Scores:
         await self._track(serve.get_multiplexed_model_id())
         self._alone = alone
-        _crash_on_fault_token(token_ids)
+        self._crash_on_fault_token(token_ids)
         return await self.level.logits(request_id, token_ids, num_logits, picks, confidence, isolated)
 
     async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree,
                           picks: SamplingParams | None = None, alone: bool = False, isolated: bool = False) -> Scores:
         await self._track(serve.get_multiplexed_model_id())
         self._alone = alone
-        _crash_on_fault_token(token_ids)
+        self._crash_on_fault_token(token_ids)
         return await self.level.tree_logits(request_id, token_ids, tree, picks, isolated)
 
     async def release(self, request_id: str) -> None:
         await self.level.release(request_id)
+
+    def _crash_on_fault_token(self, token_ids: list[int]) -> None:
+        if self._fault_token is not None and self._fault_token in token_ids:
+            os._exit(137)
 
     def batching(self) -> dict:
         """Forwards run and the calls they served (calls per forward: the batch size)."""
@@ -110,17 +120,6 @@ class LevelService:
         fault-injection test kills it)."""
         await self._track(serve.get_multiplexed_model_id())
         return os.getpid()
-
-
-# Fault injection for the reliability tests: a call whose sequence holds this token id ends its replica's process at
-# once, as an out-of-memory kill would. Unset (always, outside tests), nothing is checked.
-FAULT_TOKEN_ENV = "HIERSPEC_TEST_FAULT_TOKEN"
-
-
-def _crash_on_fault_token(token_ids: list[int]) -> None:
-    token = os.environ.get(FAULT_TOKEN_ENV)
-    if token and int(token) in token_ids:
-        os._exit(137)
 
 
 # A replica that dies mid-call (a crash, a node lost) is retried on another: every call carries the

@@ -93,10 +93,9 @@ class Router:
                 last = now
                 yield tokens
             outcome = "completed"
-        except (GeneratorExit, asyncio.CancelledError):  # the client went away: "cancelled"
-            raise
-        except Exception:
-            outcome = "error" if outcome == "cancelled" else outcome
+        except Exception:  # a client that went away (cancelled) raises no Exception; a timeout is counted above
+            if outcome == "cancelled":
+                outcome = "error"
             raise
         finally:
             with contextlib.suppress(Exception):
