@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from deploy.app.cluster_env import set_cluster_environment
-from deploy.config import METHODS, ConfigError, load_config
+from deploy.config import METHODS, ConfigError, HierspecConfig, config_for_models, load_config
 from services.engine.model_store import PACKAGED_MODELS, ModelError
 from services.engine.sampling import MAX_TOP_LOGPROBS, SEED_RANGE
 
@@ -17,14 +17,35 @@ DEFAULT_CONFIG = "deploy/configs/qwen-coder-cpu.yaml"
 SERVE_CONFIG = "deploy/configs/smollm2-cpu.yaml"
 
 
-def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
-    parser.add_argument("--config", required=default_config is None, default=default_config,
+def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None = None,
+                     models: bool = True) -> None:
+    """--config FILE, or (where `models`) --model M [--draft D ...] for a config built in memory."""
+    source = parser.add_mutually_exclusive_group(required=default_config is None)
+    source.add_argument("--config", default=None,
                         help="hierarchy config (YAML)" + (f"; default {default_config}" if default_config else ""))
+    parser.set_defaults(default_config=default_config)
+    if models:
+        source.add_argument("--model", default=None,
+                            help="instead of --config: the target, a packaged short name "
+                                 f"({', '.join(PACKAGED_MODELS)}), a Hugging Face directory or a .gguf file")
+        parser.add_argument("--draft", action="append", default=[], metavar="MODEL",
+                            help="with --model: a draft model sharing its tokenizer (repeat, smallest first)")
+        parser.add_argument("--device", default=None, help="with --model: torch device of every level (default cpu)")
     parser.add_argument("--method", choices=METHODS, default=None,
                         help="ar runs the target alone; default: the config's `method`")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: the config's")
     parser.add_argument("--verbose", action="store_true",
                         help="print what is chosen on the way: each weight shape's matmul kernel, measured here")
+
+
+def _config(args) -> HierspecConfig:
+    """The config the command runs: --config's file, or the one --model and --draft describe."""
+    if getattr(args, "model", None):
+        return config_for_models(args.model, args.draft, args.device or "cpu")
+    for flag in ("draft", "device"):
+        if getattr(args, flag, None):
+            raise ConfigError(f"--{flag} goes with --model (a config file sets its own)")
+    return load_config(args.config or args.default_config)
 
 
 def _cmd_models_fetch(args) -> None:
@@ -60,7 +81,7 @@ def _generate_once(config, method: str, dtype: str | None, prompt: str, max_toke
 def _cmd_generate(args) -> None:
     from deploy.builder import configure_torch
 
-    config = load_config(args.config)
+    config = _config(args)
     configure_torch(config)
     method = args.method or config.default_method
     generation, text = _generate_once(config, method, args.dtype, args.prompt, args.max_tokens or config.max_tokens,
@@ -84,7 +105,7 @@ def _cmd_demo(args) -> None:
     """Generate once with plain decoding and once with the config's hierarchy; show both speeds."""
     from deploy.builder import RunnerPool, configure_torch
 
-    config = load_config(args.config)
+    config = _config(args)
     configure_torch(config)
     method = args.method or config.default_method
     pool = RunnerPool()
@@ -134,7 +155,7 @@ def _cmd_db_answers(args) -> None:
     from deploy.corpus import write_answers
     from deploy.planner.profiler import stderr_log
 
-    config = load_config(args.config)
+    config = _config(args)
     out = Path(args.out).expanduser()
     method = args.method or config.default_method
     summary = write_answers(config, method, args.dtype, args.prompts, out, args.max_tokens, stderr_log)
@@ -145,7 +166,7 @@ def _cmd_bench(args) -> None:
     from deploy.bench.bench import run_bench
     from services.engine.sampling import SamplingParams
 
-    config = load_config(args.config)
+    config = _config(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     sampling = SamplingParams(temperature=args.temperature, sampler=args.sampler)
     run_bench(config, args.workload, methods, out=args.out, per_category=args.per_category,
@@ -158,7 +179,7 @@ def _cmd_profile(args) -> None:
     from deploy.planner.planning import profile_summary, split_workload
     from deploy.planner.profiler import run_profile, stderr_log
 
-    config = load_config(args.config)
+    config = _config(args)
     configure_torch(config)
     settings = config.planner
     calibration, _ = split_workload(args.workload or settings.workload, args.per_category or settings.per_category,
@@ -172,7 +193,7 @@ def _cmd_profile(args) -> None:
 def _cmd_plan(args) -> None:
     from deploy.planner.planning import run_plan
 
-    config = load_config(args.config)
+    config = _config(args)
     run_plan(config, args.workload, args.out, args.dtype, per_category=args.per_category,
              measure_per_category=args.measure_per_category, max_tokens=args.max_tokens,
              categories=args.categories, refresh=args.refresh, concurrency=args.concurrency)
@@ -192,7 +213,7 @@ def _cmd_bench_serve(args) -> None:
     set_cluster_environment()
     from deploy.bench.bench_serve import run_serve_bench
 
-    config = load_config(args.config)
+    config = _config(args)
     if args.dtype:
         config = config.model_copy(update={"dtype": args.dtype})
     run_serve_bench(config, args.workload, args.out, clients=args.clients, num_requests=args.requests,
@@ -213,8 +234,15 @@ def _cmd_serve(args) -> None:
     set_cluster_environment()
     from deploy.app.app import serve_foreground
 
-    load_config(args.config)  # config errors before anything starts
-    serve_foreground(args.config, args.method, args.dtype, args.port, args.metrics_port, args.host)
+    config = _config(args)  # config errors before anything starts
+    if args.print_config:  # what would run: --method and --dtype written in
+        import yaml
+
+        chosen = {"method": args.method or config.method, "dtype": args.dtype or config.dtype}
+        printed = config.model_copy(update={key: value for key, value in chosen.items() if value})
+        print(yaml.safe_dump(printed.model_dump(mode="json", exclude_defaults=True), sort_keys=False), end="")
+        return
+    serve_foreground(config, args.method, args.dtype, args.port, args.metrics_port, args.host)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,12 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="address to listen on (default: this machine only; another needs an API key in "
                           "$HIERSPEC_API_KEY or serving.allow_unauthenticated)")
     srv.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port of this node")
+    srv.add_argument("--print-config", action="store_true",
+                     help="print the config (with --model: the one built from the command line) and exit")
     srv.set_defaults(func=_cmd_serve)
 
     k8s = sub.add_parser("k8s", help="Kubernetes (KubeRay) manifests")
     k8s_sub = k8s.add_subparsers(dest="k8s_command", required=True)
     k8s_render = k8s_sub.add_parser("render", help="write the manifests of a config (kubectl apply -k OUT)")
-    _add_config_args(k8s_render)
+    _add_config_args(k8s_render, models=False)  # the manifests carry the config file itself
     k8s_render.add_argument("--out", required=True, help="directory for the manifests")
     k8s_render.set_defaults(func=_cmd_k8s_render)
 

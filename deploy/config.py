@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from services.engine.batching import BatchLimits
+from services.engine.model_store import PACKAGED_MODELS, resolve
 
 METHODS: tuple[str, ...] = ("ar", "hsd", "hd", "hd+hsd", "auto")
 
@@ -233,6 +234,37 @@ def packaged_path(path: str) -> Path:
     here = Path(__file__).parent
     packaged = here / given.relative_to("deploy") if given.parts[:1] == ("deploy",) else here / given
     return packaged if packaged.exists() else given
+
+
+def model_name(reference: str) -> str:
+    """The served name of a model reference: a packaged short name as is, else its directory or file stem."""
+    path = Path(reference)
+    return path.stem if path.suffix == ".gguf" else path.name or reference
+
+
+def _absolute(reference):
+    if isinstance(reference, list):
+        return [_absolute(item) for item in reference]
+    return reference if reference in PACKAGED_MODELS else str(Path(reference).expanduser().resolve())
+
+
+def config_for_models(target: str, drafts: list[str], device: str = "cpu") -> HierspecConfig:
+    """The config `hierspec serve --model M --draft D ...` runs: the drafts (smallest first) as levels, the bottom
+    one drafting as the packaged Qwen pair's does (32 tokens, ending a batch below 0.4 confidence), the others 8;
+    every other setting at its default. `--print-config` writes it out for editing."""
+    for reference in [target, *drafts]:
+        if reference not in PACKAGED_MODELS:
+            resolve(reference, download=False)  # a ModelError naming what is accepted, before anything starts
+    # paths made absolute: Ray's workers need not share this process's working directory
+    target, drafts = (_absolute(reference) for reference in (target, drafts))
+    levels = [LevelConfig(model=draft, draft_tokens=8) for draft in drafts]
+    if levels:
+        levels[0] = LevelConfig(model=drafts[0], draft_tokens=32, min_confidence=0.4)
+    try:
+        return HierspecConfig(name=model_name(target), models=ModelsConfig(target=target, drafts=drafts),
+                              hierarchy=levels, device=device)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error("--model/--draft", exc)) from None
 
 
 def load_config(path: str | Path) -> HierspecConfig:

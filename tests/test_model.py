@@ -1,4 +1,4 @@
-"""The decoder and its KV cache: equal to transformers' reference, and rollback is exact."""
+"""The decoder's KV cache: rollback is exact, capacity grows (parity with transformers: test_architectures)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,6 @@ from tiny_models import tiny_hf_model
 from services.engine.model import Decoder
 
 TOKENS = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7])
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_decoder_matches_transformers(arch):
-    hf = tiny_hf_model(7, arch, vocab=16, init_range=0.1)
-    decoder = Decoder.from_hf(hf, torch.float32, torch.device("cpu"))
-    with torch.no_grad():
-        reference = hf(TOKENS[None]).logits[0]
-    ours = decoder(TOKENS, decoder.new_cache(), len(TOKENS))
-    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

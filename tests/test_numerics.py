@@ -51,7 +51,7 @@ def test_linear_layers_and_lm_head(shape, dtype):
     rows_match_alone(linear, probe(MAX_ROWS, shape[1], generator=torch.Generator().manual_seed(1)) * 2)
 
 
-@pytest.mark.parametrize("hidden", [576, 896, 1536])
+@pytest.mark.parametrize("hidden", [64, 128, 576, 896, 1536])  # 64, 128: Qwen3's q/k norms over a head
 def test_rms_norm(hidden):
     norm = RMSNorm(torch.rand(hidden) + 0.5, 1e-5)
     rows_match_alone(norm, torch.randn(MAX_ROWS, hidden) * 3)
@@ -113,7 +113,7 @@ def test_attention_with_a_tree_mask(committed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "yarn"])
 def test_whole_forward_prefill_steps_chunks_and_trees_agree(arch, dtype):
     decoder = Decoder.from_hf(tiny_hf_model(7, arch, vocab=16, init_range=0.1), dtype, CPU)
     tokens = torch.randint(0, 16, (260,), generator=torch.Generator().manual_seed(0))

@@ -26,7 +26,7 @@ CHAT_FIELDS = {
     "metadata": ({"team": "a"}, "honoured"),
     "modalities": (["text", "audio"], "refused"),
     "moderation": ({"model": "omni"}, "refused"),
-    "n": (2, "refused"),
+    "n": (2, "honoured"),
     "parallel_tool_calls": (False, "honoured"),
     "prediction": ({"type": "content", "content": "x"}, "refused"),
     "presence_penalty": (0.5, "refused"),
@@ -59,7 +59,7 @@ TEXT_FIELDS = {
     "logit_bias": ({"50256": -100}, "refused"),
     "logprobs": (2, "honoured"),
     "max_tokens": (12, "honoured"),
-    "n": (2, "refused"),
+    "n": (2, "honoured"),
     "presence_penalty": (0.5, "refused"),
     "seed": (7, "honoured"),
     "stop": (["\n"], "honoured"),
@@ -155,3 +155,16 @@ def test_message_fields_are_checked_too():
     error = _outcome(ChatCompletionRequest, {**CHAT, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]})
     assert error.status == 400 and error.param.startswith("messages.0.content")
+
+
+def test_several_choices_sample_seed_plus_i_and_are_not_streamed():
+    chat = _outcome(ChatCompletionRequest, {**CHAT, "n": 3, "seed": 7, "temperature": 0.8})
+    assert chat.choices == 3 and [chat.sampling(i).seed for i in range(3)] == [7, 8, 9]
+    top = _outcome(CompletionRequest, {**TEXT, "n": 2, "seed": 2**64 - 1})
+    assert [top.sampling(i).seed for i in range(2)] == [2**64 - 1, 0]  # wrapped into the seed range
+    assert _outcome(CompletionRequest, {**TEXT, "n": 2}).sampling(1).seed is None  # each draws its own
+    for model, base, body in [(ChatCompletionRequest, CHAT, {"n": 9}), (ChatCompletionRequest, CHAT, {"n": 0}),
+                              (ChatCompletionRequest, CHAT, {"n": 2, "stream": True}),
+                              (CompletionRequest, TEXT, {"n": 2, "stream": True})]:
+        error = _outcome(model, {**base, **body})
+        assert not isinstance(error, model) and error.status == 400 and error.param == "n", (body, error)

@@ -145,11 +145,23 @@ def test_stop_strings_end_the_text(client):
     assert reply.choices[0].message.content == cut and reply.choices[0].finish_reason == "stop"
 
 
+def test_several_choices_are_the_samples_of_seed_plus_i(client):
+    """n = 3 with seed 11: choice i is exactly the one-choice answer for seed 11 + i (each an exact sample)."""
+    many = _chat(client, n=3, seed=11, temperature=0.8, max_tokens=16)
+    alone = [_chat(client, seed=11 + i, temperature=0.8, max_tokens=16) for i in range(3)]
+    assert [choice.index for choice in many.choices] == [0, 1, 2]
+    texts = [reply.choices[0].message.content for reply in alone]
+    assert [choice.message.content for choice in many.choices] == texts
+    assert len(set(texts)) > 1  # the seeds differ, so should the samples
+    assert many.usage.completion_tokens == sum(reply.usage.completion_tokens for reply in alone)
+
+
 BAD_REQUESTS = [
     ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 9}, 400, "n"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 4}, 400, "n"),  # > max_in_flight
     ({"model": MODEL, "messages": []}, 400, "messages"),
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi " * 9000}]}, 400, "messages"),
@@ -301,3 +313,40 @@ def test_metrics_reach_the_node_metrics_endpoint(server, client):
         time.sleep(3)
     missing = [name for name in wanted if name not in text]
     assert not missing, missing
+
+
+def test_a_model_the_fast_decoder_lacks_serves_through_transformers(server, tmp_path):
+    """A tiny random Phi-3 with SmolLM2's tokenizer, saved as a Hugging Face directory and served from the config
+    `hierspec serve --model DIR` builds: through the official client, its greedy `hd` text is plain decoding's."""
+    import torch
+    from ray import serve
+    from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
+
+    from deploy.app.app import build_from_config
+    from deploy.cli import _generate_once
+    from deploy.config import config_for_models
+    from services.engine.model_store import convert
+
+    tokenizer = AutoTokenizer.from_pretrained(convert("smollm2-135m"))
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id or 0,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    directory = tmp_path / "tiny-phi3"
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    config = config_for_models(str(directory), [])
+    config = config.model_copy(update={"dtype": "float32",
+                                       "serving": config.serving.model_copy(update={"api_key_env": KEY_ENV})})
+    serve.run(build_from_config(config), name="tiny-phi3", route_prefix="/phi3")
+    try:
+        client = openai.OpenAI(base_url=server["url"] + "/phi3/v1", api_key=KEY, max_retries=0, timeout=300)
+        reply = client.chat.completions.create(model="tiny-phi3", messages=[{"role": "user", "content": PROMPT}],
+                                               temperature=0, max_tokens=24)
+        assert reply.model == "tiny-phi3"
+        _, plain = _generate_once(config, "ar", "float32", PROMPT, 24, 0.0, None, True)
+        assert reply.choices[0].message.content == plain
+        assert reply.usage.completion_tokens == 24  # a random model: no end of sequence this early
+    finally:
+        serve.delete("tiny-phi3")

@@ -107,3 +107,37 @@ def test_an_error_after_the_stream_began_ends_it_with_an_error_event_and_done():
     assert events[-1] == "data: [DONE]\n\n"
     error = json.loads(events[-2].removeprefix("data: "))["error"]
     assert error["type"] == "internal_error" and "a level failed" not in error["message"]
+
+
+def test_serve_model_and_draft_build_a_config_that_print_config_writes_out(tmp_path, capsys):
+    from deploy.cli import main
+
+    assert main(["serve", "--model", "qwen2.5-coder-1.5b", "--draft", "qwen2.5-coder-0.5b", "--print-config"]) == 0
+    written = tmp_path / "written.yaml"
+    written.write_text(capsys.readouterr().out)
+    config = load_config(written)
+    assert config.name == "qwen2.5-coder-1.5b" and config.default_method == "hd+hsd"
+    assert config.models.drafts == ["qwen2.5-coder-0.5b"]
+    assert [(level.model, level.draft_tokens, level.min_confidence) for level in config.hierarchy] == \
+        [("qwen2.5-coder-0.5b", 32, 0.4)]  # the shipped Qwen pair's bottom level
+    assert main(["serve", "--model", str(tmp_path / "nowhere"), "--print-config"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert main(["serve", "--draft", "qwen2.5-coder-0.5b", "--print-config"]) == 2
+    assert "--draft goes with --model" in capsys.readouterr().err
+    assert main(["serve", "--device", "cuda", "--print-config"]) == 2
+    assert "--device goes with --model" in capsys.readouterr().err
+    assert main(["serve", "--method", "ar", "--dtype", "float32", "--print-config"]) == 0  # the default file
+    written.write_text(capsys.readouterr().out)
+    printed = load_config(written)
+    assert printed.name == "smollm2-cpu" and (printed.method, printed.dtype) == ("ar", "float32")
+
+
+def test_a_levels_largest_reply_fits_in_one_grpc_message():
+    """Throughput mode sends level replies over gRPC (4 MiB by default): a full forward's float32 logits of the
+    largest packaged vocabulary, as the rejection sampler asks for them, must fit."""
+    from deploy.app.cluster_env import MAX_REPLY_BYTES, THROUGHPUT_MODE
+    from services.engine.kernels import MAX_ROWS
+
+    qwen_vocab = 151_936
+    assert int(THROUGHPUT_MODE["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"]) == MAX_REPLY_BYTES
+    assert MAX_REPLY_BYTES > 2 * MAX_ROWS * qwen_vocab * 4

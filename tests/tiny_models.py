@@ -1,11 +1,29 @@
-"""Tiny random Llama/Qwen2 models built in code: real decoder logic at microsecond cost."""
+"""Tiny random models built in code: real decoder logic at microsecond cost.
+
+`arch` names a transformers architecture, or a Llama variant: `llama3`, `yarn` and `linear` (RoPE scalings, tuned to
+a 64-token original context so every frequency band of an 8-wide head is touched), `llama-tied` (tied
+embeddings, attention and MLP biases). `phi3` and `gemma` are not in the fast decoder: they run through
+transformers' modeling (`services.engine.fallback`)."""
 
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
-from services.engine.model import Decoder
+from services.engine.fallback import load_decoder
 from services.engine.runner import LevelRunner
 
 
@@ -18,15 +36,33 @@ def tiny_hf_model(seed: int, arch: str = "llama", vocab: int = 6, layers: int = 
                   initializer_range=init_range, tie_word_embeddings=False)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch in ("llama3", "yarn", "linear"):
+        scaling = {"llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+                   "yarn": {"rope_type": "yarn", "factor": 4.0},
+                   "linear": {"rope_type": "linear", "factor": 2.0}}[arch]
+        rope = {"rope_theta": 10000.0, "original_max_position_embeddings": 64, **scaling}
+        model = LlamaForCausalLM(LlamaConfig(**common, rope_parameters=rope))
+    elif arch == "llama-tied":
+        model = LlamaForCausalLM(LlamaConfig(**{**common, "tie_word_embeddings": True}, attention_bias=True,
+                                             mlp_bias=True))
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=24))
+    elif arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16))
+    elif arch == "phi3":
+        model = Phi3ForCausalLM(Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=None,
+                                           sliding_window=32))  # as real Phi-3 checkpoints have one
+    elif arch == "gemma":
+        model = GemmaForCausalLM(GemmaConfig(**common, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=None))
     else:
         model = Qwen2ForCausalLM(Qwen2Config(**common))
-        with torch.no_grad():  # random q/k/v biases, so the bias path is exercised
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, init_range)
+    with torch.no_grad():  # random biases (and, but in the two oldest, norm weights): those paths are exercised
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or (name.endswith("norm.weight") and arch not in ("llama", "qwen2")):
+                param.normal_(0 if name.endswith("bias") else 1, init_range)
     return model.eval()
 
 
 def tiny_runner(seed: int, arch: str = "llama", dtype=torch.float32, **kwargs) -> LevelRunner:
-    return LevelRunner(Decoder.from_hf(tiny_hf_model(seed, arch, **kwargs), dtype, torch.device("cpu")),
+    return LevelRunner(load_decoder(tiny_hf_model(seed, arch, **kwargs), dtype, torch.device("cpu")),
                        tokenizer=None, name=f"tiny-{arch}-{seed}")

@@ -92,14 +92,13 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def serve_foreground(config_path: str, method: str | None = None, dtype: str | None = None,
+def serve_foreground(config: HierspecConfig, method: str | None = None, dtype: str | None = None,
                      port: int | None = None, metrics_port: int = 8080, host: str = "127.0.0.1") -> None:
     """Start a local Ray cluster and the app, print how to query it, serve until Ctrl-C or SIGTERM
     (what `kill`, systemd and Kubernetes send), then shut Serve and the cluster down. Only this machine
     reaches it unless `host` says otherwise (then an API key is required, see `require_api_key`)."""
     import ray
 
-    config = load_config(config_path)
     if host not in LOOPBACK:
         require_api_key(config, f"--host {host}")
     config, method = resolve_auto(config, method or config.default_method, dtype or config.dtype)

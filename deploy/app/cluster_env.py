@@ -19,7 +19,12 @@ import os
 # The mode also turns on direct ingress (each ingress replica listens on its own port for an external load
 # balancer, proxies on the head node only, and a stopping ingress replica waits 30 s for that balancer):
 # apps reach hierspec through Serve's proxies on the serving port, on every node, so it stays off.
-THROUGHPUT_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+# gRPC caps a message at 4 MiB by default, and a level's reply to the rejection sampler (a request with a
+# temperature and no seed) carries float32 logits: 13 tree rows of the Qwen pair's 151,936-token vocabulary are
+# 7.9 MB, a 64-row verification 39 MB. The cap is raised to 1 GiB, on the replicas' servers and their callers.
+MAX_REPLY_BYTES = 1 << 30
+THROUGHPUT_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+                   "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(MAX_REPLY_BYTES)}
 
 
 def set_cluster_environment() -> None:

@@ -186,7 +186,9 @@ class HierspecServer:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
                            type="not_found_error", param="model", code="model_not_found")
 
-    async def _start(self, body, prompt_ids: list[int], request_id: str):
+    async def _start(self, body, prompt_ids: list[int], request_id: str) -> list:
+        """One generation per choice (request ids: the response's id, then id-1, id-2, ...); 503 before any
+        starts if the router has no room for them all."""
         self._check_model(body.model)
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", param="prompt", code="empty_prompt")
@@ -201,8 +203,14 @@ class HierspecServer:
                                 f"model's context window of {window} tokens", param="max_tokens",
                            code="context_length_exceeded")
         limit = limit or min(self.config.max_tokens, room)
+        if body.choices > self.router.max_in_flight:
+            raise APIError(400, f"n is {body.choices}; this server runs at most {self.router.max_in_flight} "
+                                "generations at once", param="n", code="too_many_choices")
         with _overloaded_is_503():
-            return self.router.start(prompt_ids, body.sampling(), limit, self.stop_ids, request_id)
+            self.router.check_room(body.choices)
+            return [self.router.start(prompt_ids, body.sampling(choice), limit, self.stop_ids,
+                                      f"{request_id}-{choice}" if choice else request_id)
+                    for choice in range(body.choices)]
 
     async def _pieces(self, generation, assembler: TextAssembler, arrival: float) -> AsyncIterator[str]:
         """Text deltas until the generation ends or a stop string appears."""
@@ -224,25 +232,35 @@ class HierspecServer:
     async def _run(self, body, prompt_ids: list[int], chat: bool):
         arrival = time.perf_counter()
         rid, created = completion_id("chatcmpl" if chat else "cmpl"), now()
-        generation = await self._start(body, prompt_ids, rid)
-        assembler = TextAssembler(self.tokenizer, body.stop_strings)
-        pieces = self._pieces(generation, assembler, arrival)
-        if body.stream:
-            return StreamingResponse(self._stream(body, rid, created, pieces, generation, assembler, len(prompt_ids),
-                                                  chat), media_type="text/event-stream")
+        generations = await self._start(body, prompt_ids, rid)
+        if body.stream:  # one choice (validated)
+            assembler = TextAssembler(self.tokenizer, body.stop_strings)
+            pieces = self._pieces(generations[0], assembler, arrival)
+            return StreamingResponse(self._stream(body, rid, created, pieces, generations[0], assembler,
+                                                  len(prompt_ids), chat), media_type="text/event-stream")
+        tasks = [asyncio.ensure_future(self._answer(body, generation, index, arrival, chat))
+                 for index, generation in enumerate(generations)]
         try:
-            text = "".join([piece async for piece in pieces])
+            answers = await asyncio.gather(*tasks)
         except (RequestTimeout, LevelCrashed) as exc:
             raise _failure(exc) from None
-        reason = generation.finish_reason or "length"
+        finally:
+            for task in tasks:  # one choice failed (or the client left): the others stop too
+                task.cancel()
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": self.model_name, "choices": [choice for choice, _ in answers],
+                "usage": usage(len(prompt_ids), sum(tokens for _, tokens in answers)),
+                "hierspec_stats": generations[0].stats.as_dict()}
+
+    async def _answer(self, body, generation, index: int, arrival: float, chat: bool) -> tuple[dict, int]:
+        """One choice of a whole response, and the completion tokens it counts."""
+        assembler = TextAssembler(self.tokenizer, body.stop_strings)
+        text = "".join([piece async for piece in self._pieces(generation, assembler, arrival)])
         logprobs = None if generation.logprobs is None else await asyncio.get_running_loop().run_in_executor(
             self._tokenizing, self._logprobs, generation, assembler, chat)  # a decode per token: off the loop
-        choice = {"index": 0, "logprobs": logprobs, "finish_reason": reason}
+        choice = {"index": index, "logprobs": logprobs, "finish_reason": generation.finish_reason or "length"}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": self.model_name, "choices": [choice],
-                "usage": usage(len(prompt_ids), _completion_tokens(generation, assembler)),
-                "hierspec_stats": generation.stats.as_dict()}
+        return choice, _completion_tokens(generation, assembler)
 
     def _logprobs(self, generation, assembler: TextAssembler, chat: bool) -> dict:
         """The target's log-probabilities of the tokens the response holds (on the tokenizer's thread)."""

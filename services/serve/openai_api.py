@@ -2,8 +2,8 @@
 
 Validation lives here so that every user mistake becomes a 4xx with OpenAI's
 error shape, `{"error": {"message", "type", "param", "code"}}`, before any work
-starts. Options we cannot honour exactly (n > 1, penalties, tools) are
-refused, never silently ignored: a client that asked for them would get a
+starts. Options we cannot honour exactly (penalties, tools, several choices
+on a stream) are refused, never silently ignored: a client that asked for them would get a
 different distribution than it expects. Fields OpenAI does not define are
 refused too, with a 400 naming the field.
 """
@@ -25,6 +25,7 @@ MAX_STOPS = 4
 # stops cost 132 ms a round), and no tokenizer's output needs a longer one.
 MAX_STOP_CHARS = 512
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound on the completions API's logprobs
+MAX_CHOICES = 8  # n: each choice is a generation holding one of the router's max_in_flight places
 
 
 class APIError(Exception):
@@ -84,13 +85,26 @@ class _GenerationRequest(BaseModel):
     stream: bool | None = False  # null, as clients send for "absent", means the default wherever it is accepted
     stream_options: StreamOptions | None = None
     user: str | None = None  # an end-user id for the operator's logs; nothing to honour in generation
-    n: int | None = 1
+    n: int | None = Field(1, ge=1, le=MAX_CHOICES,
+                          description="independent samples; with a seed, choice i is the sample of seed + i")
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     logit_bias: dict | None = None
 
-    _shared_neutral = _refused_unless_neutral({"n": (None, 1), "presence_penalty": (None, 0.0),
+    _shared_neutral = _refused_unless_neutral({"presence_penalty": (None, 0.0),
                                                "frequency_penalty": (None, 0.0), "logit_bias": (None, {})})
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice_when_streamed(cls, value, info):
+        if value and value > 1 and info.data.get("stream"):
+            raise ValueError("several choices come with a whole response, not yet with a stream (send stream: "
+                             "false)")
+        return value
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
 
     @field_validator("stop")
     @classmethod
@@ -113,8 +127,15 @@ class _GenerationRequest(BaseModel):
         """How many alternatives each token's log-probability comes with (None: no log-probabilities)."""
         return None
 
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+    def sampling(self, choice: int = 0) -> SamplingParams:
+        """Choice i samples with seed + i (wrapped into the seed range): each choice is an exact sample, choice 0
+        is the one-choice answer for that seed, and the choices differ. Without a seed each draws its own."""
+        seed = self.seed
+        if seed is not None and choice:
+            seed += choice
+            if seed > SEED_RANGE[1]:
+                seed -= SEED_RANGE[1] + 1
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=seed,
                               logprobs=self.top_logprobs_wanted)
 
     @property

@@ -59,9 +59,10 @@ class Router:
         self._report_in_flight()
         return generation
 
-    def check_room(self) -> None:
-        """Raise Overloaded now if `start` would: before a request's prompt is tokenized for nothing."""
-        if self.in_flight >= self.max_in_flight:
+    def check_room(self, places: int = 1) -> None:
+        """Raise Overloaded now if `start` would (for `places` generations): before a request's prompt is
+        tokenized for nothing, or before some choices of a request start and others cannot."""
+        if self.in_flight + places > self.max_in_flight:
             raise Overloaded(f"the server runs {self.max_in_flight} requests at once; retry shortly")
 
     def _leave(self, generation_id: str) -> None:
