@@ -33,7 +33,8 @@ def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None
         parser.add_argument("--device", default=None, help="with --model: torch device of every level (default cpu)")
     parser.add_argument("--method", choices=METHODS, default=None,
                         help="ar runs the target alone; default: the config's `method`")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: the config's")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default=None,
+                        help="default: the config's (int8: weight-only int8 matmuls, the served model's own weights)")
     parser.add_argument("--verbose", action="store_true",
                         help="print what is chosen on the way: each weight shape's matmul kernel, measured here")
 

@@ -47,11 +47,12 @@ def test_generate_sampling_is_reproducible_with_a_seed():
     assert generate(*args)["token_ids"] == generate(*args)["token_ids"]
 
 
-def test_generate_methods_agree_in_the_default_dtype_greedy_and_seeded():
-    """bfloat16 (the config's dtype): row-invariant numerics make speculation plain decoding to the last bit,
-    and a seed makes sampled text the same under every method (coupled sampling)."""
+@pytest.mark.parametrize("dtype", [(), ("--dtype", "int8")], ids=["bfloat16", "int8"])
+def test_generate_methods_agree_in_the_default_dtype_greedy_and_seeded(dtype):
+    """bfloat16 (the config's dtype), and weight-only int8: row-invariant numerics make speculation plain
+    decoding to the last bit, and a seed makes sampled text the same under every method (coupled sampling)."""
     args = ("--config", "deploy/configs/smollm2-cpu.yaml", "--prompt", "Repeat after me: one two three, one two three.",
-            "--max-tokens", "24")
+            "--max-tokens", "24", *dtype)
     assert generate(*args, "--method", "ar")["token_ids"] == generate(*args, "--method", "hd")["token_ids"]
     seeded = (*args, "--temperature", "0.9", "--seed", "11")
     assert generate(*seeded, "--method", "ar")["token_ids"] == generate(*seeded, "--method", "hd")["token_ids"]

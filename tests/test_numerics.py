@@ -15,12 +15,12 @@ import torch
 from tiny_models import tiny_hf_model
 
 from services.engine.attention import RowLayout, attend
-from services.engine.kernels import MAX_ROWS, ChosenLinear, kernel_choices, probe
+from services.engine.kernels import MAX_ROWS, ChosenLinear, kernel_choices, probe, quantize_int8
 from services.engine.model import Decoder, RMSNorm, _rotate_half
 from services.engine.tree import TokenTree
 
 ROW_COUNTS = (1, 2, 3, 8, 17, 64)
-DTYPES = (torch.bfloat16, torch.float32)
+DTYPES = (torch.bfloat16, torch.float32, torch.int8)  # int8: weight-only, quantised per output row
 CPU = torch.device("cpu")
 # [out, in] of the packaged models' matmuls: SmolLM2-135M (qkv, o, gate+up, down, LM head), Qwen2.5-Coder 1.5B
 # (qkv, gate+up, down)
@@ -49,6 +49,15 @@ def test_linear_layers_and_lm_head(shape, dtype):
     weight = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 0.05
     linear = ChosenLinear(weight, torch.randn(shape[0]), dtype, CPU, kernel_choices().linear(weight, dtype, CPU))
     rows_match_alone(linear, probe(MAX_ROWS, shape[1], generator=torch.Generator().manual_seed(1)) * 2)
+
+
+def test_int8_weights_are_quantised_per_output_row_within_half_a_step():
+    weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)) * torch.arange(1, 9)[:, None]
+    weight[3] = 0
+    q, scales = quantize_int8(weight)
+    assert q.dtype == torch.int8 and scales.dtype == torch.bfloat16 and scales[3] == 1 and q.abs().max() <= 127
+    error = (q.float() * scales.float()[:, None] - weight).abs()
+    assert (error <= 0.51 * scales.float()[:, None]).all()
 
 
 @pytest.mark.parametrize("hidden", [64, 128, 576, 896, 1536])  # 64, 128: Qwen3's q/k norms over a head

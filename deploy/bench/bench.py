@@ -72,6 +72,7 @@ class _HFMethods:
     config's largest draft model."""
 
     def __init__(self, config: HierspecConfig, dtype: str):
+        dtype = "bfloat16" if dtype == "int8" else dtype  # transformers' baselines have no int8 of ours
         self.target = load_pretrained(config.models.target, dtype)[0].eval()
         self.assistant = None
         if config.hierarchy:

@@ -126,10 +126,50 @@ def _onednn_f32():
     return prepare, run
 
 
+# Weight-only int8 (`dtype: int8`): each output row of W becomes int8 values q and a bfloat16 scale s (symmetric,
+# s = max |W_row| / 127), and the served model is W' = q * s. Kernels differ in how they compute x W'^T: torch's
+# int8 GEMM with bfloat16 activations, or W' dequantised once to float32 and any float32 kernel.
+
+def values_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What a weight's values are rounded to before a kernel prepares it: bfloat16 for int8 (quantised from
+    there, and what the embeddings, norms, biases and LM head of an int8 model keep), else the dtype itself."""
+    return torch.bfloat16 if dtype == torch.int8 else dtype
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [out, in], s bfloat16 [out]) with q * s the served weight; an all-zero row gets scale 1."""
+    w = weight.float()
+    scales = (w.abs().amax(dim=1) / 127).to(torch.bfloat16)
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    return torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+def _int8_bf16():
+    def run(w, x):
+        q, scales = w
+        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scales).float()
+    return quantize_int8, run
+
+
+def _dequantized(kernel):
+    """A float32 kernel over the int8 model's weights, dequantised once."""
+    prepare, run = kernel
+
+    def dequantize_then_prepare(weight: torch.Tensor):
+        q, scales = quantize_int8(weight)
+        return prepare(q.float() * scales.float()[:, None])
+    return dequantize_then_prepare, run
+
+
 def candidates(dtype: torch.dtype, device: torch.device) -> dict[str, tuple[Callable, Callable]]:
     """Kernel name -> (prepare, run). The weights' values are the model's dtype in every candidate;
     a kernel computing in float32 multiplies float32 activations by those values (more precise, and
     the faster one on CPUs without native bfloat16)."""
+    if dtype == torch.int8:
+        found = {"int8-bf16": _int8_bf16(), "int8-dequantized-linear-f32": _dequantized(_linear_in(torch.float32))}
+        if device.type == "cpu" and _onednn_available():
+            found["int8-dequantized-onednn-f32"] = _dequantized(_onednn_f32())
+        return found
     short = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
     found = {f"linear-{short}": _linear_in(dtype)}
     if device.type != "cpu":
@@ -174,8 +214,8 @@ class ChosenLinear(nn.Module):
                  choice: KernelChoice):
         super().__init__()
         prepare, self._run = candidates(dtype, device)[choice.kernel]
-        self.weight = prepare(weight.to(dtype).to(device))
-        self.bias = None if bias is None else bias.to(dtype).float().to(device)
+        self.weight = prepare(weight.to(values_dtype(dtype)).to(device))
+        self.bias = None if bias is None else bias.to(values_dtype(dtype)).float().to(device)
         self.quantum = choice.quantum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -286,7 +326,7 @@ def measure(weight: torch.Tensor, dtype: torch.dtype, device: torch.device, floa
     one. `float_output`: only kernels whose output is float32 (the LM head's logits)."""
     generator = torch.Generator().manual_seed(0)
     x = probe(MAX_ROWS, weight.shape[1], generator=generator).to(device)
-    prepared = {name: (prepare(weight.to(dtype).to(device)), run)
+    prepared = {name: (prepare(weight.to(values_dtype(dtype)).to(device)), run)
                 for name, (prepare, run) in candidates(dtype, device).items()
                 if half_output_allowed(name, weight) and (name.endswith("-f32") or not float_output)}
     unpadded = _timings({name: _padded(run, w, 1) for name, (w, run) in prepared.items()}, x)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from services.engine.attention import RowLayout, attend
-from services.engine.kernels import MAX_ROWS, ChosenLinear, KernelChoice, kernel_choices
+from services.engine.kernels import MAX_ROWS, ChosenLinear, KernelChoice, kernel_choices, values_dtype
 
 # Architectures the decoder computes itself: Llama's block, with Qwen2's q/k/v biases and Qwen3's q/k norms.
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -267,25 +267,26 @@ class Decoder(CausalDecoder):
         self.dtype = dtype
         self.device = device
         choices = kernel_choices()
-        chosen: dict[tuple[int, int], KernelChoice] = {}
+        chosen: dict[tuple, KernelChoice] = {}
+        dense = values_dtype(dtype)  # int8: the block matmuls only; embeddings, norms, LM head in bfloat16
 
-        def make_linear(weight, bias, float_output: bool = False):
-            key = tuple(weight.shape)
+        def make_linear(weight, bias, float_output: bool = False, kind: torch.dtype = dtype):
+            key = (*weight.shape, kind)
             if key not in chosen:
-                chosen[key] = choices.linear(weight, dtype, device, float_output)
-            return ChosenLinear(weight, bias, dtype, device, chosen[key])
+                chosen[key] = choices.linear(weight, kind, device, float_output)
+            return ChosenLinear(weight, bias, kind, device, chosen[key])
 
         quantum = choices.attention_quantum(shape.head_dim, shape.num_kv_heads, shape.num_heads // shape.num_kv_heads,
                                             device)
-        self.embed = weights["embed"].to(dtype).to(device)  # rows are gathered, then read as float32
+        self.embed = weights["embed"].to(dense).to(device)  # rows are gathered, then read as float32
         self.blocks = nn.ModuleList(
-            Block(shape, {k: v.to(dtype).to(device) for k, v in layer.items()}, make_linear, quantum)
+            Block(shape, {k: v.to(dense).to(device) for k, v in layer.items()}, make_linear, quantum)
             for layer in weights["layers"])
-        self.norm = RMSNorm(weights["norm"].to(dtype).to(device), shape.rms_norm_eps)
+        self.norm = RMSNorm(weights["norm"].to(dense).to(device), shape.rms_norm_eps)
         # logits keep float32 precision: rounded to bfloat16, near-ties become exact ties (decided by vocabulary
         # order) and sampling probabilities coarsen
-        self.lm_head = make_linear(weights["lm_head"], None, float_output=True)
-        self.kernels = {f"{o}x{i}": f"{c.kernel} (rows padded to {c.quantum}n)" for (o, i), c in chosen.items()}
+        self.lm_head = make_linear(weights["lm_head"], None, float_output=True, kind=dense)
+        self.kernels = {f"{o}x{i}": f"{c.kernel} (rows padded to {c.quantum}n)" for (o, i, _), c in chosen.items()}
         self.kernels["attention"] = f"query rows padded to {quantum}n per GEMM"
         self.inv_freq = torch.tensor(shape.rope_inv_freq, dtype=torch.float32, device=device)
         self._rope_cos = torch.empty(0, device=device)
