@@ -72,7 +72,6 @@ class _HFMethods:
     config's largest draft model."""
 
     def __init__(self, config: HierspecConfig, dtype: str):
-        dtype = "bfloat16" if dtype == "int8" else dtype  # transformers' baselines have no int8 of ours
         self.target = load_pretrained(config.models.target, dtype)[0].eval()
         self.assistant = None
         if config.hierarchy:
@@ -140,6 +139,9 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
             raise ConfigError(f"{method} runs greedy only (transformers draws other random numbers)")
         if method in HF_METHODS and concurrency > 1:
             raise ConfigError(f"{method} runs one request at a time: use --concurrency 1")
+        if method in HF_METHODS and (dtype or config.dtype) == "int8":
+            raise ConfigError(f"{method} runs transformers' own model, which has no int8 of ours: bench it with "
+                              "--dtype bfloat16")
     runs = [sampling] if sampling.greedy else [sampling.model_copy(update={"seed": s}) for s in range(seeds)]
     questions = load_workload(workload, per_category, categories)
     dtype = dtype or config.dtype

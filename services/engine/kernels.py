@@ -147,7 +147,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _int8_bf16():
     def run(w, x):
         q, scales = w
-        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scales).float()
+        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), q, scales).float()
     return quantize_int8, run
 
 
