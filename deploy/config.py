@@ -244,9 +244,7 @@ def model_name(reference: str) -> str:
     return path.stem if path.suffix == ".gguf" else path.name or reference
 
 
-def _absolute(reference):
-    if isinstance(reference, list):
-        return [_absolute(item) for item in reference]
+def _absolute(reference: str) -> str:
     return reference if reference in PACKAGED_MODELS else str(Path(reference).expanduser().resolve())
 
 
@@ -258,7 +256,7 @@ def config_for_models(target: str, drafts: list[str], device: str = "cpu") -> Hi
         if reference not in PACKAGED_MODELS:
             resolve(reference, download=False)  # a ModelError naming what is accepted, before anything starts
     # paths made absolute: Ray's workers need not share this process's working directory
-    target, drafts = (_absolute(reference) for reference in (target, drafts))
+    target, drafts = _absolute(target), [_absolute(draft) for draft in drafts]
     levels = [LevelConfig(model=draft, draft_tokens=8) for draft in drafts]
     if levels:
         levels[0] = LevelConfig(model=drafts[0], draft_tokens=32, min_confidence=0.4)

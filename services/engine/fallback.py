@@ -33,7 +33,15 @@ from dataclasses import dataclass
 import torch
 
 from services.engine.kernels import MAX_ROWS
-from services.engine.model import STATIC_ROPE, CausalDecoder, Decoder, DecoderShape, Segment, UnsupportedModel
+from services.engine.model import (
+    STATIC_ROPE,
+    CausalDecoder,
+    Decoder,
+    DecoderShape,
+    Segment,
+    UnsupportedModel,
+    sliding_window,
+)
 
 log = logging.getLogger("hierspec")
 
@@ -138,7 +146,7 @@ def _exact_positions(config) -> int:
     """The longest sequence this path computes exactly: the model's context, capped where a sliding window
     would start masking and where a length-dependent RoPE would switch its frequencies."""
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
-    window = getattr(config, "sliding_window", None)
+    window = sliding_window(config)
     rope = dict(getattr(config, "rope_parameters", None) or {})
     if rope.get("rope_type", "default") not in STATIC_ROPE:
         positions = min(positions, rope.get("original_max_position_embeddings") or positions)

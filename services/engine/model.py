@@ -41,6 +41,13 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
 
+def sliding_window(config) -> int | None:
+    """The attention window a config uses, if any: Mistral and Phi-3 whenever they name one, Qwen only with
+    `use_sliding_window`. Within it the window masks nothing, so a model is served up to it and stays exact."""
+    window = getattr(config, "sliding_window", None)
+    return window if window and getattr(config, "use_sliding_window", True) else None
+
+
 class UnsupportedModel(ValueError):
     """The fast decoder cannot compute this model exactly (another architecture, a RoPE it lacks, ...)."""
 
@@ -74,10 +81,8 @@ class DecoderShape:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         inv_freq, scaling = _rope_frequencies(config, head_dim)
-        max_positions = config.max_position_embeddings
-        window = getattr(config, "sliding_window", None)
-        if window and (config.model_type == "mistral" or getattr(config, "use_sliding_window", False)):
-            max_positions = min(max_positions, window)
+        window = sliding_window(config)
+        max_positions = min(config.max_position_embeddings, window or config.max_position_embeddings)
         return cls(
             vocab_size=config.vocab_size,
             hidden_size=config.hidden_size,
