@@ -11,7 +11,7 @@ STATS_DIR := $(or $(HIERSPEC_MODEL_DIR),$(HOME)/.cache/hierspec/models)/stats
 # A corpus every machine has: the Python standard library (code and docstrings), capped at 1M tokens.
 STATS_CORPUS ?= $(shell python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 
-.PHONY: setup redis models stats chat-stats run demo test bench bench-full plan bench-serve image lint clean
+.PHONY: setup redis models stats chat-stats run demo test bench bench-full bench-llama-cpp plan bench-serve image lint clean
 
 setup: $(STAMP) redis
 
@@ -80,6 +80,22 @@ plan: setup models stats
 	$(HIERSPEC) plan --config deploy/configs/qwen-coder-cpu.yaml --workload $(WORKLOAD) \
 	  --categories coding_humaneval,mt_bench --per-category 4 --measure-per-category 4 --max-tokens 128 \
 	  --out results/plan-qwen-coder.json
+
+# Our quantised models beside llama.cpp's plain decoding of the GGUF files they come from (code, summaries and
+# translations), both configs, int8 and int4. Builds llama-cpp-python from source once (a few minutes on 2 cores);
+# not part of `make test`.
+LLAMA_CPP_VERSION := 0.3.36
+bench-llama-cpp: setup models stats
+	$(PY) -c 'import llama_cpp' 2>/dev/null || CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(PY) -m pip install --disable-pip-version-check llama-cpp-python==$(LLAMA_CPP_VERSION)
+	for dtype in int8 int4; do \
+	  $(HIERSPEC) bench --config deploy/configs/smollm2-cpu.yaml --workload $(WORKLOAD) --dtype $$dtype \
+	    --categories coding_humaneval,summarization,translation --per-category 3 --max-tokens 128 \
+	    --methods ar,hd,llama.cpp --out results/llama-cpp-smollm2-$$dtype.json || exit 1; \
+	  $(HIERSPEC) bench --config deploy/configs/qwen-coder-cpu.yaml --workload $(WORKLOAD) --dtype $$dtype \
+	    --categories coding_humaneval,summarization,translation --per-category 2 --max-tokens 128 \
+	    --methods ar,hsd,hd,hd+hsd,llama.cpp --out results/llama-cpp-qwen-coder-$$dtype.json || exit 1; \
+	done
 
 # The Serve app under streaming clients: one client, a sweep of 1-16 clients (tokens/s and latency, PNG), a long
 # prompt among 4 streams, pipelined vs sequential router, HTTP vs in-process.

@@ -33,8 +33,9 @@ def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None
         parser.add_argument("--device", default=None, help="with --model: torch device of every level (default cpu)")
     parser.add_argument("--method", choices=METHODS, default=None,
                         help="ar runs the target alone; default: the config's `method`")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default=None,
-                        help="default: the config's (int8: weight-only int8 matmuls, the served model's own weights)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "int8", "int4"), default=None,
+                        help="default: the config's (int8, int4: weight-only quantised matmuls, the served model's own "
+                             "weights)")
     parser.add_argument("--verbose", action="store_true",
                         help="print what is chosen on the way: each weight shape's matmul kernel, measured here")
 
@@ -322,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(bench)
     bench.add_argument("--workload", required=True, help="JSONL with question_id, category, turns")
     bench.add_argument("--methods", default="ar,hsd",
-                       help="comma-separated: ar, hsd, hd, hd+hsd, hf-ar, hf-pld, hf-assisted")
+                       help="comma-separated: ar, hsd, hd, hd+hsd, auto; baselines hf-ar, hf-pld, hf-assisted, "
+                            "llama.cpp (`deploy/bench/baselines.py`)")
     bench.add_argument("--per-category", type=int, default=None, help="prompts per category (default: all)")
     bench.add_argument("--categories", default=None, help="comma-separated categories or prefixes (default: all)")
     bench.add_argument("--max-tokens", type=int, default=128)

@@ -158,8 +158,9 @@ class HierspecConfig(BaseModel):
         default_factory=list,
         description="draft levels, smallest first (the target is the implied top level), or `auto`: planned from "
                     "a measured profile at start-up")
-    dtype: Literal["float32", "bfloat16", "int8"] = Field(
-        "bfloat16", description="weights' dtype (int8: weight-only int8 block matmuls, the rest bfloat16); "
+    dtype: Literal["float32", "bfloat16", "int8", "int4"] = Field(
+        "bfloat16", description="weights' dtype (int8, int4: weight-only quantised block matmuls, the rest "
+                                "bfloat16); "
                                 "activations, KV cache and attention are float32")
     device: str = Field("cpu", description="torch device of every level, e.g. cpu or cuda")
     threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads; default: all cores")

@@ -47,9 +47,9 @@ def test_generate_sampling_is_reproducible_with_a_seed():
     assert generate(*args)["token_ids"] == generate(*args)["token_ids"]
 
 
-@pytest.mark.parametrize("dtype", [(), ("--dtype", "int8")], ids=["bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", [(), ("--dtype", "int8"), ("--dtype", "int4")], ids=["bfloat16", "int8", "int4"])
 def test_generate_methods_agree_in_the_default_dtype_greedy_and_seeded(dtype):
-    """bfloat16 (the config's dtype), and weight-only int8: row-invariant numerics make speculation plain
+    """bfloat16 (the config's dtype), and weight-only int8 and int4: row-invariant numerics make speculation plain
     decoding to the last bit, and a seed makes sampled text the same under every method (coupled sampling)."""
     args = ("--config", "deploy/configs/smollm2-cpu.yaml", "--prompt", "Repeat after me: one two three, one two three.",
             "--max-tokens", "24", *dtype)

@@ -40,7 +40,7 @@ def write(tmp_path, text: str) -> str:
         (GOOD.replace("drafts: [qwen2.5-coder-0.5b]", "drafts: []"), "is not listed in models.drafts"),
         (GOOD + "colour: blue\n", "colour: Extra inputs are not permitted"),
         (GOOD.replace("  target: smollm2-135m\n", ""), "models.target: Field required"),
-        (GOOD + "dtype: float8\n", "dtype: Input should be 'float32', 'bfloat16' or 'int8'"),
+        (GOOD + "dtype: float8\n", "dtype: Input should be 'float32', 'bfloat16', 'int8' or 'int4'"),
         ("name: [unclosed\n", "not valid YAML"),
         ("- just\n- a list\n", "expected a mapping"),
         (GOOD + "serving: {max_in_flight: 16, router_replicas: 2, max_cached_requests: 20}\n",

@@ -15,12 +15,22 @@ import torch
 from tiny_models import tiny_hf_model
 
 from services.engine.attention import RowLayout, attend
-from services.engine.kernels import MAX_ROWS, ChosenLinear, kernel_choices, probe, quantize_int8
+from services.engine.kernels import (
+    INT4,
+    INT4_GROUP,
+    MAX_ROWS,
+    ChosenLinear,
+    dequantize_int4,
+    kernel_choices,
+    probe,
+    quantize_int4,
+    quantize_int8,
+)
 from services.engine.model import Decoder, RMSNorm, _rotate_half
 from services.engine.tree import TokenTree
 
 ROW_COUNTS = (1, 2, 3, 8, 17, 64)
-DTYPES = (torch.bfloat16, torch.float32, torch.int8)  # int8: weight-only, quantised per output row
+DTYPES = (torch.bfloat16, torch.float32, torch.int8, INT4)  # int8, int4: weight-only (per output row, per group)
 CPU = torch.device("cpu")
 # [out, in] of the packaged models' matmuls: SmolLM2-135M (qkv, o, gate+up, down, LM head), Qwen2.5-Coder 1.5B
 # (qkv, gate+up, down)
@@ -58,6 +68,18 @@ def test_int8_weights_are_quantised_per_output_row_within_half_a_step():
     assert q.dtype == torch.int8 and scales.dtype == torch.bfloat16 and scales[3] == 1 and q.abs().max() <= 127
     error = (q.float() * scales.float()[:, None] - weight).abs()
     assert (error <= 0.51 * scales.float()[:, None]).all()
+
+
+def test_int4_weights_are_quantised_per_group_within_half_a_step():
+    weight = torch.randn(8, 4 * INT4_GROUP, generator=torch.Generator().manual_seed(0)) * torch.arange(1, 9)[:, None]
+    weight[3, :INT4_GROUP] = 0.25  # a constant group: served exactly
+    q, scales, zeros = quantize_int4(weight)
+    assert q.min() >= 0 and q.max() <= 15 and scales.dtype == zeros.dtype == torch.bfloat16
+    assert scales[3, 0] == 1 and (dequantize_int4(weight)[3, :INT4_GROUP] == 0.25).all()
+    step = scales.float().repeat_interleave(INT4_GROUP, dim=1)
+    assert ((dequantize_int4(weight) - weight).abs() <= 0.51 * step + 1e-2 * weight.abs()).all()
+    with pytest.raises(ValueError, match="partial group"):
+        quantize_int4(torch.randn(4, INT4_GROUP + 8))
 
 
 @pytest.mark.parametrize("hidden", [64, 128, 576, 896, 1536])  # 64, 128: Qwen3's q/k norms over a head

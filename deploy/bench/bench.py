@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from deploy.bench.baselines import BASELINES, Baselines, check_baseline
 from deploy.bench.chart import draw_chart
 from deploy.builder import RunnerPool, configure_torch
 from deploy.config import ConfigError, HierspecConfig
@@ -35,12 +36,10 @@ from deploy.planner.auto import method_decoder
 from deploy.workload import Question, category_group, load_workload
 from drafter_db.replay import replay
 from services.engine.kernels import machine
-from services.engine.model_store import load_pretrained
 from services.engine.prompts import Conversation, stop_token_ids
 from services.engine.sampling import SamplingParams
 
 OUR_METHODS = ("ar", "hsd", "hd", "hd+hsd", "auto")
-HF_METHODS = ("hf-ar", "hf-pld", "hf-assisted")
 
 
 @dataclass
@@ -65,33 +64,6 @@ class MethodTotals:
             "drafter_median_us": round(1e6 * statistics.median(self.draft_seconds), 1) if self.draft_seconds else None,
             "divergences": self.divergences,
         }
-
-
-class _HFMethods:
-    """transformers' own generate() as baselines: plain, prompt lookup (10 tokens), and assisted by the
-    config's largest draft model."""
-
-    def __init__(self, config: HierspecConfig, dtype: str):
-        self.target = load_pretrained(config.models.target, dtype)[0].eval()
-        self.assistant = None
-        if config.hierarchy:
-            self.assistant = load_pretrained(config.hierarchy[-1].model, dtype)[0].eval()
-
-    def generate(self, method: str, prompt_ids: list[int], max_tokens: int, stop_ids) -> tuple[list[int], int]:
-        if method == "hf-assisted" and self.assistant is None:
-            raise ConfigError("hf-assisted needs a draft model in the config's hierarchy")
-        kwargs = {"hf-ar": {}, "hf-pld": {"prompt_lookup_num_tokens": 10},
-                  "hf-assisted": {"assistant_model": self.assistant}}[method]
-        input_ids = torch.tensor([prompt_ids])
-        with torch.inference_mode():
-            out = self.target.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                                       max_new_tokens=max_tokens, eos_token_id=sorted(stop_ids),
-                                       pad_token_id=sorted(stop_ids)[0], **kwargs)
-        new = out[0, len(prompt_ids):].tolist()
-        for i, token in enumerate(new):
-            if token in stop_ids:
-                return new[:i], i + 1
-        return new, len(new)
 
 
 def _top2_margin(decoder, prompt_ids: list[int], ar_ids: list[int], position: int) -> float:
@@ -132,25 +104,23 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
     level calls batched; methods take turns over chunks of 4N questions, and a method's speed is its tokens over
     its wall time."""
     sampling = sampling or SamplingParams()
+    dtype = dtype or config.dtype
     for method in methods:
-        if method not in OUR_METHODS and method not in HF_METHODS:
-            raise ConfigError(f"unknown method {method!r}; available: {', '.join([*OUR_METHODS, *HF_METHODS])}")
-        if method in HF_METHODS and not sampling.greedy:
-            raise ConfigError(f"{method} runs greedy only (transformers draws other random numbers)")
-        if method in HF_METHODS and concurrency > 1:
-            raise ConfigError(f"{method} runs one request at a time: use --concurrency 1")
-        if method in HF_METHODS and (dtype or config.dtype) == "int8":
-            raise ConfigError(f"{method} runs transformers' own model, which has no int8 of ours: bench it with "
-                              "--dtype bfloat16")
+        if method not in OUR_METHODS and method not in BASELINES:
+            raise ConfigError(f"unknown method {method!r}; available: {', '.join([*OUR_METHODS, *BASELINES])}")
+        if method in BASELINES:
+            check_baseline(method, config, dtype, sampling.greedy, concurrency)
     runs = [sampling] if sampling.greedy else [sampling.model_copy(update={"seed": s}) for s in range(seeds)]
     questions = load_workload(workload, per_category, categories)
-    dtype = dtype or config.dtype
     configure_torch(config)
     run_methods = ["ar"] + [m for m in methods if m != "ar"]  # ar is the reference for identity
     pool = RunnerPool()
     # each method its own drafter: a model DB shared between methods would hold the same prompt's output
     decoders = {m: method_decoder(config, m, dtype, pool.sibling()) for m in run_methods if m in OUR_METHODS}
-    hf = _HFMethods(config, dtype) if any(m in HF_METHODS for m in run_methods) else None
+    baselines = [m for m in run_methods if m in BASELINES]
+    # a context for the longest conversation: every turn's prompt and answer, in tokens, with room to spare
+    context = 2 * max(sum(len(t) for t in q.turns) // 2 + len(q.turns) * max_tokens for q in questions) + 512
+    others = Baselines(config, dtype, baselines, context) if baselines else None
     ar = decoders["ar"]
     tokenizer = ar.target.runner.tokenizer
     stop_ids = stop_token_ids(tokenizer)
@@ -168,7 +138,7 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
                 result.verifications += generation.stats.levels[-1].verifications
                 result.draft_seconds.extend(generation.stats.draft_seconds)
             else:
-                ids, produced = hf.generate(method, prompt_ids, limit, stop_ids)
+                ids, produced = others.generate(method, prompt_ids, limit, stop_ids)
                 result.produced += produced
             chat.answer(ids)
             result.turns.append((prompt_ids, ids))

@@ -126,14 +126,23 @@ def _onednn_f32():
     return prepare, run
 
 
-# Weight-only int8 (`dtype: int8`): each output row of W becomes int8 values q and a bfloat16 scale s (symmetric,
-# s = max |W_row| / 127), and the served model is W' = q * s. Kernels differ in how they compute x W'^T: torch's
-# int8 GEMM with bfloat16 activations, or W' dequantised once to float32 and any float32 kernel.
+# Weight-only quantisation: the served model is W', the weight quantised once from its bfloat16 values; kernels
+# differ in how they compute x W'^T: torch's own low-bit GEMM with bfloat16 activations, or W' dequantised once
+# to float32 and any float32 kernel.
+# - int8 (`dtype: int8`): each output row of W becomes int8 values q and a bfloat16 scale s (symmetric,
+#   s = max |W_row| / 127), W' = q s.
+# - int4 (`dtype: int4`, tagged torch.uint4): each group of INT4_GROUP consecutive inputs of an output row becomes
+#   4-bit values q in 0..15, a bfloat16 scale s and offset z (asymmetric, as llama.cpp's Q4_1),
+#   W' = (q - 8) s + z: half int8's bytes, the layout of torch's int4 GEMM.
+INT4 = torch.uint4
+INT4_GROUP = 32
+QUANTISED = (torch.int8, INT4)
+
 
 def values_dtype(dtype: torch.dtype) -> torch.dtype:
-    """What a weight's values are rounded to before a kernel prepares it: bfloat16 for int8 (quantised from
-    there, and what the embeddings, norms, biases and LM head of an int8 model keep), else the dtype itself."""
-    return torch.bfloat16 if dtype == torch.int8 else dtype
+    """What a weight's values are rounded to before a kernel prepares it: bfloat16 for int8 and int4 (quantised
+    from there, and what the embeddings, norms, biases and LM head of such a model keep), else the dtype itself."""
+    return torch.bfloat16 if dtype in QUANTISED else dtype
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,6 +153,33 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8), scales
 
 
+def dequantize_int8(weight: torch.Tensor) -> torch.Tensor:
+    q, scales = quantize_int8(weight)
+    return q.float() * scales.float()[:, None]
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q int32 [out, in] in 0..15, s and z bfloat16 [out, in / INT4_GROUP]) with (q - 8) s + z the served
+    weight; a constant group gets scale 1 (and its value, rounded to bfloat16, as z)."""
+    out_features, in_features = weight.shape
+    if in_features % INT4_GROUP:
+        raise ValueError(f"int4 quantises groups of {INT4_GROUP} inputs; a weight with {in_features} inputs has "
+                         "a partial group: serve this model in int8 or bfloat16")
+    w = weight.float().reshape(out_features, in_features // INT4_GROUP, INT4_GROUP)
+    low, high = w.amin(dim=2), w.amax(dim=2)
+    scales = ((high - low) / 15).to(torch.bfloat16)
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    zeros = (low + 8 * scales.float()).to(torch.bfloat16)
+    q = torch.round((w - zeros.float()[..., None]) / scales.float()[..., None] + 8).clamp(0, 15)
+    return q.to(torch.int32).reshape(out_features, in_features), scales, zeros
+
+
+def dequantize_int4(weight: torch.Tensor) -> torch.Tensor:
+    q, scales, zeros = quantize_int4(weight)
+    groups = q.reshape(q.shape[0], -1, INT4_GROUP).float() - 8
+    return (groups * scales.float()[..., None] + zeros.float()[..., None]).reshape(q.shape)
+
+
 def _int8_bf16():
     def run(w, x):
         q, scales = w
@@ -151,24 +187,39 @@ def _int8_bf16():
     return quantize_int8, run
 
 
-def _dequantized(kernel):
-    """A float32 kernel over the int8 model's weights, dequantised once."""
-    prepare, run = kernel
+def _int4_bf16():
+    def prepare(weight: torch.Tensor):
+        q, scales, zeros = quantize_int4(weight)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        return packed, torch.stack([scales.T, zeros.T], dim=-1).contiguous()
 
-    def dequantize_then_prepare(weight: torch.Tensor):
-        q, scales = quantize_int8(weight)
-        return prepare(q.float() * scales.float()[:, None])
-    return dequantize_then_prepare, run
+    def run(w, x):
+        packed, scales_and_zeros = w
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), packed, INT4_GROUP,
+                                                          scales_and_zeros).float()
+    return prepare, run
+
+
+def _dequantized(dequantize, kernel):
+    """A float32 kernel over a quantised model's weights, dequantised once."""
+    prepare, run = kernel
+    return lambda weight: prepare(dequantize(weight)), run
 
 
 def candidates(dtype: torch.dtype, device: torch.device) -> dict[str, tuple[Callable, Callable]]:
     """Kernel name -> (prepare, run). The weights' values are the model's dtype in every candidate;
     a kernel computing in float32 multiplies float32 activations by those values (more precise, and
     the faster one on CPUs without native bfloat16)."""
-    if dtype == torch.int8:
-        found = {"int8-bf16": _int8_bf16(), "int8-dequantized-linear-f32": _dequantized(_linear_in(torch.float32))}
-        if device.type == "cpu" and _onednn_available():
-            found["int8-dequantized-onednn-f32"] = _dequantized(_onednn_f32())
+    if dtype in QUANTISED:
+        short, native, dequantize = {torch.int8: ("int8", _int8_bf16, dequantize_int8),
+                                     INT4: ("int4", _int4_bf16, dequantize_int4)}[dtype]
+        found = {f"{short}-dequantized-linear-f32": _dequantized(dequantize, _linear_in(torch.float32))}
+        if device.type == "cpu":  # torch's int4 GEMM on CUDA takes another packing; only int8's is common
+            found[f"{short}-bf16"] = native()
+            if _onednn_available():
+                found[f"{short}-dequantized-onednn-f32"] = _dequantized(dequantize, _onednn_f32())
+        elif dtype == torch.int8:
+            found = {"int8-bf16": native(), **found}
         return found
     short = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
     found = {f"linear-{short}": _linear_in(dtype)}

@@ -273,7 +273,7 @@ class Decoder(CausalDecoder):
         self.device = device
         choices = kernel_choices()
         chosen: dict[tuple, KernelChoice] = {}
-        dense = values_dtype(dtype)  # int8: the block matmuls only; embeddings, norms, LM head in bfloat16
+        dense = values_dtype(dtype)  # int8, int4: the block matmuls only; embeddings, norms, LM head in bfloat16
 
         def make_linear(weight, bias, float_output: bool = False, kind: torch.dtype = dtype):
             key = (*weight.shape, kind)

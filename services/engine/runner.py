@@ -20,13 +20,14 @@ import torch
 
 from services.engine.budget import CostModel
 from services.engine.fallback import fast_decoder_computes, load_decoder
-from services.engine.kernels import MAX_ROWS
+from services.engine.kernels import INT4, MAX_ROWS
 from services.engine.model import CausalDecoder, KVCache, Segment, causal_chunks
 from services.engine.model_store import load_pretrained
 from services.engine.tree import TokenTree
 
-# int8: weight-only int8 block matmuls, the rest in bfloat16 (`services.engine.kernels`)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
+# int8, int4: weight-only quantised block matmuls, the rest in bfloat16 (`services.engine.kernels`)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8,
+          "int4": INT4}
 COST_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -90,7 +91,7 @@ class LevelRunner:
         # transformers loads the weights in the serving dtype (the fast decoder rounds them to it anyway: the same
         # values), so a bfloat16 level never holds a float32 copy; the fallback computes in float32 from the
         # checkpoint's own values, so a model only it runs is loaded again in float32
-        hf_model, tokenizer, name = load_pretrained(reference, "bfloat16" if dtype == "int8" else dtype)
+        hf_model, tokenizer, name = load_pretrained(reference, "bfloat16" if dtype in ("int8", "int4") else dtype)
         if dtype != "float32" and not fast_decoder_computes(hf_model.config):
             del hf_model
             hf_model, tokenizer, name = load_pretrained(reference, "float32")
