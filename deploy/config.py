@@ -192,6 +192,9 @@ class HierspecConfig(BaseModel):
             seen.add(level.model)
         if self.models.target in self.models.drafts:
             raise ValueError("the target cannot also be a draft model")
+        if self.dtype == "int4" and self.device != "cpu":
+            raise ValueError("dtype int4 has torch's int4 GEMM on CPU only: serve int8 or bfloat16 on "
+                             f"{self.device}")
         return self
 
     def chain(self, method: str) -> list[tuple[str, LevelConfig | None]]:

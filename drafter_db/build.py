@@ -3,8 +3,10 @@
 Text files are read whole; JSONL files contribute every string they hold
 (`text`, `content`, `turns`, ...). Tokens come from the target model's
 tokenizer and keys are namespaced by that tokenizer, so a store can hold the
-tables of several vocabularies. Values are SET, not added: rerunning the same
-build writes the same bytes.
+tables of several vocabularies. A build replaces the namespace's table as a
+whole (`drafter_db.stores`: a new generation, one pointer switch, the old
+generation deleted), so nothing of an earlier corpus stays, and a reader never
+sees half a build.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from drafter_db import table
-from drafter_db.stores import TableStore, full_key
+from drafter_db.stores import TableStore, full_key, generation_key, generation_namespace
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs", ".html"}
 
@@ -64,8 +67,14 @@ def iter_documents(paths: list[str]) -> Iterator[str]:
 
 def build_statistics(paths: list[str], tokenizer, store: TableStore, namespace: str,
                      settings: BuildSettings = BuildSettings(), batch: int = 5000) -> dict:
-    """Count, rank and write; prints progress to stderr; returns a summary."""
+    """Count, rank, write a new generation of `namespace`'s table, switch readers to it and delete the old one;
+    prints progress to stderr; returns a summary."""
     started = time.monotonic()
+    old = store.get_many([generation_key(namespace)])[0]
+    if not getattr(store, "available", True):
+        raise ConnectionError(f"the statistics store {getattr(store, 'url', '')} does not answer")
+    generation = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}".encode()
+    keyspace = generation_namespace(namespace, generation)
     counts: dict[tuple[int, ...], dict[tuple[int, ...], int]] = {}
     tokens_read = documents = 0
     for text in iter_documents(paths):
@@ -88,7 +97,7 @@ def build_statistics(paths: list[str], tokenizer, store: TableStore, namespace: 
     for index, (key, conts) in enumerate(counts.items(), start=1):
         ranked = table.merge([], ((c, t) for t, c in conts.items() if c >= settings.min_count), settings.top)
         if ranked:
-            items[full_key(namespace, key)] = table.encode(ranked)
+            items[full_key(keyspace, key)] = table.encode(ranked)
         if len(items) >= batch or index == total_keys:
             store.set_many(items)
             written += len(items)
@@ -96,5 +105,8 @@ def build_statistics(paths: list[str], tokenizer, store: TableStore, namespace: 
             print(f"\rwriting: {index:,}/{total_keys:,} keys scanned, {written:,} written", end="",
                   file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    return {"documents": documents, "tokens": tokens_read, "keys_written": written,
-            "seconds": round(time.monotonic() - started, 1), "namespace": namespace}
+    store.set_many({generation_key(namespace): generation})  # readers switch here, from one whole table to another
+    deleted = store.delete_prefix(full_key(generation_namespace(namespace, old), ()))
+    return {"documents": documents, "tokens": tokens_read, "keys_written": written, "old_keys_deleted": deleted,
+            "seconds": round(time.monotonic() - started, 1), "namespace": namespace,
+            "generation": generation.decode()}

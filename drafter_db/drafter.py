@@ -24,7 +24,7 @@ from drafter_db import table
 from drafter_db.context import ContextIndex
 from drafter_db.keys import ngram_bytes, suffix_keys
 from drafter_db.model_db import ModelDB
-from drafter_db.stores import TableStore, full_key
+from drafter_db.stores import TableStore, full_key, generation_key, generation_namespace
 from drafter_db.table import Continuations
 from services.engine.tree import TokenTree
 
@@ -48,7 +48,10 @@ class DrafterConfig:
 class StatisticsDB:
     """Read side of the global corpus statistics: namespaced keys, and a bounded local cache of decoded
     values keyed by `ngram_key` (a warm lookup is one dict probe). Absent keys are cached too; the
-    "no data" of an outage never is. Entries expire after `ttl_seconds` so that a rebuilt store shows."""
+    "no data" of an outage never is. Every fetch reads the namespace's generation pointer with its keys
+    (`drafter_db.stores`): when a rebuild has switched it, the cache is dropped and the keys are fetched from
+    the new table, so lookups never mix two builds. Entries expire after `ttl_seconds` so that a rebuild shows
+    even where every lookup hits the cache."""
 
     def __init__(self, store: TableStore, namespace: str, cache_capacity: int = 200_000, ttl_seconds: float = 60.0,
                  vocab_size: int | None = None):
@@ -58,6 +61,8 @@ class StatisticsDB:
         self.namespace = namespace
         self.cache_capacity = cache_capacity
         self.ttl_seconds = ttl_seconds
+        self._generation_key = generation_key(namespace)
+        self._generation: bytes | None = None
         self._prefix = full_key(namespace, ())
         self._cache: dict[int, tuple[float, int, Continuations]] = {}  # key -> (expiry, total, continuations)
 
@@ -81,8 +86,17 @@ class StatisticsDB:
 
     def _fetch(self, context: list[int], keys: list[int], missing: list[int], out: list, now: float) -> None:
         longest = len(keys)
-        values = self.store.get_many([self._prefix + ngram_bytes(context[-(longest - i):]) for i in missing])
+        ngrams = [ngram_bytes(context[-(longest - i):]) for i in missing]
+        generation, *values = self.store.get_many([self._generation_key, *(self._prefix + g for g in ngrams)])
         cacheable = getattr(self.store, "available", True)
+        if cacheable and generation != self._generation:  # a rebuild switched tables: read the new one only,
+            self._generation = generation  # every key of this lookup included (some came from the cache)
+            self._prefix = full_key(generation_namespace(self.namespace, generation), ())
+            self._cache.clear()
+            missing = list(range(longest))
+            ngrams = [ngram_bytes(context[-(longest - i):]) for i in missing]
+            _, *values = self.store.get_many([self._generation_key, *(self._prefix + g for g in ngrams)])
+            cacheable = getattr(self.store, "available", True)
         cache = self._cache
         for i, value in zip(missing, values):
             conts = self._decode(value) if value is not None else ()

@@ -5,6 +5,12 @@ Both speak the same small interface over byte keys and the binary values of
 `hierspec db build` never care which one they use. Keys are namespaced by the
 tokenizer's fingerprint: models with different vocabularies never mix.
 
+A statistics table is written as a generation: `hierspec db build` writes the
+new table's keys under a new generation, switches the namespace's generation
+pointer to it (one SET), then deletes the old generation's keys. Readers fetch
+the pointer with every batch of keys, so they see the old table or the new
+one, never a mix of the two.
+
 The Redis store sits next to the decoding hot path, so it never blocks it for
 long: short socket timeouts, batched MGET, a bounded local cache (negative
 results too), and a circuit breaker. When Redis fails the store answers
@@ -53,10 +59,23 @@ def full_key(namespace: str, ngram: tuple[int, ...] | list[int]) -> bytes:
     return b"hs:" + namespace.encode() + b":" + ngram_bytes(ngram)
 
 
+def generation_key(namespace: str) -> bytes:
+    """The pointer naming the generation of `namespace`'s statistics table that readers use (absent: the
+    table of a build that predates generations, under the namespace itself)."""
+    return b"hs:" + namespace.encode() + b"@generation"
+
+
+def generation_namespace(namespace: str, generation: bytes | None) -> str:
+    """The key namespace of one generation's table (`full_key(generation_namespace(...), ngram)`)."""
+    return namespace if generation is None else f"{namespace}@{generation.decode()}"
+
+
 class TableStore(Protocol):
     def get_many(self, keys: list[bytes]) -> list[bytes | None]: ...
 
     def set_many(self, items: dict[bytes, bytes]) -> None: ...
+
+    def delete_prefix(self, prefix: bytes) -> int: ...
 
 
 @dataclass
@@ -84,6 +103,12 @@ class EmbeddedStore:
 
     def set_many(self, items: dict[bytes, bytes]) -> None:
         self.data.update(items)
+
+    def delete_prefix(self, prefix: bytes) -> int:
+        doomed = [key for key in self.data if key.startswith(prefix)]
+        for key in doomed:
+            del self.data[key]
+        return len(doomed)
 
     def save(self) -> None:
         if self.path is not None:
@@ -134,3 +159,17 @@ class RedisStore:
                 pending = 0
         if pending:
             pipe.execute()
+
+    def delete_prefix(self, prefix: bytes) -> int:
+        """Every key starting with `prefix`, found by SCAN (never KEYS, which blocks the server) and UNLINKed
+        (freed in the background) `batch` at a time; errors propagate."""
+        pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", prefix) + b"*"
+        deleted, doomed = 0, []
+        for key in self.client.scan_iter(match=pattern, count=self.batch):
+            doomed.append(key)
+            if len(doomed) >= self.batch:
+                deleted += self.client.unlink(*doomed)
+                doomed = []
+        if doomed:
+            deleted += self.client.unlink(*doomed)
+        return deleted

@@ -41,6 +41,7 @@ def write(tmp_path, text: str) -> str:
         (GOOD + "colour: blue\n", "colour: Extra inputs are not permitted"),
         (GOOD.replace("  target: smollm2-135m\n", ""), "models.target: Field required"),
         (GOOD + "dtype: float8\n", "dtype: Input should be 'float32', 'bfloat16', 'int8' or 'int4'"),
+        (GOOD + "dtype: int4\ndevice: cuda\n", "dtype int4 has torch's int4 GEMM on CPU only"),
         ("name: [unclosed\n", "not valid YAML"),
         ("- just\n- a list\n", "expected a mapping"),
         (GOOD + "serving: {max_in_flight: 16, router_replicas: 2, max_cached_requests: 20}\n",
@@ -107,3 +108,24 @@ def test_bench_concurrency_is_positive(capsys):
         main(["bench", "--config", "deploy/configs/smollm2-cpu.yaml", "--workload", "deploy/calibration.jsonl",
               "--concurrency", "0"])
     assert exit_.value.code == 2 and "--concurrency must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--methods", "hf-ar", "--dtype", "int4"), "hf-ar runs transformers' own model, which has no int4 of ours"),
+    (("--methods", "hf-assisted"), "hf-assisted needs a draft model"),
+    (("--methods", "llama.cpp", "--temperature", "0.7"), "llama.cpp runs greedy only"),
+    (("--methods", "llama.cpp", "--concurrency", "2"), "llama.cpp runs one request at a time"),
+    (("--methods", "vllm"), "unknown method 'vllm'"),
+])
+def test_bench_refuses_baselines_it_cannot_run_before_loading(capsys, extra, message):
+    code, err = run_cli(capsys, "bench", "--config", "deploy/configs/smollm2-cpu.yaml", "--workload",
+                        "deploy/calibration.jsonl", *extra)
+    assert code == 2 and message in err, err
+
+
+def test_llama_cpp_needs_a_gguf_target(tmp_path, capsys):
+    from services.engine.model_store import convert
+
+    code, err = run_cli(capsys, "bench", "--model", str(convert("smollm2-135m")), "--workload",
+                        "deploy/calibration.jsonl", "--methods", "llama.cpp")
+    assert code == 2 and "llama.cpp runs the target's GGUF file" in err, err

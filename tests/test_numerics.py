@@ -20,7 +20,9 @@ from services.engine.kernels import (
     INT4_GROUP,
     MAX_ROWS,
     ChosenLinear,
+    candidates,
     dequantize_int4,
+    dequantize_int8,
     kernel_choices,
     probe,
     quantize_int4,
@@ -72,14 +74,29 @@ def test_int8_weights_are_quantised_per_output_row_within_half_a_step():
 
 def test_int4_weights_are_quantised_per_group_within_half_a_step():
     weight = torch.randn(8, 4 * INT4_GROUP, generator=torch.Generator().manual_seed(0)) * torch.arange(1, 9)[:, None]
-    weight[3, :INT4_GROUP] = 0.25  # a constant group: served exactly
+    weight[3, :INT4_GROUP] = -0.30078125  # constant groups: served as their bfloat16 value
+    weight[5, INT4_GROUP : 2 * INT4_GROUP] = 0.01
     q, scales, zeros = quantize_int4(weight)
     assert q.min() >= 0 and q.max() <= 15 and scales.dtype == zeros.dtype == torch.bfloat16
-    assert scales[3, 0] == 1 and (dequantize_int4(weight)[3, :INT4_GROUP] == 0.25).all()
+    assert scales[3, 0] == 1 and (dequantize_int4(weight)[3, :INT4_GROUP] == -0.30078125).all()
+    assert (dequantize_int4(weight)[5, INT4_GROUP : 2 * INT4_GROUP] == torch.tensor(0.01).bfloat16().float()).all()
     step = scales.float().repeat_interleave(INT4_GROUP, dim=1)
     assert ((dequantize_int4(weight) - weight).abs() <= 0.51 * step + 1e-2 * weight.abs()).all()
     with pytest.raises(ValueError, match="partial group"):
         quantize_int4(torch.randn(4, INT4_GROUP + 8))
+
+
+@pytest.mark.parametrize("dtype, dequantize", [(torch.int8, dequantize_int8), (INT4, dequantize_int4)], ids=str)
+def test_every_quantised_kernel_computes_the_served_weight(dtype, dequantize):
+    """Each candidate (torch's low-bit GEMM, or a float32 kernel over the dequantised weight) multiplies by the
+    same W': within bfloat16's rounding of the activations and outputs of the native GEMM."""
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(256, 512, generator=generator) * 0.05).bfloat16()  # quantised from bfloat16 values
+    x = torch.randn(5, 512, generator=generator)
+    expected = x.bfloat16().float() @ dequantize(weight).T
+    for name, (prepare, run) in candidates(dtype, CPU).items():
+        got = run(prepare(weight), x)
+        assert torch.allclose(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max()), name
 
 
 @pytest.mark.parametrize("hidden", [64, 128, 576, 896, 1536])  # 64, 128: Qwen3's q/k norms over a head

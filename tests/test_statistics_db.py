@@ -14,8 +14,8 @@ from deploy.cli import main
 from drafter_db import table
 from drafter_db.build import BuildSettings, build_statistics
 from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
-from drafter_db.keys import ngram_key
-from drafter_db.stores import EmbeddedStore, RedisStore, full_key
+from drafter_db.keys import ngram_key, suffix_keys
+from drafter_db.stores import EmbeddedStore, RedisStore, full_key, generation_key, generation_namespace
 from services.engine.hsd import HierarchicalDecoder
 from services.engine.sampling import SamplingParams
 
@@ -45,18 +45,64 @@ def corpus(tmp_path):
     return [str(tmp_path / "corpus")]
 
 
+def current(store, namespace: str, text: str) -> bytes | None:
+    """The value readers get for `text`'s n-gram: from the generation the namespace's pointer names."""
+    generation = store.get_many([generation_key(namespace)])[0]
+    return store.get_many([full_key(generation_namespace(namespace, generation), CharTokenizer().encode(text))])[0]
+
+
 def test_build_writes_ranked_continuations_and_rerun_is_idempotent(tmp_path, redis_server):
     store = RedisStore(redis_server.url)
     settings = BuildSettings(max_key=3, length=4, top=3, min_count=2)
     summary = build_statistics(corpus(tmp_path), CharTokenizer(), store, "chars", settings)
     assert summary["keys_written"] > 0
-    key = full_key("chars", CharTokenizer().encode("the"))
-    first = store.client.get(key)
+    first = current(store, "chars", "the")
     _, best = table.decode(first)[0]
     assert list(best) == CharTokenizer().encode(" cat")  # " cat" follows "the" 7 times, " mat"/" hat" 3 times
+    again = build_statistics(corpus(tmp_path), CharTokenizer(), store, "chars", settings)
+    assert current(store, "chars", "the") == first and again["generation"] != summary["generation"]
+    assert again["old_keys_deleted"] == summary["keys_written"]  # the first build's table is gone
+    assert len(list(store.client.scan_iter(match=b"hs:chars*"))) == again["keys_written"] + 1  # + the pointer
+    assert current(store, "other-tokenizer", "the") is None
+
+
+def test_a_rebuild_replaces_the_table_whole_and_readers_never_see_a_mix(tmp_path, redis_server):
+    """Corpus A, then a rebuild from corpus B: while B is written, a reader sees all of A and nothing of B;
+    afterwards, all of B and nothing of A, the keys of an old-layout build (before generations) deleted too."""
+    settings = BuildSettings(max_key=3, length=4, top=3, min_count=2)
+    store = RedisStore(redis_server.url)
+    store.set_many({full_key("chars", CharTokenizer().encode("old")): table.encode([(5, (1, 2))])})
     build_statistics(corpus(tmp_path), CharTokenizer(), store, "chars", settings)
-    assert store.client.get(key) == first
-    assert store.client.get(full_key("other-tokenizer", CharTokenizer().encode("the"))) is None
+    assert current(store, "chars", "old") is None
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "b.txt").write_text("the dog ran to the log. the dog ran to the fog. " * 3)
+    reader = StatisticsDB(RedisStore(redis_server.url), "chars")
+
+    def continuation(text: str) -> list[int] | None:
+        context = CharTokenizer().encode(text)
+        total, conts = reader.lookup(context, suffix_keys(context, len(context)))[0]  # the longest key
+        return list(conts[0][1]) if total else None
+
+    assert continuation("the") == CharTokenizer().encode(" cat") and continuation(" do") is None
+
+    class Watched:
+        """The store as the build writes it, with the reader's view checked after every batch."""
+
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def set_many(self, items):
+            store.set_many(items)
+            if generation_key("chars") not in items:  # before the switch
+                reader.clear_cache()
+                assert continuation("the") == CharTokenizer().encode(" cat") and continuation(" do") is None
+
+    summary = build_statistics([str(tmp_path / "b")], CharTokenizer(), Watched(), "chars", settings, batch=5)
+    assert summary["old_keys_deleted"] > 0
+    assert continuation(" to") == CharTokenizer().encode(" the")  # a cache miss reads the pointer: the new table
+    assert continuation(" do") == CharTokenizer().encode("g ra")  # ... and what the reader had cached is dropped
+    assert continuation("the") == CharTokenizer().encode(" dog")
+    assert continuation(" ca") is None
 
 
 def test_embedded_store_persists(tmp_path):
@@ -65,8 +111,10 @@ def test_embedded_store_persists(tmp_path):
     build_statistics(corpus(tmp_path), CharTokenizer(), store, "chars", BuildSettings(length=4))
     store.save()
     again = EmbeddedStore(path)
-    key = full_key("chars", CharTokenizer().encode("the"))
-    assert again.get_many([key]) == store.get_many([key]) != [None]
+    assert current(again, "chars", "the") == current(store, "chars", "the") is not None
+    (tmp_path / "b.txt").write_text("the dog ran. " * 4)
+    build_statistics([str(tmp_path / "b.txt")], CharTokenizer(), again, "chars", BuildSettings(length=4))
+    assert current(again, "chars", " ca") is None and current(again, "chars", " do") is not None  # A's table gone
 
 
 def test_db_build_never_prints_the_redis_password(tmp_path, capsys, caplog):

@@ -29,6 +29,8 @@ def check_baseline(method: str, config: HierspecConfig, dtype: str, greedy: bool
         raise ConfigError(f"{method} runs greedy only (another engine draws other random numbers)")
     if concurrency > 1:
         raise ConfigError(f"{method} runs one request at a time: use --concurrency 1")
+    if method == "hf-assisted" and not config.hierarchy:
+        raise ConfigError("hf-assisted needs a draft model in the config's hierarchy")
     if method in HF_METHODS and dtype in ("int8", "int4"):
         raise ConfigError(f"{method} runs transformers' own model, which has no {dtype} of ours: bench it with "
                           "--dtype bfloat16")
@@ -50,8 +52,6 @@ class _Transformers:
             self.assistant = load_pretrained(config.hierarchy[-1].model, dtype)[0].eval()
 
     def generate(self, method: str, prompt_ids: list[int], max_tokens: int, stop_ids) -> list[int]:
-        if method == "hf-assisted" and self.assistant is None:
-            raise ConfigError("hf-assisted needs a draft model in the config's hierarchy")
         kwargs = {"hf-ar": {}, "hf-pld": {"prompt_lookup_num_tokens": 10},
                   "hf-assisted": {"assistant_model": self.assistant}}[method]
         input_ids = torch.tensor([prompt_ids])
@@ -63,18 +63,24 @@ class _Transformers:
 
 
 class _LlamaCpp:
-    """The target's GGUF in llama.cpp, on as many threads as torch uses; every turn prefilled afresh (as ours)."""
+    """The target's GGUF in llama.cpp, on as many threads as torch uses, with our target's context window; every
+    turn prefilled afresh, as ours are (llama-cpp-python would otherwise keep the prefix a prompt shares with the
+    previous one in its cache)."""
 
     def __init__(self, config: HierspecConfig, context: int):
-        from llama_cpp import Llama
+        import llama_cpp
 
         resolved = resolve(config.models.target)
-        self.model = Llama(str(resolved.directory / resolved.gguf_file), n_ctx=context, n_batch=512,
-                           n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(), verbose=False)
+        path = resolved.directory / resolved.gguf_file
+        self.model = llama_cpp.Llama(str(path), n_ctx=context, n_batch=512, n_threads=torch.get_num_threads(),
+                                     n_threads_batch=torch.get_num_threads(), verbose=False)
+        self.about = {"llama_cpp_python": llama_cpp.__version__, "gguf": path.name,
+                      "threads": torch.get_num_threads()}
 
     def generate(self, prompt_ids: list[int], max_tokens: int, stop_ids) -> list[int]:
         out: list[int] = []
-        for token in self.model.generate(prompt_ids, top_k=1, temp=0.0, reset=True):
+        self.model.reset()
+        for token in self.model.generate(prompt_ids, temp=0.0):  # temp 0: llama.cpp's greedy sampler
             out.append(token)
             if token in stop_ids or len(out) == max_tokens:
                 break
@@ -87,6 +93,10 @@ class Baselines:
     def __init__(self, config: HierspecConfig, dtype: str, methods: list[str], context: int):
         self._transformers = _Transformers(config, dtype) if set(methods) & set(HF_METHODS) else None
         self._llama_cpp = _LlamaCpp(config, context) if LLAMA_CPP in methods else None
+
+    def about(self) -> dict:
+        """What the result JSON records of the baselines (the llama.cpp build and file)."""
+        return {LLAMA_CPP: self._llama_cpp.about} if self._llama_cpp else {}
 
     def generate(self, method: str, prompt_ids: list[int], max_tokens: int, stop_ids) -> tuple[list[int], int]:
         if method == LLAMA_CPP:

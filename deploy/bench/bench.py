@@ -118,9 +118,7 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
     # each method its own drafter: a model DB shared between methods would hold the same prompt's output
     decoders = {m: method_decoder(config, m, dtype, pool.sibling()) for m in run_methods if m in OUR_METHODS}
     baselines = [m for m in run_methods if m in BASELINES]
-    # a context for the longest conversation: every turn's prompt and answer, in tokens, with room to spare
-    context = 2 * max(sum(len(t) for t in q.turns) // 2 + len(q.turns) * max_tokens for q in questions) + 512
-    others = Baselines(config, dtype, baselines, context) if baselines else None
+    others = Baselines(config, dtype, baselines, decoders["ar"].target.runner.context_window) if baselines else None
     ar = decoders["ar"]
     tokenizer = ar.target.runner.tokenizer
     stop_ids = stop_token_ids(tokenizer)
@@ -202,6 +200,7 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
         "max_tokens": max_tokens,
         "workload": workload,
         "questions": len(questions),
+        "baselines": others.about() if others else {},
         "methods": {},
     }
     ar_all = totals["ar"]["_all"]

@@ -133,7 +133,8 @@ def _onednn_f32():
 #   s = max |W_row| / 127), W' = q s.
 # - int4 (`dtype: int4`, tagged torch.uint4): each group of INT4_GROUP consecutive inputs of an output row becomes
 #   4-bit values q in 0..15, a bfloat16 scale s and offset z (asymmetric, as llama.cpp's Q4_1),
-#   W' = (q - 8) s + z: half int8's bytes, the layout of torch's int4 GEMM.
+#   W' = (q - 8) s + z, the layout of torch's int4 GEMM (CPU only: on another device `dtype: int4` is refused),
+#   which reads half int8's bytes (a dequantised kernel, where one measures faster, holds float32 weights).
 INT4 = torch.uint4
 INT4_GROUP = 32
 QUANTISED = (torch.int8, INT4)
@@ -160,7 +161,7 @@ def dequantize_int8(weight: torch.Tensor) -> torch.Tensor:
 
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q int32 [out, in] in 0..15, s and z bfloat16 [out, in / INT4_GROUP]) with (q - 8) s + z the served
-    weight; a constant group gets scale 1 (and its value, rounded to bfloat16, as z)."""
+    weight; a constant group gets scale 1 and its value, rounded to bfloat16, as z (q = 8)."""
     out_features, in_features = weight.shape
     if in_features % INT4_GROUP:
         raise ValueError(f"int4 quantises groups of {INT4_GROUP} inputs; a weight with {in_features} inputs has "
@@ -168,8 +169,9 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     w = weight.float().reshape(out_features, in_features // INT4_GROUP, INT4_GROUP)
     low, high = w.amin(dim=2), w.amax(dim=2)
     scales = ((high - low) / 15).to(torch.bfloat16)
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    zeros = (low + 8 * scales.float()).to(torch.bfloat16)
+    constant = scales == 0
+    scales = torch.where(constant, torch.ones_like(scales), scales)
+    zeros = torch.where(constant, low, low + 8 * scales.float()).to(torch.bfloat16)
     q = torch.round((w - zeros.float()[..., None]) / scales.float()[..., None] + 8).clamp(0, 15)
     return q.to(torch.int32).reshape(out_features, in_features), scales, zeros
 
@@ -210,16 +212,16 @@ def candidates(dtype: torch.dtype, device: torch.device) -> dict[str, tuple[Call
     """Kernel name -> (prepare, run). The weights' values are the model's dtype in every candidate;
     a kernel computing in float32 multiplies float32 activations by those values (more precise, and
     the faster one on CPUs without native bfloat16)."""
+    if dtype == INT4 and device.type != "cpu":
+        raise ValueError(f"dtype int4 computes with torch's int4 GEMM for CPUs, which {device} lacks: serve int8 "
+                         "or bfloat16 there")
     if dtype in QUANTISED:
         short, native, dequantize = {torch.int8: ("int8", _int8_bf16, dequantize_int8),
                                      INT4: ("int4", _int4_bf16, dequantize_int4)}[dtype]
-        found = {f"{short}-dequantized-linear-f32": _dequantized(dequantize, _linear_in(torch.float32))}
-        if device.type == "cpu":  # torch's int4 GEMM on CUDA takes another packing; only int8's is common
-            found[f"{short}-bf16"] = native()
-            if _onednn_available():
-                found[f"{short}-dequantized-onednn-f32"] = _dequantized(dequantize, _onednn_f32())
-        elif dtype == torch.int8:
-            found = {"int8-bf16": native(), **found}
+        found = {f"{short}-bf16": native(),
+                 f"{short}-dequantized-linear-f32": _dequantized(dequantize, _linear_in(torch.float32))}
+        if device.type == "cpu" and _onednn_available():
+            found[f"{short}-dequantized-onednn-f32"] = _dequantized(dequantize, _onednn_f32())
         return found
     short = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
     found = {f"linear-{short}": _linear_in(dtype)}
@@ -243,6 +245,11 @@ def half_output_allowed(kernel: str, weight: torch.Tensor) -> bool:
     oneDNN). Such kernels serve only weights large enough that every call takes the many-row library path,
     and pad to at least 4 rows (see `smallest_quantum`); float32 outputs show any change and are checked."""
     return kernel.endswith("-f32") or weight.numel() >= HALF_OUTPUT_MIN_ELEMENTS
+
+
+def shape_allowed(kernel: str, weight: torch.Tensor) -> bool:
+    """torch's int4 GEMM packs output rows in blocks of 16; a weight with a partial block takes another kernel."""
+    return kernel != "int4-bf16" or weight.shape[0] % 16 == 0
 
 
 def smallest_quantum(kernel: str) -> int:
@@ -379,7 +386,8 @@ def measure(weight: torch.Tensor, dtype: torch.dtype, device: torch.device, floa
     x = probe(MAX_ROWS, weight.shape[1], generator=generator).to(device)
     prepared = {name: (prepare(weight.to(values_dtype(dtype)).to(device)), run)
                 for name, (prepare, run) in candidates(dtype, device).items()
-                if half_output_allowed(name, weight) and (name.endswith("-f32") or not float_output)}
+                if half_output_allowed(name, weight) and shape_allowed(name, weight)
+                and (name.endswith("-f32") or not float_output)}
     unpadded = _timings({name: _padded(run, w, 1) for name, (w, run) in prepared.items()}, x)
     for name, ms in unpadded.items():
         log.debug("kernel %s %s: %s ms unpadded", name, tuple(weight.shape), ms)
