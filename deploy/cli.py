@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from deploy.app.cluster_env import set_cluster_environment
-from deploy.config import METHODS, ConfigError, HierspecConfig, config_for_models, load_config
+from deploy.config import METHODS, ConfigError, HierspecConfig, config_for_models, load_config, with_dtype
 from services.engine.model_store import PACKAGED_MODELS, ModelError
 from services.engine.sampling import MAX_TOP_LOGPROBS, SEED_RANGE
 
@@ -41,13 +41,14 @@ def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None
 
 
 def _config(args) -> HierspecConfig:
-    """The config the command runs: --config's file, or the one --model and --draft describe."""
+    """The config the command runs: --config's file, or the one --model and --draft describe (--dtype checked
+    against it)."""
     if getattr(args, "model", None):
-        return config_for_models(args.model, args.draft, args.device or "cpu")
+        return with_dtype(config_for_models(args.model, args.draft, args.device or "cpu"), args.dtype)
     for flag in ("draft", "device"):
         if getattr(args, flag, None):
             raise ConfigError(f"--{flag} goes with --model (a config file sets its own)")
-    return load_config(args.config or args.default_config)
+    return with_dtype(load_config(args.config or args.default_config), args.dtype)
 
 
 def _cmd_models_fetch(args) -> None:
@@ -227,8 +228,8 @@ def _cmd_bench_serve(args) -> None:
 def _cmd_k8s_render(args) -> None:
     from deploy.k8s import render, write
 
-    config = load_config(args.config)
-    for path in write(render(config, Path(args.config).read_text(), args.method), args.out):
+    config = _config(args)
+    for path in write(render(config, Path(args.config).read_text(), args.method, args.dtype), args.out):
         print(path)
 
 

@@ -97,6 +97,10 @@ class ServingSettings(BaseModel):
     pipelined: bool = Field(
         True, description="interleave the rounds of concurrent requests over the levels (False: one round at a time)")
     max_cached_requests: int = Field(64, ge=1, le=100_000, description="request KV caches a level replica keeps")
+    max_cache_gib: float | None = Field(
+        None, gt=0, description="GiB of request KV caches a level replica keeps (least recently used dropped first; "
+                                "a dropped request recomputes its prefix, with the same output); default: no bound "
+                                "but max_cached_requests. A replica logs what the bound holds per running request")
     batch: BatchLimits = Field(default_factory=BatchLimits,
                                description="one forward of a level replica: the calls of how many requests it batches")
     api_key_env: str = Field("HIERSPEC_API_KEY", description="environment variable holding the API key")
@@ -269,6 +273,17 @@ def config_for_models(target: str, drafts: list[str], device: str = "cpu") -> Hi
                               hierarchy=levels, device=device)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error("--model/--draft", exc)) from None
+
+
+def with_dtype(config: HierspecConfig, dtype: str | None) -> HierspecConfig:
+    """The config with a command line's --dtype written in, checked as if the file said it (int4 off CPU is
+    refused here, before anything loads)."""
+    if not dtype or dtype == config.dtype:
+        return config
+    try:
+        return HierspecConfig.model_validate({**config.model_dump(), "dtype": dtype})
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error("--dtype", exc)) from None
 
 
 def load_config(path: str | Path) -> HierspecConfig:

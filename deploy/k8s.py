@@ -102,14 +102,14 @@ def _config_volume() -> dict:
     return {"name": "hierspec-config", "configMap": {"name": CONFIG_MAP}}
 
 
-def serve_config(config: HierspecConfig, method: str) -> dict:
+def serve_config(config: HierspecConfig, method: str, dtype: str | None = None) -> dict:
     """The Serve config KubeRay deploys: the same app builder `serve run` uses, on the mounted config."""
     return {
         "proxy_location": "EveryNode",
         "http_options": http_options(config, "0.0.0.0", SERVE_PORT),
         "applications": [{
             "name": config.name, "route_prefix": "/", "import_path": "deploy.app:build_app",
-            "args": {"config": f"{CONFIG_MOUNT}/config.yaml", "method": method},
+            "args": {"config": f"{CONFIG_MOUNT}/config.yaml", "method": method, **({"dtype": dtype} if dtype else {})},
         }],
     }
 
@@ -143,7 +143,7 @@ def worker_groups(config: HierspecConfig, method: str) -> list[dict]:
     return groups
 
 
-def ray_service(config: HierspecConfig, method: str) -> dict:
+def ray_service(config: HierspecConfig, method: str, dtype: str | None = None) -> dict:
     k8s = config.kubernetes
     head = _container(config, "ray-head", k8s.head_cpu, k8s.head_memory)
     head["ports"] = [{"containerPort": p, "name": n} for p, n in
@@ -168,7 +168,7 @@ def ray_service(config: HierspecConfig, method: str) -> dict:
     return {
         "apiVersion": "ray.io/v1", "kind": "RayService",
         "metadata": {"name": config.name, "namespace": k8s.namespace, "labels": {"app.kubernetes.io/name": "hierspec"}},
-        "spec": {"serveConfigV2": yaml.safe_dump(serve_config(config, method), sort_keys=False),
+        "spec": {"serveConfigV2": yaml.safe_dump(serve_config(config, method, dtype), sort_keys=False),
                  "rayClusterConfig": cluster},
     }
 
@@ -282,8 +282,10 @@ def secrets_example(config: HierspecConfig) -> list[dict]:
     return documents
 
 
-def render(config: HierspecConfig, config_text: str, method: str | None = None) -> dict[str, list[dict]]:
-    """{file name: documents}; `config_text` is the hierarchy config file as written."""
+def render(config: HierspecConfig, config_text: str, method: str | None = None,
+           dtype: str | None = None) -> dict[str, list[dict]]:
+    """{file name: documents}; `config_text` is the hierarchy config file as written; `method` and `dtype`
+    (a command line's) go to the app's builder with it."""
     method = method or config.default_method
     if not _DNS_LABEL.match(config.name) or len(config.name) > 40:
         raise ConfigError(f"name {config.name!r}: Kubernetes needs lowercase letters, digits and '-', "
@@ -294,7 +296,7 @@ def render(config: HierspecConfig, config_text: str, method: str | None = None) 
         "hierarchy-config.yaml": [{"apiVersion": "v1", "kind": "ConfigMap",
                                    "metadata": {"name": CONFIG_MAP, "namespace": ns},
                                    "data": {"config.yaml": config_text}}],
-        "rayservice.yaml": [ray_service(config, method)],
+        "rayservice.yaml": [ray_service(config, method, dtype)],
         "redis.yaml": redis_documents(config),
         "db-build-job.yaml": [db_build_job(config)],
         "network-policy.yaml": network_policies(config),

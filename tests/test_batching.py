@@ -166,3 +166,21 @@ def test_sampling_with_batched_forwards_matches_target(mode):
     p, events = chi_square(Concurrently(decoder), params(mode, temperature=1.0), STOP)
     assert p > 1e-3 and events["rejected"] > 1000, events
     assert target.calls_served >= 4 * target.forwards_run, "samples did not share forwards"
+
+
+def test_a_byte_bound_on_kv_caches_drops_the_least_recent_and_changes_no_output(levels):
+    """Eight requests at once through a target whose kept caches may hold two empty caches' bytes: running
+    requests' caches are dropped and their prefixes recomputed, yet each output is the request's alone."""
+    runner = levels["target"].runner
+    decoder = HierarchicalDecoder([levels["target"]], [], proposer=tiny_drafter(3))
+    requests = prompts(8)
+    alone = [run_together(decoder, [p], [GREEDY])[0] for p in requests]
+    bound, dropped = 2 * runner.decoder.new_cache().nbytes(), runner.caches_dropped
+    runner.max_cache_bytes = bound
+    try:
+        together = run_together(decoder, requests, [GREEDY] * len(requests))
+        assert runner.cache_bytes() <= bound or len(runner._requests) == 1
+    finally:
+        runner.max_cache_bytes = None
+    assert together == alone
+    assert runner.caches_dropped > dropped + len(requests)

@@ -180,3 +180,17 @@ def test_redis_runs_unprivileged_with_a_user_per_role(tmp_path):
             redis.Redis(port=server.port).get(key)
     finally:
         server.stop()
+
+
+def test_render_passes_the_command_lines_method_and_dtype_on(tmp_path, capsys):
+    from deploy.cli import main
+
+    out = tmp_path / "out"
+    assert main(["k8s", "render", "--config", "deploy/configs/smollm2-cpu.yaml", "--method", "ar", "--dtype", "int8",
+                 "--out", str(out)]) == 0
+    service = yaml.safe_load((out / "rayservice.yaml").read_text())
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["method"] == "ar" and args["dtype"] == "int8"
+    assert main(["k8s", "render", "--config", "deploy/configs/qwen-coder-gpu.yaml", "--dtype", "int4",
+                 "--out", str(out)]) == 2
+    assert "int4 has torch's int4 GEMM on CPU only" in capsys.readouterr().err

@@ -352,10 +352,12 @@ def test_a_model_the_fast_decoder_lacks_serves_through_transformers(server, tmp_
         serve.delete("tiny-phi3")
 
 
-def test_hsd_reports_the_targets_own_logprobs(server):
-    """`hsd` served (SmolLM2 drafting for itself, so whole drafts are accepted and a round commits many tokens
-    from many rows of the target's verification): through the official client, every token's log-probability and
-    top alternatives are plain decoding's."""
+@pytest.mark.parametrize("method", ["hsd", "hd"])
+def test_logprobs_are_plain_decodings_in_the_default_dtype(server, method):
+    """In bfloat16, the default dtype (row-invariant kernels): through the official client, `hsd` (SmolLM2
+    drafting for itself, so whole drafts are accepted and a round commits tokens from many rows of the target's
+    verification) and `hd` report every token's log-probability and top alternatives exactly as in-process plain
+    decoding (`ar`) computes them."""
     from ray import serve
 
     from deploy.app.app import build_from_config
@@ -364,18 +366,20 @@ def test_hsd_reports_the_targets_own_logprobs(server):
     from services.engine.model_store import convert
 
     config = config_for_models("smollm2-135m", [str(convert("smollm2-135m"))])  # its converted directory
-    config = config.model_copy(update={"dtype": "float32", "method": "hsd", "name": "smollm2-hsd",
+    name = f"smollm2-{method}"
+    config = config.model_copy(update={"method": method, "name": name,
                                        "serving": config.serving.model_copy(update={"api_key_env": KEY_ENV})})
-    serve.run(build_from_config(config), name="smollm2-hsd", route_prefix="/hsd")
+    assert config.dtype == "bfloat16"
+    serve.run(build_from_config(config), name=name, route_prefix=f"/{method}")
     try:
-        client = openai.OpenAI(base_url=server["url"] + "/hsd/v1", api_key=KEY, max_retries=0, timeout=300)
-        reply = client.chat.completions.create(model="smollm2-hsd", messages=[{"role": "user", "content": PROMPT}],
+        client = openai.OpenAI(base_url=f"{server['url']}/{method}/v1", api_key=KEY, max_retries=0, timeout=300)
+        reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": PROMPT}],
                                                temperature=0, max_tokens=24, logprobs=True, top_logprobs=2)
-        plain, text = _generate_once(config, "ar", "float32", PROMPT, 24, 0.0, None, True, logprobs=2)
+        plain, text = _generate_once(config, "ar", None, PROMPT, 24, 0.0, None, True, logprobs=2)
         assert reply.choices[0].message.content == text
         content = reply.choices[0].logprobs.content
         assert [entry.logprob for entry in content] == [value for value, _ in plain.logprobs]
         assert [[top.logprob for top in entry.top_logprobs] for entry in content] == \
             [[value for _, value in top] for _, top in plain.logprobs]
     finally:
-        serve.delete("smollm2-hsd")
+        serve.delete(name)

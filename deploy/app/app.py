@@ -39,6 +39,12 @@ def level_options(config: HierspecConfig, method: str) -> list[dict]:
             for name in level_deployment_names(config, method)]
 
 
+def cache_limits(serving) -> dict:
+    """What a level replica keeps of request KV caches, and how many requests the routers run at once."""
+    return {"requests": serving.max_cached_requests, "running": serving.max_in_flight * serving.router_replicas,
+            "bytes": None if serving.max_cache_gib is None else int(serving.max_cache_gib * (1 << 30))}
+
+
 def build_from_config(config: HierspecConfig, method: str | None = None, dtype: str | None = None,
                       require_key: bool = True) -> Application:
     """`require_key`: others can reach the app, so its ingress refuses to start without an API key unless the
@@ -50,7 +56,7 @@ def build_from_config(config: HierspecConfig, method: str | None = None, dtype: 
     chain = config.chain(method)
     levels = [serve.deployment(LevelService).options(**options).bind(
                   model, dtype, config.device, config.threads, serving.level_threads, len(chain),
-                  serving.max_cached_requests, serving.batch.model_dump())
+                  serving.batch.model_dump(), cache_limits(serving))
               for options, (model, _) in zip(level_options(config, method), chain)]
     ingress = serve.deployment(HierspecServer).options(
         name="ingress", num_replicas=serving.router_replicas, ray_actor_options={"num_cpus": 0},

@@ -50,6 +50,7 @@ log = logging.getLogger("hierspec")
 class FallbackShape:
     vocab_size: int
     max_positions: int
+    kv_bytes_per_token: int  # float32 keys and values of every layer
 
 
 class TransformersCache:
@@ -96,7 +97,12 @@ class TransformersDecoder(CausalDecoder):
         self.dtype = dtype
         self.device = device
         config = hf_model.config
-        self.shape = FallbackShape(hf_model.get_output_embeddings().weight.shape[0], _exact_positions(config))
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        per_token = config.num_hidden_layers * 2 * kv_heads * (getattr(config, "head_dim", None) or
+                                                               config.hidden_size // heads) * 4
+        self.shape = FallbackShape(hf_model.get_output_embeddings().weight.shape[0], _exact_positions(config),
+                                   per_token)
         self.kernels = {"all": f"transformers' own {config.model_type} modeling "
                                f"({config._attn_implementation} attention, 4D masks for token trees)"}
         self._check_cache()

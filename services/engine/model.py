@@ -69,6 +69,11 @@ class DecoderShape:
     qk_norm: bool  # Qwen3: an RMSNorm over each head of q and k before RoPE
     max_positions: int
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """The KV cache's float32 keys and values of every layer, for one position."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * 4
+
     @classmethod
     def from_hf_config(cls, config) -> DecoderShape:
         """The shape of a Llama, Mistral, Qwen2 or Qwen3 config; UnsupportedModel (saying why) for others.

@@ -79,11 +79,17 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class LevelRunner:
-    def __init__(self, decoder: CausalDecoder, tokenizer, name: str, max_cached_requests: int = 64):
+    def __init__(self, decoder: CausalDecoder, tokenizer, name: str, max_cached_requests: int = 64,
+                 max_cache_bytes: int | None = None):
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.name = name
+        # Request KV caches kept between calls, least recently used dropped first past either bound (a dropped
+        # request's next call recomputes its prefix: slower, the same logits). The call being prepared keeps its
+        # own, so one request longer than the byte bound still runs.
         self.max_cached_requests = max_cached_requests
+        self.max_cache_bytes = max_cache_bytes
+        self.caches_dropped = 0
         self._requests: OrderedDict[str, _RequestCache] = OrderedDict()
 
     @classmethod
@@ -112,9 +118,15 @@ class LevelRunner:
         if state is None:
             state = _RequestCache([], self.decoder.new_cache())
         self._requests[request_id] = state  # most recently used last
-        if len(self._requests) > self.max_cached_requests:
+        while len(self._requests) > 1 and (len(self._requests) > self.max_cached_requests or (
+                self.max_cache_bytes is not None and self.cache_bytes() > self.max_cache_bytes)):
             self._requests.popitem(last=False)
+            self.caches_dropped += 1
         return state
+
+    def cache_bytes(self) -> int:
+        """Bytes the kept request KV caches hold (their allocated capacity)."""
+        return sum(state.cache.nbytes() for state in self._requests.values())
 
     @staticmethod
     def _settle_tree(state: _RequestCache, token_ids: list[int]) -> None:

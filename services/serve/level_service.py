@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,8 @@ from services.engine.levels import Scores
 from services.engine.runner import LevelRunner
 from services.engine.sampling import SamplingParams
 from services.engine.tree import TokenTree
+
+log = logging.getLogger("hierspec.level")
 
 # Fault injection for the reliability tests: a call whose sequence holds this token id ends its replica's process at
 # once, as an out-of-memory kill would. Unset (always, outside tests), nothing is checked.
@@ -53,17 +56,32 @@ class LevelService:
     batched forward (`BatchLimits`)."""
 
     def __init__(self, model: str, dtype: str, device: str, threads: int | None, shared_threads: int | None,
-                 levels_per_node: int, max_cached_requests: int, batch: dict | None = None):
+                 levels_per_node: int, batch: dict | None = None, cache_limits: dict | None = None):
         self.solo_threads = threads or os.cpu_count() or 1
         self.shared_threads = shared_threads or max(1, self.solo_threads // levels_per_node)
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="level-compute")  # serialises every forward
         self.runner = self._compute.submit(self._load, model, dtype, device).result()
-        self.runner.max_cached_requests = max_cached_requests
+        self._limit_caches(**(cache_limits or {}))
         self.level = BatchingLevel(self.runner, BatchLimits.model_validate(batch or {}), run=self._on_compute)
         self._alone = False  # what the router said with its last call: it runs one request only
         fault = os.environ.get(FAULT_TOKEN_ENV)
         self._fault_token = int(fault) if fault else None  # read once: calls are the hot path
         self._compute.submit(lambda: self.level.costs).result()  # the draft budget's input, measured once per machine
+
+    def _limit_caches(self, requests: int = 64, running: int = 1, bytes: int | None = None) -> None:
+        """The runner's cache bounds, and a word on what the byte bound leaves each running request."""
+        runner = self.runner
+        runner.max_cached_requests, runner.max_cache_bytes = requests, bytes
+        if bytes is None:
+            return
+        tokens = bytes // runner.decoder.shape.kv_bytes_per_token // running
+        message = (f"{runner.name}: request KV caches bounded at {bytes / (1 << 30):.2f} GiB: {tokens} tokens for "
+                   f"each of {running} running requests (max_in_flight x router_replicas), context window "
+                   f"{runner.context_window}")
+        if tokens < runner.context_window:
+            log.warning("%s; with all of them running, a longer request recomputes its prefix every round", message)
+        else:
+            log.info(message)
 
     def _load(self, model: str, dtype: str, device: str) -> LevelRunner:
         # Ray caps a worker's threads at its CPU reservation; a level gets what the config says, else the node
