@@ -106,13 +106,14 @@ def statistics_path(settings: DrafterSettings, namespace: str) -> Path:
     return Path(settings.statistics_path or cache_dir() / "stats" / f"{namespace}.ngrams").expanduser()
 
 
-def statistics_store(settings: DrafterSettings, namespace: str):
-    """The configured statistics store: Redis when a URL is set (config or $HIERSPEC_REDIS_URL),
-    else the embedded store file. An unreadable file is reported and left out: drafting goes on from the
-    other databases (`hierspec db build` writes a new one)."""
+def statistics_store(settings: DrafterSettings, namespace: str, timeout: float = 0.05):
+    """The configured statistics store: Redis when a URL is set (config or $HIERSPEC_REDIS_URL), with
+    `timeout` on its sockets (a lookup's: drafting never waits long), else the embedded store file. An
+    unreadable file is reported and left out: drafting goes on from the other databases (`hierspec db build`
+    writes a new one)."""
     url = redis_url(settings)
     if url:
-        return RedisStore(url)
+        return RedisStore(url, timeout=timeout)
     path = statistics_path(settings, namespace)
     if not path.exists() and path.with_suffix(".pkl").exists():
         log.warning("statistics DB %s is in the old pickle format, which is no longer read: rebuild it "

@@ -131,6 +131,8 @@ def _cmd_demo(args) -> None:
 
 
 def _cmd_db_build(args) -> None:
+    from redis.exceptions import RedisError
+
     from deploy.builder import statistics_store
     from deploy.config import DrafterSettings
     from drafter_db.build import BuildSettings, build_statistics
@@ -139,13 +141,16 @@ def _cmd_db_build(args) -> None:
 
     tokenizer = load_tokenizer(args.model)
     namespace = tokenizer_namespace(tokenizer)
-    store = statistics_store(DrafterSettings(redis_url=args.redis, statistics_path=args.out), namespace)
+    # a build waits for Redis (a fork or an fsync may stall it) where a lookup would not
+    store = statistics_store(DrafterSettings(redis_url=args.redis, statistics_path=args.out), namespace, timeout=30)
     settings = BuildSettings(max_key=args.max_key, length=args.length, top=args.top, min_count=args.min_count,
                              max_tokens=args.max_corpus_tokens)
     try:
         summary = build_statistics(args.corpus, tokenizer, store, namespace, settings)
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
+    except RedisError as exc:
+        raise ConfigError(f"Redis at {store.url}: {exc}") from None
     if hasattr(store, "save"):
         store.save()
         summary["path"] = str(store.path)
@@ -216,9 +221,7 @@ def _cmd_bench_serve(args) -> None:
     set_cluster_environment()
     from deploy.bench.bench_serve import run_serve_bench
 
-    config = _config(args)
-    if args.dtype:
-        config = config.model_copy(update={"dtype": args.dtype})
+    config = _config(args)  # --dtype written in
     run_serve_bench(config, args.workload, args.out, clients=args.clients, num_requests=args.requests,
                     max_tokens=args.max_tokens, method=args.method, categories=args.categories, port=args.port,
                     sweep=_counts(args.sweep, "--sweep"), long_prompt_tokens=args.long_prompt_tokens,
@@ -237,12 +240,11 @@ def _cmd_serve(args) -> None:
     set_cluster_environment()
     from deploy.app.app import serve_foreground
 
-    config = _config(args)  # config errors before anything starts
-    if args.print_config:  # what would run: --method and --dtype written in
+    config = _config(args)  # config errors before anything starts; --dtype written in
+    if args.print_config:  # what would run: --method written in too
         import yaml
 
-        chosen = {"method": args.method or config.method, "dtype": args.dtype or config.dtype}
-        printed = config.model_copy(update={key: value for key, value in chosen.items() if value})
+        printed = config.model_copy(update={"method": args.method}) if args.method else config
         print(yaml.safe_dump(printed.model_dump(mode="json", exclude_defaults=True), sort_keys=False), end="")
         return
     serve_foreground(config, args.method, args.dtype, args.port, args.metrics_port, args.host)

@@ -99,7 +99,8 @@ class ServingSettings(BaseModel):
     max_cached_requests: int = Field(64, ge=1, le=100_000, description="request KV caches a level replica keeps")
     max_cache_gib: float | None = Field(
         None, gt=0, description="GiB of request KV caches a level replica keeps (least recently used dropped first; "
-                                "a dropped request recomputes its prefix, with the same output); default: no bound "
+                                "a dropped request recomputes its prefix: the same output, but from the transformers "
+                                "fallback only up to near-ties); default: no bound "
                                 "but max_cached_requests. A replica logs what the bound holds per running request")
     batch: BatchLimits = Field(default_factory=BatchLimits,
                                description="one forward of a level replica: the calls of how many requests it batches")

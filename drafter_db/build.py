@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drafter_db import table
-from drafter_db.stores import TableStore, full_key, generation_key, generation_namespace
+from drafter_db.stores import TableStore, full_key, generation_key, generation_namespace, generations_prefix
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs", ".html"}
 
@@ -67,12 +67,11 @@ def iter_documents(paths: list[str]) -> Iterator[str]:
 
 def build_statistics(paths: list[str], tokenizer, store: TableStore, namespace: str,
                      settings: BuildSettings = BuildSettings(), batch: int = 5000) -> dict:
-    """Count, rank, write a new generation of `namespace`'s table, switch readers to it and delete the old one;
-    prints progress to stderr; returns a summary."""
+    """Count, rank, write a new generation of `namespace`'s table, switch readers to it, then delete every other
+    generation (the one replaced, and any a failed build left) and the keys of a build from before generations;
+    prints progress to stderr; returns a summary. One build of a tokenizer's table at a time: a build deletes
+    what another one is writing. A corpus that yields no entry changes nothing (ValueError)."""
     started = time.monotonic()
-    old = store.get_many([generation_key(namespace)])[0]
-    if not getattr(store, "available", True):
-        raise ConnectionError(f"the statistics store {getattr(store, 'url', '')} does not answer")
     generation = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}".encode()
     keyspace = generation_namespace(namespace, generation)
     counts: dict[tuple[int, ...], dict[tuple[int, ...], int]] = {}
@@ -105,8 +104,13 @@ def build_statistics(paths: list[str], tokenizer, store: TableStore, namespace: 
             print(f"\rwriting: {index:,}/{total_keys:,} keys scanned, {written:,} written", end="",
                   file=sys.stderr, flush=True)
     print(file=sys.stderr)
+    if not written:
+        raise ValueError(f"the corpus ({documents} documents, {tokens_read:,} tokens) gave no n-gram seen "
+                         f"{settings.min_count} times: the table in use is kept")
     store.set_many({generation_key(namespace): generation})  # readers switch here, from one whole table to another
-    deleted = store.delete_prefix(full_key(generation_namespace(namespace, old), ()))
+    deleted = store.delete_prefix(generations_prefix(namespace), keep=(generation_key(namespace),
+                                                                       full_key(keyspace, ())))
+    deleted += store.delete_prefix(full_key(namespace, ()))  # a table from before generations
     return {"documents": documents, "tokens": tokens_read, "keys_written": written, "old_keys_deleted": deleted,
             "seconds": round(time.monotonic() - started, 1), "namespace": namespace,
             "generation": generation.decode()}

@@ -95,8 +95,9 @@ class StatisticsDB:
             self._cache.clear()
             missing = list(range(longest))
             ngrams = [ngram_bytes(context[-(longest - i):]) for i in missing]
-            _, *values = self.store.get_many([self._generation_key, *(self._prefix + g for g in ngrams)])
-            cacheable = getattr(self.store, "available", True)
+            again, *values = self.store.get_many([self._generation_key, *(self._prefix + g for g in ngrams)])
+            # another switch in between: these values may be a table being deleted; use, never cache, them
+            cacheable = again == generation and getattr(self.store, "available", True)
         cache = self._cache
         for i, value in zip(missing, values):
             conts = self._decode(value) if value is not None else ()

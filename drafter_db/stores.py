@@ -67,7 +67,12 @@ def generation_key(namespace: str) -> bytes:
 
 def generation_namespace(namespace: str, generation: bytes | None) -> str:
     """The key namespace of one generation's table (`full_key(generation_namespace(...), ngram)`)."""
-    return namespace if generation is None else f"{namespace}@{generation.decode()}"
+    return namespace if generation is None else f"{namespace}@{generation.decode(errors='replace')}"
+
+
+def generations_prefix(namespace: str) -> bytes:
+    """What every generation's keys (and the pointer) start with."""
+    return b"hs:" + namespace.encode() + b"@"
 
 
 class TableStore(Protocol):
@@ -75,7 +80,7 @@ class TableStore(Protocol):
 
     def set_many(self, items: dict[bytes, bytes]) -> None: ...
 
-    def delete_prefix(self, prefix: bytes) -> int: ...
+    def delete_prefix(self, prefix: bytes, keep: tuple[bytes, ...] = ()) -> int: ...
 
 
 @dataclass
@@ -104,8 +109,8 @@ class EmbeddedStore:
     def set_many(self, items: dict[bytes, bytes]) -> None:
         self.data.update(items)
 
-    def delete_prefix(self, prefix: bytes) -> int:
-        doomed = [key for key in self.data if key.startswith(prefix)]
+    def delete_prefix(self, prefix: bytes, keep: tuple[bytes, ...] = ()) -> int:
+        doomed = [key for key in self.data if key.startswith(prefix) and not key.startswith(keep)]
         for key in doomed:
             del self.data[key]
         return len(doomed)
@@ -160,12 +165,16 @@ class RedisStore:
         if pending:
             pipe.execute()
 
-    def delete_prefix(self, prefix: bytes) -> int:
-        """Every key starting with `prefix`, found by SCAN (never KEYS, which blocks the server) and UNLINKed
-        (freed in the background) `batch` at a time; errors propagate."""
+    def delete_prefix(self, prefix: bytes, keep: tuple[bytes, ...] = ()) -> int:
+        """Every table entry (a string key) starting with `prefix` but not with any of `keep`, found by SCAN
+        (never KEYS, which blocks the server) and UNLINKed (freed in the background) `batch` at a time; errors
+        propagate. Only strings: the model DB's shared outputs stream (`hs:<tokenizer>:outputs`) shares the
+        pre-generation table's prefix."""
         pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", prefix) + b"*"
         deleted, doomed = 0, []
-        for key in self.client.scan_iter(match=pattern, count=self.batch):
+        for key in self.client.scan_iter(match=pattern, count=self.batch, _type="string"):
+            if key.startswith(keep):
+                continue
             doomed.append(key)
             if len(doomed) >= self.batch:
                 deleted += self.client.unlink(*doomed)

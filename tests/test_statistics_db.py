@@ -51,7 +51,7 @@ def current(store, namespace: str, text: str) -> bytes | None:
     return store.get_many([full_key(generation_namespace(namespace, generation), CharTokenizer().encode(text))])[0]
 
 
-def test_build_writes_ranked_continuations_and_rerun_is_idempotent(tmp_path, redis_server):
+def test_build_writes_ranked_continuations_and_a_rerun_replaces_them(tmp_path, redis_server):
     store = RedisStore(redis_server.url)
     settings = BuildSettings(max_key=3, length=4, top=3, min_count=2)
     summary = build_statistics(corpus(tmp_path), CharTokenizer(), store, "chars", settings)
@@ -71,9 +71,17 @@ def test_a_rebuild_replaces_the_table_whole_and_readers_never_see_a_mix(tmp_path
     afterwards, all of B and nothing of A, the keys of an old-layout build (before generations) deleted too."""
     settings = BuildSettings(max_key=3, length=4, top=3, min_count=2)
     store = RedisStore(redis_server.url)
-    store.set_many({full_key("chars", CharTokenizer().encode("old")): table.encode([(5, (1, 2))])})
+    store.set_many({full_key("chars", CharTokenizer().encode("old")): table.encode([(5, (1, 2))]),
+                    full_key("chars@20260101T000000-failed", CharTokenizer().encode("old")): b"partial"})
+    store.client.xadd("hs:chars:outputs", {"tokens": b"\x01"})  # the model DB's stream, under the old prefix
     build_statistics(corpus(tmp_path), CharTokenizer(), store, "chars", settings)
     assert current(store, "chars", "old") is None
+    assert store.client.xlen("hs:chars:outputs") == 1  # not a table entry: kept
+    assert not list(store.client.scan_iter(match=b"hs:chars@20260101T000000-failed:*"))  # a failed build's, gone
+    (tmp_path / "nothing.txt").write_text("")
+    with pytest.raises(ValueError, match="the table in use is kept"):
+        build_statistics([str(tmp_path / "nothing.txt")], CharTokenizer(), store, "chars", settings)
+    assert current(store, "chars", "the") is not None
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "b.txt").write_text("the dog ran to the log. the dog ran to the fog. " * 3)
     reader = StatisticsDB(RedisStore(redis_server.url), "chars")

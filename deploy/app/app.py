@@ -42,7 +42,7 @@ def level_options(config: HierspecConfig, method: str) -> list[dict]:
 def cache_limits(serving) -> dict:
     """What a level replica keeps of request KV caches, and how many requests the routers run at once."""
     return {"requests": serving.max_cached_requests, "running": serving.max_in_flight * serving.router_replicas,
-            "bytes": None if serving.max_cache_gib is None else int(serving.max_cache_gib * (1 << 30))}
+            "max_bytes": None if serving.max_cache_gib is None else int(serving.max_cache_gib * (1 << 30))}
 
 
 def build_from_config(config: HierspecConfig, method: str | None = None, dtype: str | None = None,

@@ -50,7 +50,7 @@ log = logging.getLogger("hierspec")
 class FallbackShape:
     vocab_size: int
     max_positions: int
-    kv_bytes_per_token: int  # float32 keys and values of every layer
+    kv_bytes_per_token: int  # float32 keys and values of every layer (0: unknown)
 
 
 class TransformersCache:
@@ -97,12 +97,8 @@ class TransformersDecoder(CausalDecoder):
         self.dtype = dtype
         self.device = device
         config = hf_model.config
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        per_token = config.num_hidden_layers * 2 * kv_heads * (getattr(config, "head_dim", None) or
-                                                               config.hidden_size // heads) * 4
         self.shape = FallbackShape(hf_model.get_output_embeddings().weight.shape[0], _exact_positions(config),
-                                   per_token)
+                                   _kv_bytes_per_token(config))
         self.kernels = {"all": f"transformers' own {config.model_type} modeling "
                                f"({config._attn_implementation} attention, 4D masks for token trees)"}
         self._check_cache()
@@ -146,6 +142,16 @@ class TransformersDecoder(CausalDecoder):
                          use_cache=True, logits_to_keep=segment.num_logits or 1)
         cache.length += n
         return out.logits[0, -segment.num_logits:].float() if segment.num_logits else None
+
+
+def _kv_bytes_per_token(config) -> int:
+    """Float32 keys and values of every layer for one position, from the configs' usual names; 0 where a config
+    lacks them (the cache bound's log line then gives no figure)."""
+    layers, heads = getattr(config, "num_hidden_layers", 0), getattr(config, "num_attention_heads", 0)
+    if not layers or not heads:
+        return 0
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return layers * 2 * kv_heads * (getattr(config, "head_dim", None) or config.hidden_size // heads) * 4
 
 
 def _exact_positions(config) -> int:

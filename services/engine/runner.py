@@ -85,12 +85,13 @@ class LevelRunner:
         self.tokenizer = tokenizer
         self.name = name
         # Request KV caches kept between calls, least recently used dropped first past either bound (a dropped
-        # request's next call recomputes its prefix: slower, the same logits). The call being prepared keeps its
-        # own, so one request longer than the byte bound still runs.
+        # request's next call recomputes its prefix: slower, the same logits from the fast decoder). The byte
+        # bound drops only idle caches (no call in flight), so a forward's own requests keep theirs.
         self.max_cached_requests = max_cached_requests
         self.max_cache_bytes = max_cache_bytes
         self.caches_dropped = 0
         self._requests: OrderedDict[str, _RequestCache] = OrderedDict()
+        self._busy: set[str] = set()  # requests with a call begun and not finished
 
     @classmethod
     def load(cls, reference: str, dtype: str = "float32", device: str = "cpu") -> LevelRunner:
@@ -118,11 +119,22 @@ class LevelRunner:
         if state is None:
             state = _RequestCache([], self.decoder.new_cache())
         self._requests[request_id] = state  # most recently used last
-        while len(self._requests) > 1 and (len(self._requests) > self.max_cached_requests or (
-                self.max_cache_bytes is not None and self.cache_bytes() > self.max_cache_bytes)):
-            self._requests.popitem(last=False)
-            self.caches_dropped += 1
+        self._busy.add(request_id)
+        self._drop_past_bounds()
         return state
+
+    def _drop_past_bounds(self) -> None:
+        over_count = len(self._requests) - self.max_cached_requests
+        total = self.cache_bytes() if self.max_cache_bytes is not None else 0
+        for request_id in list(self._requests):  # least recently used first
+            over_bytes = self.max_cache_bytes is not None and total > self.max_cache_bytes
+            if over_count <= 0 and not over_bytes:
+                return
+            if over_count <= 0 and request_id in self._busy:
+                continue
+            total -= self._requests.pop(request_id).cache.nbytes()
+            over_count -= 1
+            self.caches_dropped += 1
 
     def cache_bytes(self) -> int:
         """Bytes the kept request KV caches hold (their allocated capacity)."""
@@ -191,9 +203,9 @@ class LevelRunner:
                 done.append(work)
         return done
 
-    @staticmethod
-    def _finish(work: Work) -> None:
+    def _finish(self, work: Work) -> None:
         state, call = work.state, work.call
+        self._busy.discard(call.request_id)
         work.logits = work.outputs[0] if len(work.outputs) == 1 else torch.cat(work.outputs)
         if call.tree is not None:
             state.cache.length = len(call.token_ids)  # the nodes wait behind the sequence (see _settle_tree)
@@ -247,6 +259,7 @@ class LevelRunner:
 
     def release(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
+        self._busy.discard(request_id)
 
     def cached_requests(self) -> int:
         return len(self._requests)

@@ -61,23 +61,25 @@ class LevelService:
         self.shared_threads = shared_threads or max(1, self.solo_threads // levels_per_node)
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="level-compute")  # serialises every forward
         self.runner = self._compute.submit(self._load, model, dtype, device).result()
-        self._limit_caches(**(cache_limits or {}))
         self.level = BatchingLevel(self.runner, BatchLimits.model_validate(batch or {}), run=self._on_compute)
         self._alone = False  # what the router said with its last call: it runs one request only
         fault = os.environ.get(FAULT_TOKEN_ENV)
         self._fault_token = int(fault) if fault else None  # read once: calls are the hot path
         self._compute.submit(lambda: self.level.costs).result()  # the draft budget's input, measured once per machine
+        self._limit_caches(**(cache_limits or {}))  # after: measuring costs keeps its own caches
 
-    def _limit_caches(self, requests: int = 64, running: int = 1, bytes: int | None = None) -> None:
-        """The runner's cache bounds, and a word on what the byte bound leaves each running request."""
+    def _limit_caches(self, requests: int = 64, running: int = 1, max_bytes: int | None = None) -> None:
+        """The runner's cache bounds, and a word on what the byte bound leaves each running request (all of the
+        routers' requests on this replica, the worst case)."""
         runner = self.runner
-        runner.max_cached_requests, runner.max_cache_bytes = requests, bytes
-        if bytes is None:
+        runner.max_cached_requests, runner.max_cache_bytes = requests, max_bytes
+        per_token = runner.decoder.shape.kv_bytes_per_token
+        if max_bytes is None or not per_token:
             return
-        tokens = bytes // runner.decoder.shape.kv_bytes_per_token // running
-        message = (f"{runner.name}: request KV caches bounded at {bytes / (1 << 30):.2f} GiB: {tokens} tokens for "
-                   f"each of {running} running requests (max_in_flight x router_replicas), context window "
-                   f"{runner.context_window}")
+        tokens = max_bytes // per_token // running
+        message = (f"{runner.name}: request KV caches bounded at {max_bytes / (1 << 30):.2f} GiB: about {tokens} "
+                   f"positions for each of {running} running requests (max_in_flight x router_replicas; a cache "
+                   f"grows by doubling), context window {runner.context_window}")
         if tokens < runner.context_window:
             log.warning("%s; with all of them running, a longer request recomputes its prefix every round", message)
         else:
