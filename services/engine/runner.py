@@ -126,6 +126,8 @@ class LevelRunner:
     def _drop_past_bounds(self) -> None:
         over_count = len(self._requests) - self.max_cached_requests
         total = self.cache_bytes() if self.max_cache_bytes is not None else 0
+        if over_count <= 0 and (self.max_cache_bytes is None or total <= self.max_cache_bytes):
+            return  # every call passes here: no copy of the keys unless something is dropped
         for request_id in list(self._requests):  # least recently used first
             over_bytes = self.max_cache_bytes is not None and total > self.max_cache_bytes
             if over_count <= 0 and not over_bytes:
