@@ -11,7 +11,7 @@ STATS_DIR := $(or $(HIERSPEC_MODEL_DIR),$(HOME)/.cache/hierspec/models)/stats
 # A corpus every machine has: the Python standard library (code and docstrings), capped at 1M tokens.
 STATS_CORPUS ?= $(shell python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 
-.PHONY: setup redis models stats chat-stats run demo test bench bench-full bench-llama-cpp plan bench-serve image lint clean
+.PHONY: setup redis models stats chat-stats run demo test reliability bench bench-full bench-llama-cpp plan bench-serve image lint clean
 
 setup: $(STAMP) redis
 
@@ -58,6 +58,11 @@ demo: setup models stats
 
 test: setup models
 	$(PY) -m pytest
+
+# The Serve app under bad input, load and faults (about 40 minutes): a table of figures against their targets
+# (results/reliability.json); `make test` runs its --quick version.
+reliability: setup models
+	$(HIERSPEC) reliability --out results/reliability.json
 
 # The default CPU suite (under 20 minutes; the first run also profiles for `auto`, about 4 of them):
 # every method on the Qwen pair, code and chat. Prints the table, the JSON and the chart's paths.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from deploy.app.cluster_env import set_cluster_environment
 from deploy.config import METHODS, ConfigError, HierspecConfig, config_for_models, load_config, with_dtype
+from deploy.reliability import CASES
 from services.engine.model_store import PACKAGED_MODELS, ModelError
 from services.engine.sampling import MAX_TOP_LOGPROBS, SEED_RANGE
 
@@ -228,6 +229,30 @@ def _cmd_bench_serve(args) -> None:
                     single_requests=args.single_requests)
 
 
+def _cmd_reliability(args) -> None:
+    set_cluster_environment()
+    import shutil
+    import tempfile
+
+    from deploy.reliability.suite import SuiteSettings, run_reliability
+
+    if shutil.which("schemathesis", path=str(Path(sys.executable).parent)) is None:
+        raise ValueError("the fuzz case needs schemathesis: pip install -e '.[test]' (make test does)")
+    settings = SuiteSettings.quick() if args.quick else SuiteSettings()
+    updates = {name: getattr(args, name) for name in ("soak_minutes", "fuzz_examples")
+               if getattr(args, name) is not None}
+    settings = SuiteSettings(**{**settings.model_dump(), **updates})
+    with tempfile.TemporaryDirectory(prefix="hierspec-reliability-") as workdir:
+        rows = run_reliability(settings, args.out, Path(workdir), tuple(filter(None, args.cases.split(","))))
+    failed = [f"{row.case}: {row.figure.strip()}" for row in rows if not row.holds]
+    if failed:
+        raise SuiteFailed("figures off target: " + "; ".join(failed))
+
+
+class SuiteFailed(Exception):
+    """The reliability suite ran and some figures missed their targets (exit status 1)."""
+
+
 def _cmd_k8s_render(args) -> None:
     from deploy.k8s import render, write
 
@@ -379,6 +404,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--port", type=int, default=8000)
     bench_serve.add_argument("--out", default="results/bench-serve.json")
     bench_serve.set_defaults(func=_cmd_bench_serve)
+
+    reliability = sub.add_parser("reliability", help="the Serve app under bad input, load and faults: a table of "
+                                                     "figures against their targets")
+    reliability.add_argument("--quick", action="store_true", help="each case small (what make test runs)")
+    reliability.add_argument("--soak-minutes", type=float, default=None, help="default 10 (--quick: 0.5)")
+    reliability.add_argument("--fuzz-examples", type=int, default=None,
+                             help="schemathesis examples per operation and phase, invalid requests (default 600, "
+                                  "--quick: 20; valid ones: a sixtieth)")
+    reliability.add_argument("--cases", default=",".join(CASES),
+                             help=f"comma-separated, of {','.join(CASES)} (default: all)")
+    reliability.add_argument("--out", default="results/reliability.json")
+    reliability.set_defaults(func=_cmd_reliability)
     return parser
 
 
@@ -405,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelError, ValueError) as exc:
         print(f"hierspec: error: {exc}", file=sys.stderr)
         return 2
+    except SuiteFailed as exc:
+        print(f"hierspec: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

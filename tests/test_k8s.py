@@ -148,8 +148,8 @@ def test_redis_runs_unprivileged_with_a_user_per_role(tmp_path):
     """The rendered ACL users on a real redis-server: the loader writes statistics as `admin`; a router reads
     them and shares outputs as `router`, and can write nothing else; the default user is off."""
     import redis
-    from redis_server import RedisServer
 
+    from deploy.reliability.redis_server import RedisServer
     from drafter_db.shared_outputs import SharedOutputs
     from drafter_db.stores import RedisStore, full_key
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from redis_server import free_port
+
+from deploy.reliability.redis_server import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -7,10 +7,10 @@ import time
 
 import pytest
 import torch
-from redis_server import RedisServer
 from tiny_models import tiny_runner
 
 from deploy.cli import main
+from deploy.reliability.redis_server import RedisServer
 from drafter_db import table
 from drafter_db.build import BuildSettings, build_statistics
 from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB

@@ -10,6 +10,8 @@ levels is token ids.
 
 import asyncio
 import contextlib
+import copy
+import functools
 import hmac
 import logging
 import os
@@ -54,6 +56,26 @@ log = logging.getLogger("hierspec.server")
 # The schema and its pages are routes of the class below, behind the API key like every route but /health.
 app = FastAPI(title="hierspec", description="Lossless speculative decoding, OpenAI-compatible", docs_url=None,
               redoc_url=None, openapi_url=None)
+
+BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+
+
+@functools.cache
+def api_schema(model: str) -> dict:
+    """FastAPI's schema plus the request bodies, which the routes parse themselves (to answer bad input in
+    OpenAI's error shape and to bound the body before reading it), their `model` the one this app serves: client
+    generators and the fuzzer of `make reliability` see what each route takes."""
+    schema = copy.deepcopy(app.openapi())
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for path, body_model in BODIES.items():
+        body = body_model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        body["properties"]["model"] = {**body["properties"]["model"], "enum": [model]}
+        components[body_model.__name__] = body
+        schema["paths"][path]["post"]["requestBody"] = {
+            "required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/"
+                                                                                  f"{body_model.__name__}"}}}}
+    return schema
 
 
 def _error_response(error: APIError) -> JSONResponse:
@@ -308,7 +330,7 @@ class HierspecServer:
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request):
         self._authorize(request)
-        return app.openapi()
+        return api_schema(self.model_name)
 
     @app.get("/docs", include_in_schema=False)
     async def docs(self, request: Request):

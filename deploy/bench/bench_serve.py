@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,9 @@ class StreamResult:
     seconds: float
     ttft: float
     chunk_gaps: list[float] = field(default_factory=list)
+    text: str = ""
+    error: str | None = None  # the error event that ended a stream after its 200
+    done: bool = False  # the stream ended with `data: [DONE]`
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -43,32 +47,44 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def stream_chat(url: str, model: str, prompt: str, max_tokens: int) -> StreamResult:
-    """One streamed chat completion, timed at the client."""
+def stream_chat(url: str, model: str, prompt: str, max_tokens: int, headers: dict | None = None,
+                on_chunk: Callable[[dict], None] | None = None) -> StreamResult:
+    """One streamed greedy chat completion, timed at the client; `on_chunk` sees every chunk as it arrives."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    arrivals, tokens = [], 0
-    with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=1800) as reply:
+    arrivals, tokens, pieces, error, done = [], 0, [], None, False
+    with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=1800,
+                       headers=headers) as reply:
         reply.raise_for_status()
         for line in reply.iter_lines():
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            if line == b"data: [DONE]":
+                done = True
+            if not line.startswith(b"data: ") or done:
                 continue
             chunk = json.loads(line[6:])
+            if on_chunk:
+                on_chunk(chunk)
+            if "error" in chunk:
+                error = chunk["error"].get("message", str(chunk["error"]))
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+            content = "".join(c.get("delta", {}).get("content") or "" for c in chunk.get("choices", []))
+            if content:
                 arrivals.append(time.perf_counter())
+                pieces.append(content)
     end = time.perf_counter()
     ttft = (arrivals[0] if arrivals else end) - start
-    return StreamResult(tokens, end - start, ttft, [b - a for a, b in zip(arrivals, arrivals[1:])])
+    return StreamResult(tokens, end - start, ttft, [b - a for a, b in zip(arrivals, arrivals[1:])], "".join(pieces),
+                        error, done)
 
 
-def run_load(url: str, model: str, prompts: list[str], clients: int, max_tokens: int) -> dict:
+def run_load(url: str, model: str, prompts: list[str], clients: int, max_tokens: int,
+             headers: dict | None = None) -> dict:
     """`clients` concurrent streams over all prompts; aggregate throughput and latencies."""
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda p: stream_chat(url, model, p, max_tokens), prompts))
+        results = list(pool.map(lambda p: stream_chat(url, model, p, max_tokens, headers), prompts))
     wall = time.perf_counter() - start
     tokens = sum(r.tokens for r in results)
     itl = [(r.seconds - r.ttft) / (r.tokens - 1) for r in results if r.tokens > 1]

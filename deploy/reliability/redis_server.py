@@ -1,4 +1,5 @@
-"""A real redis-server on a free loopback port, started and stopped by the tests."""
+"""A real redis-server on a free loopback port, started, killed and restarted by the tests and the reliability
+suite (`make setup` installs it)."""
 
 from __future__ import annotations
 
@@ -50,5 +51,13 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL, as the kernel's out-of-memory killer or a lost node ends it: nothing is flushed. `start()` again
+        on the same port loads what the last `SAVE` wrote into `workdir`."""
+        if self.proc is not None:
+            self.proc.kill()
             self.proc.wait(timeout=10)
             self.proc = None
