@@ -79,6 +79,16 @@ def test_tiny_temperatures_are_finite_and_greedy():
         assert torch.isfinite(probs).all() and int(probs.argmax()) == 1 and float(probs[0, 1]) > 0.5
 
 
+@pytest.mark.parametrize("value", [5e-324, 1e-45, 1e-30])
+def test_the_smallest_top_p_and_temperature_keep_the_most_likely_token(value):
+    """A top_p or a temperature that float32 cannot hold (5e-324, found by the reliability suite's fuzzer: a 500)
+    keeps only the most likely token, as the smallest float32 does."""
+    logits = torch.randn(3, 50)
+    for params in (SamplingParams(temperature=1.0, top_p=value), SamplingParams(temperature=value)):
+        probs = params.probs(logits)
+        assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), 50).float()), params
+
+
 @pytest.mark.parametrize("seed", [2**70, -(2**63) - 1])
 def test_seeds_out_of_range_are_refused(seed):
     with pytest.raises(ValidationError, match="seed"):

@@ -48,6 +48,9 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 TokenLogprob = tuple[float, list[tuple[int, float]]]
 
 
+FLOAT32_MIN = 2.0**-149  # the smallest positive float32 (subnormal); a smaller positive float64 rounds to 0
+
+
 class SamplingParams(BaseModel):
     """How a request samples; the same object drives every level of the hierarchy."""
 
@@ -88,8 +91,10 @@ class SamplingParams(BaseModel):
 
     def warped(self, logits: torch.Tensor) -> torch.Tensor:
         """[n, vocab] float32 logits -> (logits - row max) / temperature, -inf outside top-k / top-p.
-        Subtracting the maximum first keeps any temperature > 0 finite (1e-45 included)."""
-        scaled = (logits - logits.amax(-1, keepdim=True)) / self.temperature
+        Subtracting the maximum first keeps any temperature > 0 finite (1e-45 included). A temperature or top_p
+        below the smallest positive float32 would round to 0 in float32 arithmetic (a division by zero, every
+        token dropped): it counts as that smallest float32, which picks the same tokens."""
+        scaled = (logits - logits.amax(-1, keepdim=True)) / max(self.temperature, FLOAT32_MIN)
         if self.top_k and self.top_k < scaled.shape[-1]:
             kth = torch.topk(scaled, self.top_k, dim=-1).values[..., -1:]
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -97,7 +102,7 @@ class SamplingParams(BaseModel):
             sorted_scaled, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
             sorted_probs = _softmax(sorted_scaled)
             # drop a token when the mass strictly before it already reaches top_p (the first always stays)
-            drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= self.top_p
+            drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= max(self.top_p, FLOAT32_MIN)
             drop = drop_sorted.scatter(-1, order, drop_sorted)
             scaled = scaled.masked_fill(drop, float("-inf"))
         return scaled
