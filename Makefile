@@ -59,7 +59,7 @@ demo: setup models stats
 test: setup models
 	$(PY) -m pytest
 
-# The Serve app under bad input, load and faults (about 40 minutes): a table of figures against their targets
+# The Serve app under bad input, load and faults (about 30 minutes): a table of figures against their targets
 # (results/reliability.json); `make test` runs its --quick version.
 reliability: setup models
 	$(HIERSPEC) reliability --out results/reliability.json
