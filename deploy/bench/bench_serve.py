@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +46,8 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def stream_chat(url: str, model: str, prompt: str, max_tokens: int, headers: dict | None = None,
-                on_chunk: Callable[[dict], None] | None = None) -> StreamResult:
-    """One streamed greedy chat completion, timed at the client; `on_chunk` sees every chunk as it arrives."""
+def stream_chat(url: str, model: str, prompt: str, max_tokens: int, headers: dict | None = None) -> StreamResult:
+    """One streamed greedy chat completion, timed at the client."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
@@ -63,8 +61,6 @@ def stream_chat(url: str, model: str, prompt: str, max_tokens: int, headers: dic
             if not line.startswith(b"data: ") or done:
                 continue
             chunk = json.loads(line[6:])
-            if on_chunk:
-                on_chunk(chunk)
             if "error" in chunk:
                 error = chunk["error"].get("message", str(chunk["error"]))
             if chunk.get("usage"):

@@ -30,6 +30,7 @@ processes and their memory are read from /proc.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -189,9 +190,8 @@ class SuiteApp:
         os.environ.pop(KEY_ENV, None)
         os.environ.pop(FAULT_TOKEN_ENV, None)
 
-    def stream(self, prompt: str, on_chunk: Callable[[dict], None] | None = None,
-               max_tokens: int | None = None) -> StreamResult:
-        return stream_chat(self.url, self.model, prompt, max_tokens or self.settings.max_tokens, self.headers, on_chunk)
+    def stream(self, prompt: str) -> StreamResult:
+        return stream_chat(self.url, self.model, prompt, self.settings.max_tokens, self.headers)
 
     def replica_pids(self, deployment: str) -> list[int]:
         """Processes of a deployment's replicas on this machine (their titles name app and deployment)."""
@@ -249,28 +249,23 @@ def _rss_mib(pids: list[int]) -> float:
     return total / 1024
 
 
-def _post_raw(url: str, path: str, headers: dict, declared: int, chunks) -> tuple[int | None, dict, int]:
+def _post_raw(url: str, path: str, headers: dict, declared: int, chunks) -> int | None:
     """POST a body declared as `declared` bytes, sending `chunks` until the server answers or closes; returns the
-    status (None if none came), the headers and the bytes sent."""
+    status (None if none came)."""
     parts = urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
-    sent = 0
     try:
         connection.putrequest("POST", path)
         for name, value in {**headers, "Content-Type": "application/json", "Content-Length": str(declared)}.items():
             connection.putheader(name, value)
         connection.endheaders()
-        try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # answered and closed before the end
             for chunk in chunks:
                 connection.send(chunk)
-                sent += len(chunk)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server answered and closed before the body ended
         try:
-            reply = connection.getresponse()
-            return reply.status, {k.lower(): v for k, v in reply.getheaders()}, sent
+            return connection.getresponse().status
         except (http.client.HTTPException, OSError):
-            return None, {}, sent
+            return None
     finally:
         connection.close()
 
@@ -300,7 +295,7 @@ def limits_case(app: SuiteApp) -> list[Row]:
     rows = []
     declared = 50 << 20
     start = time.perf_counter()
-    status, _, sent = _post_raw(app.url, "/v1/completions", app.headers, declared, [b"a" * 65536])
+    status = _post_raw(app.url, "/v1/completions", app.headers, declared, [b"a" * 65536])
     seconds = time.perf_counter() - start
     rows.append(Row("limits", "50 MB body: the reply to its first 64 KiB", str(status), "413", status == 413))
     rows.append(Row("limits", "50 MB body: seconds to the 413", f"{seconds:.2f}", "-", True, timing=True))
@@ -329,7 +324,7 @@ def limits_case(app: SuiteApp) -> list[Row]:
     def intrude():
         while running.is_set():
             intruders.append(_post_raw(app.url, "/v1/chat/completions", app.headers, len(big),
-                                       (big[i : i + 65536] for i in range(0, len(big), 65536)))[0])
+                                       (big[i : i + 65536] for i in range(0, len(big), 65536))))
             intruders.append(requests.post(app.url + "/v1/chat/completions", json=stops, headers=app.headers,
                                            timeout=120).status_code)
             time.sleep(0.2)
