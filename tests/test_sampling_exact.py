@@ -2,7 +2,7 @@
 
 The oracle is the target's exact distribution over its first three tokens (or
 fewer, when a stop token ends the text first), computed by enumerating every
-sequence, and the check a chi-square test over 20,000 speculative samples, in
+sequence, and the check a chi-square test over 8,000 speculative samples, in
 both sampling modes: the rejection sampler and coupled (Gumbel) sampling. A
 verifier with a classic bug (sampling the correction from p instead of the
 residual max(0, p - q)), and coupled noise that ignores the position, must
@@ -34,7 +34,11 @@ from services.engine.verify import RejectionSampler
 
 PROMPT = [1, 4, 2]
 NUM_TOKENS = 3
-NUM_SAMPLES = 20_000
+NUM_SAMPLES = 8_000
+# the events a test is there to exercise must be common, not flukes: at least 1 sample in 20 (MANY)
+# or 1 in 200 (SOME) on average
+MANY = NUM_SAMPLES // 20
+SOME = NUM_SAMPLES // 200
 VOCAB = 6
 STOP = frozenset({5})
 MODES = ["rejection", "coupled"]
@@ -137,14 +141,14 @@ def test_two_level_sampling_with_a_stop_token_matches_target(tiny, mode):
     decoder = HierarchicalDecoder([tiny["small"], tiny["target"]], [2])
     p, events = chi_square(decoder, params(mode, temperature=1.0), STOP)
     assert p > 1e-3
-    assert events["rejected"] > 1000 and events["stop_token_drafts"] > 100, events
+    assert events["rejected"] > MANY and events["stop_token_drafts"] > SOME, events
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_three_level_sampling_matches_target(tiny, mode):
     decoder = HierarchicalDecoder([tiny["small"], tiny["middle"], tiny["target"]], [2, 3])
     p, events = chi_square(decoder, params(mode, temperature=0.8, top_k=5, top_p=0.95))
-    assert p > 1e-3 and events["rejected"] > 1000, events
+    assert p > 1e-3 and events["rejected"] > MANY, events
 
 
 def test_broken_verifier_fails_the_same_test(tiny):
@@ -198,10 +202,10 @@ def test_tree_drafts_sampling_matches_target(tiny, mode):
     counting = CountingSampler()
     decoder = HierarchicalDecoder([tiny["target"]], [], proposer=tiny_drafter(1), sampler=counting)
     p, events = chi_square(decoder, params(mode, temperature=1.0))
-    assert p > 1e-3 and events["tree_rejected"] > 1000, events
+    assert p > 1e-3 and events["tree_rejected"] > MANY, events
     if mode == "rejection":  # several candidates at a node: the recursive rejection went past the first
-        assert counting.tree_second_tries > 100
-    # a fresh drafter: this one's model DB has learnt from 20,000 outputs and now answers everything
+        assert counting.tree_second_tries > SOME
+    # a fresh drafter: this one's model DB has learnt from every sample's output and now answers everything
     decoder = HierarchicalDecoder([tiny["target"]], [], proposer=tiny_drafter(1))
     sources = set()
     for seed in range(200):
@@ -213,7 +217,7 @@ def test_tree_drafts_sampling_matches_target(tiny, mode):
 def test_tree_drafts_under_a_model_level_sampling_matches_target(tiny, mode):
     decoder = HierarchicalDecoder([tiny["small"], tiny["target"]], [2], proposer=tiny_drafter(2))
     p, events = chi_square(decoder, params(mode, temperature=0.9, top_p=0.9), STOP)
-    assert p > 1e-3 and events["tree_rejected"] > 1000 and events["stop_token_drafts"] > 100, events
+    assert p > 1e-3 and events["tree_rejected"] > MANY and events["stop_token_drafts"] > SOME, events
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -223,7 +227,7 @@ def test_confidence_stop_over_tree_drafts_sampling_matches_target(tiny, mode):
     decoder = HierarchicalDecoder([tiny["small"], tiny["target"]], [DraftPolicy(3, 0.4)],
                                   proposer=OnEveryOtherCall(tiny_drafter(4)))
     p, events = chi_square(decoder, params(mode, temperature=1.0))
-    assert p > 1e-3 and events["confidence_stops"] > 100 and events["tree_rejected"] > 100, events
+    assert p > 1e-3 and events["confidence_stops"] > SOME and events["tree_rejected"] > SOME, events
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -235,7 +239,7 @@ def test_switching_hierarchies_every_round_sampling_matches_target(tiny, mode):
                HierarchicalDecoder([small, middle, target], [1, 2], proposer=drafter)]
     decoder = SwitchingDecoder(members, ["hd", "hsd", "hd+hsd"], RandomChooser(len(members), seed=5))
     p, events = chi_square(decoder, params(mode, temperature=1.0), STOP)
-    assert p > 1e-3 and events["rejected"] > 100 and events["tree_rejected"] > 100, events
+    assert p > 1e-3 and events["rejected"] > SOME and events["tree_rejected"] > SOME, events
 
 
 def auto_decoder(tiny) -> SwitchingDecoder:
@@ -294,4 +298,4 @@ def test_auto_chooser_sampling_matches_target(tiny, mode):
 
     decoder.generate = counting
     p, _ = chi_square(decoder, params(mode, temperature=1.0))
-    assert p > 1e-3 and sum(switched) > 1000, sum(switched)
+    assert p > 1e-3 and sum(switched) > MANY, sum(switched)
