@@ -113,16 +113,16 @@ def test_fields_openai_does_not_define_are_refused_not_ignored(field, value):
     assert error.status == 400 and error.param == field and "refused rather than ignored" in error.message
 
 
-def test_logprobs_are_honoured_within_openais_bounds_and_not_yet_streamed():
+def test_logprobs_are_honoured_within_openais_bounds_whole_or_streamed():
     chat = _outcome(ChatCompletionRequest, {**CHAT, "logprobs": True, "top_logprobs": 20})
     assert chat.sampling().logprobs == 20
     assert _outcome(ChatCompletionRequest, {**CHAT, "logprobs": True}).sampling().logprobs == 0
     assert _outcome(ChatCompletionRequest, CHAT).sampling().logprobs is None
     assert _outcome(CompletionRequest, {**TEXT, "logprobs": 5}).sampling().logprobs == 5
+    assert _outcome(ChatCompletionRequest, {**CHAT, "logprobs": True, "stream": True}).sampling().logprobs == 0
+    assert _outcome(CompletionRequest, {**TEXT, "logprobs": 2, "stream": True}).sampling().logprobs == 2
     refused = [(ChatCompletionRequest, CHAT, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-               (CompletionRequest, TEXT, {"logprobs": 6}, "logprobs"),
-               (ChatCompletionRequest, CHAT, {"logprobs": True, "stream": True}, "logprobs"),
-               (CompletionRequest, TEXT, {"logprobs": 0, "stream": True}, "logprobs")]
+               (CompletionRequest, TEXT, {"logprobs": 6}, "logprobs")]
     for model, base, body, param in refused:
         error = _outcome(model, {**base, **body})
         assert not isinstance(error, model) and error.status == 400 and error.param == param, (body, error)

@@ -111,8 +111,10 @@ def test_logprobs_are_the_targets_own(server, client):
     assert [[top.logprob for top in entry.top_logprobs] for entry in content] == \
         [[value for _, value in entry["top"]] for entry in local["logprobs"]]
     assert "".join(entry.token for entry in content) == reply.choices[0].message.content
-    with pytest.raises(openai.BadRequestError, match="stream"):
-        _chat(client, logprobs=True, stream=True)
+    # streamed, the chunks' entries together are the whole response's
+    streamed = [entry for chunk in _chat(client, logprobs=True, top_logprobs=2, max_tokens=24, stream=True)
+                for choice in chunk.choices if choice.logprobs for entry in choice.logprobs.content]
+    assert [entry.model_dump() for entry in streamed] == [entry.model_dump() for entry in content]
 
 
 def test_streamed_chat_matches_plain_chat(client):
@@ -135,6 +137,13 @@ def test_completions_and_models(client):
     streamed = client.completions.create(model=MODEL, prompt="def fibonacci(n):", max_tokens=24, temperature=0,
                                          stream=True)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == out.choices[0].text
+    whole = client.completions.create(model=MODEL, prompt="def fibonacci(n):", max_tokens=24, temperature=0,
+                                      logprobs=2).choices[0].logprobs
+    chunks = [c.choices[0].logprobs for c in client.completions.create(
+        model=MODEL, prompt="def fibonacci(n):", max_tokens=24, temperature=0, logprobs=2, stream=True)
+        if c.choices and c.choices[0].logprobs]
+    for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [value for chunk in chunks for value in getattr(chunk, field)] == getattr(whole, field), field
     assert [m.id for m in client.models.list().data] == [MODEL]
 
 

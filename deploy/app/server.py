@@ -292,17 +292,36 @@ class HierspecServer:
 
     async def _stream(self, body, rid: str, created: int, pieces: AsyncIterator[str], generation,
                       assembler: TextAssembler, prompt_tokens: int, chat: bool) -> AsyncIterator[str]:
-        def chunk(text: str | None, reason: str | None, first: bool = False) -> dict:
+        """Server-sent chunks. With `logprobs`, each text chunk carries the log-probabilities of the tokens taken
+        since the last one (a token whose text is held back, as a possible stop string's start, comes with the
+        chunk that sends it, or with the last), so the chunks' entries together are the whole response's."""
+        sent, offset = 0, 0  # tokens whose log-probabilities went out; where the next token's text begins
+
+        def logprobs_upto(used: int) -> dict | None:
+            nonlocal sent, offset
+            if used <= sent:
+                return None
+            token_ids, values = generation.token_ids[sent:used], generation.logprobs[sent:used]
+            sent = used
+            if chat:
+                return chat_logprobs(self.tokenizer, token_ids, values)
+            shaped = completion_logprobs(self.tokenizer, token_ids, values, offset)
+            offset = shaped["text_offset"][-1] + len(shaped["tokens"][-1])
+            return shaped
+
+        async def chunk(text: str | None, reason: str | None, used: int = 0, first: bool = False) -> dict:
+            logprobs = None if generation.logprobs is None else await asyncio.get_running_loop().run_in_executor(
+                self._tokenizing, logprobs_upto, used)  # a decode per token: off the loop
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                return chat_chunk(rid, self.model_name, created, delta, reason)
-            return completion_chunk(rid, self.model_name, created, text or "", reason)
+                return chat_chunk(rid, self.model_name, created, delta, reason, logprobs)
+            return completion_chunk(rid, self.model_name, created, text or "", reason, logprobs)
 
         if chat:
-            yield sse(chunk(None, None, first=True))
+            yield sse(await chunk(None, None, first=True))
         try:
             async for piece in pieces:
-                yield sse(chunk(piece, None))
+                yield sse(await chunk(piece, None, assembler.tokens_used))
         except (RequestTimeout, LevelCrashed) as exc:
             yield sse(_failure(exc).body())
             yield sse("[DONE]")
@@ -312,7 +331,7 @@ class HierspecServer:
             yield sse(APIError(500, "internal error; the server logged it", type="internal_error").body())
             yield sse("[DONE]")
             return
-        yield sse(chunk(None, generation.finish_reason or "length"))
+        yield sse(await chunk(None, generation.finish_reason or "length", _completion_tokens(generation, assembler)))
         if body.include_usage:
             final = chat_chunk(rid, self.model_name, created, {}, None) if chat else \
                 completion_chunk(rid, self.model_name, created, "", None)

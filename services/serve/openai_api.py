@@ -41,13 +41,6 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def _logprobs_not_streamed(value, info):
-    """A field validator of `logprobs` (declared after `stream`, so that `stream` is known)."""
-    if value is not None and value is not False and info.data.get("stream"):
-        raise ValueError("log-probabilities come with a whole response, not yet with a stream (send stream: false)")
-    return value
-
-
 def _refused_unless_neutral(neutral: dict[str, tuple]):
     """A validator for OpenAI's fields we cannot honour exactly: each accepted only at a neutral value (what
     OpenAI does when the field is absent), else a 400 naming it."""
@@ -211,8 +204,6 @@ class ChatCompletionRequest(_GenerationRequest):
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    _logprobs = field_validator("logprobs")(_logprobs_not_streamed)
-
     @field_validator("top_logprobs")
     @classmethod
     def _top_needs_logprobs(cls, value, info):
@@ -237,7 +228,6 @@ class CompletionRequest(_GenerationRequest):
     best_of: int | None = None
 
     _neutral = _refused_unless_neutral({"echo": (None, False), "suffix": (None,), "best_of": (None, 1)})
-    _logprobs = field_validator("logprobs")(_logprobs_not_streamed)
 
     @property
     def top_logprobs_wanted(self) -> int | None:
@@ -369,9 +359,10 @@ def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[TokenLogprob])
                         for token, (value, top) in zip(token_ids, logprobs)], "refusal": None}
 
 
-def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[TokenLogprob]) -> dict:
-    """A text completion choice's `logprobs` (the legacy shape: parallel lists, offsets into the text)."""
-    tokens, offsets, offset = [], [], 0
+def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[TokenLogprob], offset: int = 0) -> dict:
+    """A text completion choice's `logprobs` (the legacy shape: parallel lists, offsets into the text; a stream's
+    chunk passes where its first token's text begins)."""
+    tokens, offsets = [], []
     for token in token_ids:
         text = _piece(tokenizer, token)[0]
         tokens.append(text)
@@ -398,14 +389,16 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None) -> dict:
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None,
+               logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
-def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None) -> dict:
+def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None,
+                     logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def sse(payload: dict | str) -> str:
