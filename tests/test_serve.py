@@ -152,6 +152,12 @@ def test_stop_strings_end_the_text(client):
     cut = full.split("\n")[0]
     reply = _chat(client, stop=["\n"])
     assert reply.choices[0].message.content == cut and reply.choices[0].finish_reason == "stop"
+    # log-probabilities up to the token that completed the stop string, whole or streamed (text held back)
+    whole = _chat(client, stop=["\n"], logprobs=True).choices[0].logprobs.content
+    streamed = [entry for chunk in _chat(client, stop=["\n"], logprobs=True, stream=True)
+                for choice in chunk.choices if choice.logprobs for entry in choice.logprobs.content]
+    assert "".join(entry.token for entry in whole).startswith(cut + "\n")
+    assert [entry.model_dump() for entry in streamed] == [entry.model_dump() for entry in whole]
 
 
 def test_several_choices_are_the_samples_of_seed_plus_i(client):

@@ -99,12 +99,13 @@ def test_an_error_after_the_stream_began_ends_it_with_an_error_event_and_done():
     body = SimpleNamespace(include_usage=False)
 
     async def collect():
-        stream = HierspecServer._stream(server, body, "id", 0, pieces(), SimpleNamespace(finish_reason=None), None,
+        generation = SimpleNamespace(finish_reason=None, logprobs=None)
+        stream = HierspecServer._stream(server, body, "id", 0, pieces(), generation, SimpleNamespace(tokens_used=1),
                                         1, True)
         return [event async for event in stream]
 
     events = asyncio.run(collect())
-    assert events[-1] == "data: [DONE]\n\n"
+    assert "partial " in events[1] and events[-1] == "data: [DONE]\n\n"
     error = json.loads(events[-2].removeprefix("data: "))["error"]
     assert error["type"] == "internal_error" and "a level failed" not in error["message"]
 

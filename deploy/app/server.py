@@ -292,9 +292,10 @@ class HierspecServer:
 
     async def _stream(self, body, rid: str, created: int, pieces: AsyncIterator[str], generation,
                       assembler: TextAssembler, prompt_tokens: int, chat: bool) -> AsyncIterator[str]:
-        """Server-sent chunks. With `logprobs`, each text chunk carries the log-probabilities of the tokens taken
-        since the last one (a token whose text is held back, as a possible stop string's start, comes with the
-        chunk that sends it, or with the last), so the chunks' entries together are the whole response's."""
+        """Server-sent chunks. With `logprobs`, each chunk carries the entries of the tokens taken since the previous
+        one, so the chunks' entries together are the whole response's. Held-back text's tokens (a possible stop
+        string's start) included: an entry can come before its token's text. A few tokens' decodes per chunk run on
+        the event loop, as the text's do: the tokenizer's thread may be busy with a long prompt for seconds."""
         sent, offset = 0, 0  # tokens whose log-probabilities went out; where the next token's text begins
 
         def logprobs_upto(used: int) -> dict | None:
@@ -309,19 +310,19 @@ class HierspecServer:
             offset = shaped["text_offset"][-1] + len(shaped["tokens"][-1])
             return shaped
 
-        async def chunk(text: str | None, reason: str | None, used: int = 0, first: bool = False) -> dict:
-            logprobs = None if generation.logprobs is None else await asyncio.get_running_loop().run_in_executor(
-                self._tokenizing, logprobs_upto, used)  # a decode per token: off the loop
+        def chunk(text: str | None, reason: str | None, used: int = 0, first: bool = False) -> dict:
+            logprobs = None if generation.logprobs is None else logprobs_upto(used)
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
                 return chat_chunk(rid, self.model_name, created, delta, reason, logprobs)
             return completion_chunk(rid, self.model_name, created, text or "", reason, logprobs)
 
         if chat:
-            yield sse(await chunk(None, None, first=True))
+            yield sse(chunk(None, None, first=True))
         try:
             async for piece in pieces:
-                yield sse(await chunk(piece, None, assembler.tokens_used))
+                yield sse(chunk(piece, None, assembler.tokens_used))
+            last = chunk(None, generation.finish_reason or "length", _completion_tokens(generation, assembler))
         except (RequestTimeout, LevelCrashed) as exc:
             yield sse(_failure(exc).body())
             yield sse("[DONE]")
@@ -331,7 +332,7 @@ class HierspecServer:
             yield sse(APIError(500, "internal error; the server logged it", type="internal_error").body())
             yield sse("[DONE]")
             return
-        yield sse(await chunk(None, generation.finish_reason or "length", _completion_tokens(generation, assembler)))
+        yield sse(last)
         if body.include_usage:
             final = chat_chunk(rid, self.model_name, created, {}, None) if chat else \
                 completion_chunk(rid, self.model_name, created, "", None)
