@@ -157,14 +157,14 @@ def test_message_fields_are_checked_too():
     assert error.status == 400 and error.param.startswith("messages.0.content")
 
 
-def test_several_choices_sample_seed_plus_i_and_are_not_streamed():
+def test_several_choices_sample_seed_plus_i_whole_or_streamed():
     chat = _outcome(ChatCompletionRequest, {**CHAT, "n": 3, "seed": 7, "temperature": 0.8})
     assert chat.choices == 3 and [chat.sampling(i).seed for i in range(3)] == [7, 8, 9]
     top = _outcome(CompletionRequest, {**TEXT, "n": 2, "seed": 2**64 - 1})
     assert [top.sampling(i).seed for i in range(2)] == [2**64 - 1, 0]  # wrapped into the seed range
     assert _outcome(CompletionRequest, {**TEXT, "n": 2}).sampling(1).seed is None  # each draws its own
-    for model, base, body in [(ChatCompletionRequest, CHAT, {"n": 9}), (ChatCompletionRequest, CHAT, {"n": 0}),
-                              (ChatCompletionRequest, CHAT, {"n": 2, "stream": True}),
-                              (CompletionRequest, TEXT, {"n": 2, "stream": True})]:
+    assert _outcome(ChatCompletionRequest, {**CHAT, "n": 2, "stream": True}).choices == 2
+    assert _outcome(CompletionRequest, {**TEXT, "n": 2, "stream": True}).choices == 2
+    for model, base, body in [(ChatCompletionRequest, CHAT, {"n": 9}), (ChatCompletionRequest, CHAT, {"n": 0})]:
         error = _outcome(model, {**base, **body})
         assert not isinstance(error, model) and error.status == 400 and error.param == "n", (body, error)

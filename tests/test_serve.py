@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -170,6 +171,34 @@ def test_several_choices_are_the_samples_of_seed_plus_i(client):
     assert len(set(texts)) > 1  # the seeds differ, so should the samples
     assert many.usage.completion_tokens == sum(reply.usage.completion_tokens for reply in alone)
 
+
+
+def test_several_choices_stream_each_under_its_index(client):
+    """n = 3 streamed: the chunks under index i make up the whole response's choice i (text, log-probabilities,
+    finish reason), and the choices generate at once (their chunks interleave); the completions API alike."""
+    kwargs = {"n": 3, "seed": 11, "temperature": 0.8, "max_tokens": 16, "logprobs": True}
+    whole = _chat(client, **kwargs)
+    texts, entries, reasons, order, usage = defaultdict(str), defaultdict(list), {}, [], None
+    for chunk in _chat(client, **kwargs, stream=True, stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.logprobs:
+                entries[choice.index] += [entry.model_dump() for entry in choice.logprobs.content]
+            reasons[choice.index] = choice.finish_reason or reasons.get(choice.index)
+            order += [choice.index] if choice.delta.content else []
+    assert [texts[i] for i in range(3)] == [choice.message.content for choice in whole.choices]
+    assert [entries[i] for i in range(3)] == [[entry.model_dump() for entry in choice.logprobs.content]
+                                              for choice in whole.choices]
+    assert [reasons[i] for i in range(3)] == [choice.finish_reason for choice in whole.choices]
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert order.index(1) < len(order) - 1 - order[::-1].index(0)  # choice 1's text began before choice 0's ended
+    text = {"model": MODEL, "prompt": "def fibonacci(n):", "max_tokens": 16, "temperature": 0.8, "seed": 5, "n": 2}
+    streamed = defaultdict(str)
+    for chunk in client.completions.create(**text, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert [streamed[i] for i in range(2)] == [choice.text for choice in client.completions.create(**text).choices]
 
 BAD_REQUESTS = [
     ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),

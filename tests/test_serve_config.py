@@ -84,30 +84,42 @@ def test_an_app_others_can_reach_needs_an_api_key_or_says_it_is_open(monkeypatch
 
 
 def test_an_error_after_the_stream_began_ends_it_with_an_error_event_and_done():
-    """Once the 200 is sent, a failure can only be told in the stream: an error event, then [DONE]."""
+    """Once the 200 is sent, a failure can only be told in the stream: an error event, then [DONE]; one choice
+    failing ends the others' streams too."""
     import asyncio
+    import functools
     import json
     from types import SimpleNamespace
 
-    from deploy.app.server import HierspecServer
+    from deploy.app.server import HierspecServer, StreamedChoice
 
-    async def pieces():
+    async def failing():
         yield "partial "
         raise RuntimeError("a level failed")
 
-    server = SimpleNamespace(model_name="m")
+    async def endless():
+        while True:
+            yield "more "
+            await asyncio.sleep(0.01)
+
+    server = SimpleNamespace(model_name="m", tokenizer=None)
+    server._choice_chunks = functools.partial(HierspecServer._choice_chunks, server)
     body = SimpleNamespace(include_usage=False)
 
     async def collect():
-        generation = SimpleNamespace(finish_reason=None, logprobs=None)
-        stream = HierspecServer._stream(server, body, "id", 0, pieces(), generation, SimpleNamespace(tokens_used=1),
-                                        1, True)
-        return [event async for event in stream]
+        choices = [StreamedChoice(index, pieces, SimpleNamespace(finish_reason=None, logprobs=None),
+                                  SimpleNamespace(tokens_used=1))
+                   for index, pieces in enumerate([failing(), endless()])]
+        stream = HierspecServer._stream(server, body, "id", 0, choices, 1, True)
+        events = [event async for event in stream]
+        await asyncio.sleep(0.05)
+        return events, choices[1].pieces
 
-    events = asyncio.run(collect())
-    assert "partial " in events[1] and events[-1] == "data: [DONE]\n\n"
+    events, endless_pieces = asyncio.run(collect())
+    assert any("partial " in event for event in events) and events[-1] == "data: [DONE]\n\n"
     error = json.loads(events[-2].removeprefix("data: "))["error"]
     assert error["type"] == "internal_error" and "a level failed" not in error["message"]
+    assert endless_pieces.ag_frame is None  # the other choice was stopped (its generator closed)
 
 
 def test_serve_model_and_draft_build_a_config_that_print_config_writes_out(tmp_path, capsys):

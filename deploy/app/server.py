@@ -11,6 +11,7 @@ levels is token ids.
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import functools
 import hmac
 import logging
@@ -119,6 +120,18 @@ def _completion_tokens(generation, assembler: TextAssembler) -> int:
     """Tokens plain decoding would have generated: up to the one that completed a stop string, if one did
     (a round may have committed more)."""
     return assembler.tokens_used if assembler.stopped else len(generation.token_ids)
+
+
+@dataclasses.dataclass(eq=False)
+class StreamedChoice:
+    """One choice of a streamed response: its text deltas, and how far its log-probabilities went out."""
+
+    index: int
+    pieces: AsyncIterator[str]
+    generation: object  # services.engine.hsd.Generation
+    assembler: TextAssembler
+    sent: int = 0  # tokens whose log-probabilities went out
+    offset: int = 0  # where the next token's text begins (the completions API's text offsets)
 
 
 @serve.ingress(app)  # at import: every replica process re-imports this module and needs the class-based view
@@ -255,11 +268,14 @@ class HierspecServer:
         arrival = time.perf_counter()
         rid, created = completion_id("chatcmpl" if chat else "cmpl"), now()
         generations = await self._start(body, prompt_ids, rid)
-        if body.stream:  # one choice (validated)
-            assembler = TextAssembler(self.tokenizer, body.stop_strings)
-            pieces = self._pieces(generations[0], assembler, arrival)
-            return StreamingResponse(self._stream(body, rid, created, pieces, generations[0], assembler,
-                                                  len(prompt_ids), chat), media_type="text/event-stream")
+        if body.stream:
+            choices = []
+            for index, generation in enumerate(generations):
+                assembler = TextAssembler(self.tokenizer, body.stop_strings)
+                choices.append(StreamedChoice(index, self._pieces(generation, assembler, arrival), generation,
+                                              assembler))
+            return StreamingResponse(self._stream(body, rid, created, choices, len(prompt_ids), chat),
+                                     media_type="text/event-stream")
         tasks = [asyncio.ensure_future(self._answer(body, generation, index, arrival, chat))
                  for index, generation in enumerate(generations)]
         try:
@@ -290,56 +306,81 @@ class HierspecServer:
         shape = chat_logprobs if chat else completion_logprobs
         return shape(self.tokenizer, generation.token_ids[:used], generation.logprobs[:used])
 
-    async def _stream(self, body, rid: str, created: int, pieces: AsyncIterator[str], generation,
-                      assembler: TextAssembler, prompt_tokens: int, chat: bool) -> AsyncIterator[str]:
-        """Server-sent chunks. With `logprobs`, each chunk carries the entries of the tokens taken since the previous
-        one, so the chunks' entries together are the whole response's. Held-back text's tokens (a possible stop
-        string's start) included: an entry can come before its token's text. A few tokens' decodes per chunk run on
-        the event loop, as the text's do: the tokenizer's thread may be busy with a long prompt for seconds."""
-        sent, offset = 0, 0  # tokens whose log-probabilities went out; where the next token's text begins
+    async def _stream(self, body, rid: str, created: int, choices: list[StreamedChoice], prompt_tokens: int,
+                      chat: bool) -> AsyncIterator[str]:
+        """Server-sent chunks of every choice, each chunk one choice's (its `index`), in the order they are
+        produced: the choices generate at once, as they do for a whole response. A choice that fails ends the
+        stream (an error event, then [DONE]) and the others with it; a client that goes away ends them all."""
+        events: asyncio.Queue = asyncio.Queue()  # chunks; a choice's end (None) or its failure (the exception)
 
-        def logprobs_upto(used: int) -> dict | None:
-            nonlocal sent, offset
-            if used <= sent:
-                return None
-            token_ids, values = generation.token_ids[sent:used], generation.logprobs[sent:used]
-            sent = used
-            if chat:
-                return chat_logprobs(self.tokenizer, token_ids, values)
-            shaped = completion_logprobs(self.tokenizer, token_ids, values, offset)
-            offset = shaped["text_offset"][-1] + len(shaped["tokens"][-1])
-            return shaped
+        async def produce(choice: StreamedChoice) -> None:
+            try:
+                async for chunk in self._choice_chunks(rid, created, choice, chat):
+                    events.put_nowait(chunk)
+                events.put_nowait(None)
+            except Exception as exc:  # a cancelled choice raises no Exception: nobody reads its events any more
+                events.put_nowait(exc)
 
-        def chunk(text: str | None, reason: str | None, used: int = 0, first: bool = False) -> dict:
-            logprobs = None if generation.logprobs is None else logprobs_upto(used)
-            if chat:
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                return chat_chunk(rid, self.model_name, created, delta, reason, logprobs)
-            return completion_chunk(rid, self.model_name, created, text or "", reason, logprobs)
-
-        if chat:
-            yield sse(chunk(None, None, first=True))
+        tasks = [asyncio.ensure_future(produce(choice)) for choice in choices]
         try:
-            async for piece in pieces:
-                yield sse(chunk(piece, None, assembler.tokens_used))
-            last = chunk(None, generation.finish_reason or "length", _completion_tokens(generation, assembler))
-        except (RequestTimeout, LevelCrashed) as exc:
-            yield sse(_failure(exc).body())
-            yield sse("[DONE]")
-            return
-        except Exception:  # the 200 is sent: the client learns of the failure from an error event, then [DONE]
-            log.exception("request %s failed mid-stream", rid)
-            yield sse(APIError(500, "internal error; the server logged it", type="internal_error").body())
-            yield sse("[DONE]")
-            return
-        yield sse(last)
+            running = len(tasks)
+            while running:
+                event = await events.get()
+                if event is None:
+                    running -= 1
+                elif isinstance(event, Exception):  # the 200 is sent: the client learns of it from an error event
+                    if isinstance(event, (RequestTimeout, LevelCrashed)):
+                        yield sse(_failure(event).body())
+                    else:
+                        log.error("request %s failed mid-stream", rid, exc_info=event)
+                        yield sse(APIError(500, "internal error; the server logged it", type="internal_error").body())
+                    yield sse("[DONE]")
+                    return
+                else:
+                    yield sse(event)
+        finally:
+            for task in tasks:  # the stream ended early (a failure, a client gone): the other choices stop too
+                task.cancel()
         if body.include_usage:
             final = chat_chunk(rid, self.model_name, created, {}, None) if chat else \
                 completion_chunk(rid, self.model_name, created, "", None)
             final["choices"] = []
-            final["usage"] = usage(prompt_tokens, _completion_tokens(generation, assembler))
+            final["usage"] = usage(prompt_tokens, sum(_completion_tokens(choice.generation, choice.assembler)
+                                                      for choice in choices))
             yield sse(final)
         yield sse("[DONE]")
+
+    async def _choice_chunks(self, rid: str, created: int, choice: StreamedChoice, chat: bool) -> AsyncIterator[dict]:
+        """One choice's chunks. With `logprobs`, each carries the entries of the tokens taken since the choice's
+        previous chunk, so its chunks' entries together are the whole response's. Held-back text's tokens (a
+        possible stop string's start) included: an entry can come before its token's text. A few tokens' decodes
+        per chunk run on the event loop, as the text's do: the tokenizer's thread may be busy with a long prompt
+        for seconds."""
+        generation, assembler = choice.generation, choice.assembler
+
+        def logprobs_upto(used: int) -> dict | None:
+            if generation.logprobs is None or used <= choice.sent:
+                return None
+            token_ids, values = generation.token_ids[choice.sent:used], generation.logprobs[choice.sent:used]
+            choice.sent = used
+            if chat:
+                return chat_logprobs(self.tokenizer, token_ids, values)
+            shaped = completion_logprobs(self.tokenizer, token_ids, values, choice.offset)
+            choice.offset = shaped["text_offset"][-1] + len(shaped["tokens"][-1])
+            return shaped
+
+        def chunk(text: str | None, reason: str | None, used: int = 0, first: bool = False) -> dict:
+            logprobs = logprobs_upto(used)
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                return chat_chunk(rid, self.model_name, created, delta, reason, logprobs, choice.index)
+            return completion_chunk(rid, self.model_name, created, text or "", reason, logprobs, choice.index)
+
+        if chat:
+            yield chunk(None, None, first=True)
+        async for piece in choice.pieces:
+            yield chunk(piece, None, assembler.tokens_used)
+        yield chunk(None, generation.finish_reason or "length", _completion_tokens(generation, assembler))
 
     # --- routes --------------------------------------------------------------------------------
 

@@ -2,8 +2,8 @@
 
 Validation lives here so that every user mistake becomes a 4xx with OpenAI's
 error shape, `{"error": {"message", "type", "param", "code"}}`, before any work
-starts. Options we cannot honour exactly (penalties, tools, several choices
-on a stream) are refused, never silently ignored: a client that asked for them would get a
+starts. Options we cannot honour exactly (penalties, tools, JSON output) are
+refused, never silently ignored: a client that asked for them would get a
 different distribution than it expects. Fields OpenAI does not define are
 refused too, with a 400 naming the field.
 """
@@ -86,14 +86,6 @@ class _GenerationRequest(BaseModel):
 
     _shared_neutral = _refused_unless_neutral({"presence_penalty": (None, 0.0),
                                                "frequency_penalty": (None, 0.0), "logit_bias": (None, {})})
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice_when_streamed(cls, value, info):
-        if value and value > 1 and info.data.get("stream"):
-            raise ValueError("several choices come with a whole response, not yet with a stream (send stream: "
-                             "false)")
-        return value
 
     @property
     def choices(self) -> int:
@@ -390,15 +382,15 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None,
-               logprobs: dict | None = None) -> dict:
+               logprobs: dict | None = None, index: int = 0) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None,
-                     logprobs: dict | None = None) -> dict:
+                     logprobs: dict | None = None, index: int = 0) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def sse(payload: dict | str) -> str:
