@@ -184,3 +184,34 @@ def test_a_byte_bound_on_kv_caches_drops_the_least_recent_and_changes_no_output(
         runner.max_cache_bytes = None
     assert together == alone
     assert runner.caches_dropped > dropped + len(requests)
+
+
+def test_a_cost_curve_cached_on_a_busy_machine_is_measured_again(tmp_path, monkeypatch):
+    """Costs cached 1000x too slow (measured under load) are replaced by a new measurement; a curve faster than
+    the probe is kept (load only adds time), and no output depends on either."""
+    import json
+
+    from services.engine import batching
+    from services.engine.kernels import KernelChoices
+
+    torch.set_num_threads(1)
+    choices = KernelChoices(tmp_path / "choices.json")
+    monkeypatch.setattr(batching, "kernel_choices", lambda: choices)
+    runner = tiny_runner(3, vocab=VOCAB)
+    measured = BatchingLevel(runner).costs
+    [key] = [key for key in json.loads(choices.path.read_text())["choices"] if key.startswith("costs|")]
+    for scale, replaced in ((1000.0, True), (0.001, False)):
+        cached = [scale * ms for ms in measured.ms]
+        choices.replace(key, {"rows": list(measured.rows), "ms": cached})
+        costs = BatchingLevel(runner).costs
+        stored = json.loads(choices.path.read_text())["choices"][key]["ms"]
+        assert (costs.ms[0] < cached[0] / 10) == replaced and stored == list(costs.ms), scale
+    # the probe finds the cache stale, but the machine got busy before the whole curve was measured again: the
+    # slower curve is not stored (timings stand in for that machine's measurements)
+    from services.engine.budget import CostModel
+
+    def busy(rows=measured.rows, repeats=3):
+        return CostModel(tuple(rows), tuple(1.0 if tuple(rows) == (1,) else 500.0 for _ in rows))
+    choices.replace(key, {"rows": list(measured.rows), "ms": [100.0] * len(measured.rows)})
+    monkeypatch.setattr(runner, "measure_costs", busy)
+    assert BatchingLevel(runner).costs.ms[0] == 100.0

@@ -466,23 +466,40 @@ class KernelChoices:
         if key in self._memo:
             return self._memo[key]
         with exclusive(self.path.with_suffix(".lock")):  # measure once per machine; the others wait and read
-            try:
-                table = json.loads(self.path.read_text()) if self.path.exists() else {}
-            except (OSError, json.JSONDecodeError) as error:
-                damaged = self.path.with_suffix(".damaged")
-                log.warning("kernel choices %s are unreadable (%s): moved to %s, measuring again", self.path, error,
-                            damaged)
-                self.path.replace(damaged)
-                table = {}
-            if table.get("version") != CHOICE_VERSION or not isinstance(table.get("choices"), dict):
-                table = {"version": CHOICE_VERSION, "cpu": self.signature, "choices": {}}
+            table = self._read()
             if key not in table["choices"]:
                 table["choices"][key] = compute()
-                tmp = self.path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
-                tmp.replace(self.path)
+                self._write(table)
             self._memo[key] = table["choices"][key]
         return self._memo[key]
+
+    def replace(self, key: str, entry: dict) -> None:
+        """Store `entry` under `key` in place of what is there: only for entries no output depends on (a cost
+        curve measured again), never for a kernel choice, which every process must share."""
+        with exclusive(self.path.with_suffix(".lock")):
+            table = self._read()
+            table["choices"][key] = entry
+            self._write(table)
+            self._memo[key] = entry
+
+    def _read(self) -> dict:
+        """The table (under the lock): a damaged file is set aside, one of another version started anew."""
+        try:
+            table = json.loads(self.path.read_text()) if self.path.exists() else {}
+        except (OSError, json.JSONDecodeError) as error:
+            damaged = self.path.with_suffix(".damaged")
+            log.warning("kernel choices %s are unreadable (%s): moved to %s, measuring again", self.path, error,
+                        damaged)
+            self.path.replace(damaged)
+            table = {}
+        if table.get("version") != CHOICE_VERSION or not isinstance(table.get("choices"), dict):
+            table = {"version": CHOICE_VERSION, "cpu": self.signature, "choices": {}}
+        return table
+
+    def _write(self, table: dict) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        tmp.replace(self.path)
 
     def linear(self, weight: torch.Tensor, dtype: torch.dtype, device: torch.device,
                float_output: bool = False) -> KernelChoice:

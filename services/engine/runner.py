@@ -11,7 +11,6 @@ keys and values are kept, the other nodes' dropped, with no extra message.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -240,7 +239,8 @@ class LevelRunner:
 
     def measure_costs(self, rows: tuple[int, ...] = COST_ROWS, repeats: int = 3) -> CostModel:
         """Milliseconds of a forward over `rows` new rows in total, spread over up to 8 requests (a batch),
-        each after a 64-token context: what the draft budget prices a round at."""
+        each after a 64-token context: what the draft budget prices a round at. The fastest of `repeats`: what
+        else runs on the machine only ever adds time."""
         context = [i % self.vocab_size for i in range(64)]
         ms = []
         for total in rows:
@@ -254,7 +254,7 @@ class LevelRunner:
                 start = time.perf_counter()
                 self.run(calls)
                 times.append(1000 * (time.perf_counter() - start))
-            ms.append(max([statistics.median(times), *ms[-1:]]))  # more rows never cost less
+            ms.append(max([min(times), *ms[-1:]]))  # the least disturbed; more rows never cost less
         for k in range(8):
             self.release(f"cost-{k}")
         return CostModel(tuple(rows), tuple(ms))
