@@ -314,12 +314,17 @@ class HierspecServer:
         events: asyncio.Queue = asyncio.Queue()  # chunks; a choice's end (None) or its failure (the exception)
 
         async def produce(choice: StreamedChoice) -> None:
+            # whatever ends the choice is told, so the stream never waits on a choice that is gone (once it is
+            # cancelled here, nobody reads its end any more)
+            end: BaseException | None = RuntimeError(f"choice {choice.index} of request {rid} was interrupted")
             try:
                 async for chunk in self._choice_chunks(rid, created, choice, chat):
                     events.put_nowait(chunk)
-                events.put_nowait(None)
-            except Exception as exc:  # a cancelled choice raises no Exception: nobody reads its events any more
-                events.put_nowait(exc)
+                end = None
+            except Exception as exc:
+                end = exc
+            finally:
+                events.put_nowait(end)
 
         tasks = [asyncio.ensure_future(produce(choice)) for choice in choices]
         try:

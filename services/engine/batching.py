@@ -42,8 +42,8 @@ from services.engine.tree import TokenTree
 # A cost curve measured while the machine was busy (other processes' forwards: a test suite, replicas starting
 # together) overstates every forward, and the cache would keep it: on the dev host SmolLM2's 1-row bfloat16 forward
 # was cached at 365 ms (float32: 5,829 ms) where it takes about 85. So each process times the 1-row point (a few
-# forwards); a cached curve more than this many times slower is measured again, and replaced if the new one is
-# faster (load only ever adds time, so the faster curve is the truer one).
+# forwards); a cached curve more than this many times slower is measured again, and each row count keeps the
+# faster of the two (load only ever adds time, so the faster figure is the truer one).
 STALE_COSTS = 1.5
 
 
@@ -125,9 +125,7 @@ class BatchingLevel:
         entry = choices.cached(key, measure)
         if not measured and entry["ms"][0] > STALE_COSTS * runner.measure_costs(rows=(1,)).ms[0]:
             fresh = runner.measure_costs().__dict__
-            if fresh["ms"][0] < entry["ms"][0]:
-                choices.replace(key, fresh)
-                entry = fresh
+            entry = choices.update(key, lambda cached: _faster(fresh, cached))
         return CostModel(tuple(entry["rows"]), tuple(entry["ms"]))
 
     async def release(self, request_id: str) -> None:
@@ -227,6 +225,13 @@ class BatchingLevel:
                         result = exc
                     finished.append((pending, result))
         return finished
+
+
+def _faster(curve: dict, cached: dict | None) -> dict:
+    """Point-wise the faster of two cost curves over the same rows: load only adds time, at any row count."""
+    if cached is None or list(cached["rows"]) != list(curve["rows"]):
+        return curve
+    return {"rows": list(curve["rows"]), "ms": [min(a, b) for a, b in zip(curve["ms"], cached["ms"], strict=True)]}
 
 
 def as_level(level: Level | LevelRunner) -> Level:

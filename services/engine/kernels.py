@@ -473,14 +473,17 @@ class KernelChoices:
             self._memo[key] = table["choices"][key]
         return self._memo[key]
 
-    def replace(self, key: str, entry: dict) -> None:
-        """Store `entry` under `key` in place of what is there: only for entries no output depends on (a cost
-        curve measured again), never for a kernel choice, which every process must share."""
+    def update(self, key: str, change: Callable[[dict | None], dict]) -> dict:
+        """Store `change(entry)` under `key`, the entry read under the lock (so processes updating it at once
+        compose): only for entries no output depends on (a cost curve measured again), never for a kernel choice,
+        which every process must share."""
         with exclusive(self.path.with_suffix(".lock")):
             table = self._read()
+            entry = change(table["choices"].get(key))
             table["choices"][key] = entry
             self._write(table)
             self._memo[key] = entry
+        return entry
 
     def _read(self) -> dict:
         """The table (under the lock): a damaged file is set aside, one of another version started anew."""
