@@ -12,7 +12,7 @@ from test_sampling_exact import MODES, STOP, chi_square, params, tiny_drafter
 from test_sampling_exact import VOCAB as TINY_VOCAB
 from tiny_models import tiny_runner
 
-from services.engine.batching import BatchingLevel
+from services.engine.batching import BatchingLevel, BatchLimits
 from services.engine.hsd import DraftPolicy, HierarchicalDecoder
 from services.engine.sampling import SamplingParams
 
@@ -65,6 +65,27 @@ def test_eight_concurrent_requests_each_equal_the_request_alone(levels, sampled)
         batched_forwards = levels["target"].forwards_run - forwards
         batched_calls = levels["target"].calls_served - calls
         assert batched_calls >= 2 * batched_forwards, f"{name}: the requests' calls did not share forwards"
+
+
+def test_a_long_prompt_shares_forwards_in_small_chunks(monkeypatch):
+    """Chunked prefill: while other requests share its forwards, a prompt longer than a forward computes
+    `prompt_rows` rows per forward (alone, whole forwards of MAX_ROWS); the same tokens either way."""
+    target = BatchingLevel(tiny_runner(3, vocab=VOCAB), BatchLimits(prompt_rows=8))
+    decoder = HierarchicalDecoder([target], [])
+    requests = prompts(4, long_every=4)  # a 150-token prompt and three of 5 to 7 tokens
+    rows = []  # of each forward, the rows of each request in it
+    step = target.runner.step
+
+    def spy(works):
+        rows.append([len(work.steps[0][0]) for work in works])
+        return step(works)
+    monkeypatch.setattr(target.runner, "step", spy)
+    alone = run_together(decoder, requests[:1], [GREEDY])
+    assert max(max(forward) for forward in rows) == 64
+    rows.clear()
+    assert run_together(decoder, requests, [GREEDY] * 4)[:1] == alone
+    shared = [forward for forward in rows if len(forward) > 1]
+    assert shared and max(max(forward) for forward in shared) <= 8
 
 
 def test_a_request_cancelled_mid_batch_leaves_the_others_unchanged(levels):

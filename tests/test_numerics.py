@@ -14,7 +14,7 @@ import pytest
 import torch
 from tiny_models import tiny_hf_model
 
-from services.engine.attention import RowLayout, attend
+from services.engine.attention import RowLayout, Rows, attend
 from services.engine.kernels import (
     INT4,
     INT4_GROUP,
@@ -122,7 +122,7 @@ def _attention_case(heads: int, kv_heads: int, head_dim: int, committed: int, n:
     quantum = kernel_choices().attention_quantum(head_dim, kv_heads, heads // kv_heads, CPU)
     cache = torch.randn(2, kv_heads, committed + MAX_ROWS + 64, head_dim, generator=generator)
     q = torch.randn(n, heads, head_dim, generator=generator)
-    out = attend(q, [(cache[0], cache[1], RowLayout.build(committed, parents, n, CPU))], quantum)
+    out = attend(q, [cache], Rows.of([RowLayout.build(committed, parents, n, CPU)]), quantum)
     layout = RowLayout.build(committed, parents, n, CPU)
     alone = []
     for r in range(n):
@@ -137,7 +137,7 @@ def _attention_case(heads: int, kv_heads: int, head_dim: int, committed: int, n:
             solo[:, :, committed + depth] = cache[:, :, committed + row]
         position = int(layout.positions[r])
         single = RowLayout.build(position, None, 1, CPU)
-        alone.append(attend(q[r : r + 1], [(solo[0], solo[1], single)], quantum))
+        alone.append(attend(q[r : r + 1], [solo], Rows.of([single]), quantum))
     return out, torch.cat(alone)
 
 
@@ -195,12 +195,10 @@ def test_attention_over_several_requests_equals_each_alone(heads, kv_heads, head
     quantum = kernel_choices().attention_quantum(head_dim, kv_heads, heads // kv_heads, CPU)
     cases = [(5, 3, None), (300, 1, None), (140, 13, [-1, 0, 0, 1, 2, 2, 3, 4, 5, 6, 6, 7, 8]), (700, 64, None),
              (64, 17, None)]
-    parts, queries, alone = [], [], []
+    caches, layouts, queries, alone = [], [], [], []
     for committed, n, parents in cases:
-        cache = torch.randn(2, kv_heads, committed + MAX_ROWS + 64, head_dim, generator=generator)
-        q = torch.randn(n, heads, head_dim, generator=generator)
-        layout = RowLayout.build(committed, parents, n, CPU)
-        parts.append((cache[0], cache[1], layout))
-        queries.append(q)
-        alone.append(attend(q, [parts[-1]], quantum))
-    assert torch.equal(attend(torch.cat(queries), parts, quantum), torch.cat(alone))
+        caches.append(torch.randn(2, kv_heads, committed + MAX_ROWS + 64, head_dim, generator=generator))
+        layouts.append(RowLayout.build(committed, parents, n, CPU))
+        queries.append(torch.randn(n, heads, head_dim, generator=generator))
+        alone.append(attend(queries[-1], caches[-1:], Rows.of(layouts[-1:]), quantum))
+    assert torch.equal(attend(torch.cat(queries), caches, Rows.of(layouts), quantum), torch.cat(alone))

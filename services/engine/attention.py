@@ -18,6 +18,9 @@ alone, never on the forward it is computed in:
   fixed 128-slot window, in position order: committed slots, then the row's
   own chain of new rows (its predecessors in a linear draft, its ancestors in
   a token tree), whatever cache slots those occupy; unused slots are masked.
+  In a linear continuation the window is cache slots [H(p), H(p) + 128) as
+  they are (the slots past p hold finite values that the mask weighs by
+  exactly zero), so the rows of one head length share one slice.
 
 Scores are float32 GEMMs over fixed or position-determined shapes: the head
 Q K^T and E V over exactly H(p) keys, the tail ones over exactly 128, with the
@@ -44,18 +47,22 @@ def head_length(position: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class RowLayout:
-    """Where the rows of one forward sit and which keys each sees; built once, used by every layer.
+    """Where the rows of one request in a forward sit and which keys each sees; built once, used by every layer.
 
     `start`: cache slots [0, start) hold committed tokens; row r is written to slot start + r.
-    `positions` [n]: each row's position. `tail_slots` [n * TAIL_KEYS]: the cache slot of tail key t of
-    row r at index r * TAIL_KEYS + t (slot 0 where masked); `tail_visible` [n, TAIL_KEYS]. `heads`: (H, rows)
-    for each distinct non-zero head length H, `rows` the indices of the rows with that head."""
+    `positions` [n]: each row's position; `tail_visible` [n, TAIL_KEYS]: the keys of its tail window it sees.
+    `heads`: (H, a, b) for each run of consecutive rows a..b-1 with the same non-zero head length H (one run per
+    head length in a linear continuation; a token tree may split one). A linear continuation's tail windows
+    are cache slices: `windows`, (H, rows) for each run of rows with the same head length H (zero included).
+    A token tree's are gathered: `tail_slots` [n * TAIL_KEYS], the cache slot of tail key t of row r at index
+    r * TAIL_KEYS + t (slot 0 where masked)."""
 
     start: int
     positions: torch.Tensor
-    tail_slots: torch.Tensor
     tail_visible: torch.Tensor
-    heads: list[tuple[int, torch.Tensor]]
+    heads: list[tuple[int, int, int]]
+    windows: list[tuple[int, int]]
+    tail_slots: torch.Tensor | None
 
     @classmethod
     def build(cls, start: int, parents: list[int] | None, n: int, device: torch.device) -> RowLayout:
@@ -83,62 +90,89 @@ class RowLayout:
         heads_of = head_length(positions)
         window = heads_of[:, None] + torch.arange(TAIL_KEYS)  # [n, TAIL_KEYS] positions
         visible = window <= positions[:, None]
-        slots = window.clone()
+        runs, first = [], 0  # (H, a, b): consecutive rows with one head length
+        lengths = heads_of.tolist()
+        for r in range(1, n + 1):
+            if r == n or lengths[r] != lengths[first]:
+                runs.append((lengths[first], first, r))
+                first = r
+        slots = None
         if chain is not None:
             new = window >= start  # keys of new rows: at the slot of the row on this row's path
             along = (window - start).clamp(min=0, max=chain.shape[1] - 1)
-            slots = torch.where(new, start + chain.gather(1, along), window)
-        slots = torch.where(visible, slots, 0)
-        heads = [(int(h), (heads_of == h).nonzero()[:, 0].to(device)) for h in heads_of.unique().tolist() if h > 0]
-        return cls(start, positions.to(device), slots.reshape(-1).to(device), visible.to(device), heads)
+            slots = torch.where(visible, torch.where(new, start + chain.gather(1, along), window), 0)
+            slots = slots.reshape(-1).to(device)
+        return cls(start, positions.to(device), visible.to(device), [run for run in runs if run[0] > 0],
+                   [(length, b - a) for length, a, b in runs] if chain is None else [], slots)
 
 
-def attend(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor, RowLayout]], quantum: int) -> torch.Tensor:
+@dataclass
+class Rows:
+    """The rows of every request in one forward, requests one after the other: what each layer's attention
+    needs, gathered once per forward. `layouts`: each request's; `hidden` [1, n, 1, TAIL_KEYS]: the tail keys
+    a row does not see; `heads`: (request, H, a, b) with rows a..b-1 of the whole forward."""
+
+    layouts: list[RowLayout]
+    hidden: torch.Tensor
+    heads: list[tuple[int, int, int, int]]
+
+    @classmethod
+    def of(cls, layouts: list[RowLayout]) -> Rows:
+        visible = layouts[0].tail_visible if len(layouts) == 1 else torch.cat([lay.tail_visible for lay in layouts])
+        heads, first = [], 0
+        for request, layout in enumerate(layouts):
+            heads.extend((request, length, first + a, first + b) for length, a, b in layout.heads)
+            first += len(layout.positions)
+        return cls(layouts, ~visible[None, :, None, :], heads)
+
+
+def attend(q: torch.Tensor, caches: list[torch.Tensor], rows: Rows, quantum: int) -> torch.Tensor:
     """q [n, heads, head_dim] float32 (already scaled by 1/sqrt(head_dim)): the rows of several requests one after
-    the other; `parts`: each request's (keys, values, layout), keys/values [kv_heads, capacity, head_dim] float32,
-    its layer cache with its rows of this forward written -> [n, heads * head_dim].
+    the other; `caches`: each request's layer cache [2 (keys, values), kv_heads, capacity, head_dim] float32 with
+    its rows of this forward written -> [n, heads * head_dim].
 
     The tails of all rows go through one batched GEMM (each row's own 128 keys; at most MAX_ROWS rows per
-    call, the batch sizes the kernels were checked for); heads through one GEMM per request and head length."""
+    call, the batch sizes the kernels were checked for); heads through one GEMM per request and run of rows with
+    one head length. Ops per request are few (tails are slices copied together, a tree's one gather; per head
+    run two GEMMs and their softmax pieces over slices): with many requests in a forward, op count is its cost.
+    A cache holds at least TAIL_KEYS - MAX_ROWS slots past its rows (see `KVCache.reserve`)."""
     n, heads, head_dim = q.shape
-    kv_heads = parts[0][0].shape[0]
+    kv_heads = caches[0].shape[1]
     group = heads // kv_heads
     padded = -(-group // quantum) * quantum
     qg = q.view(n, kv_heads, group, head_dim).transpose(0, 1)  # [kv, n, group, hd]
     if padded != group:
         qg = torch.cat([qg, qg.new_zeros(kv_heads, n, padded - group, head_dim)], 2)
 
-    def gathered(index: int) -> torch.Tensor:  # every row's tail keys (0) or values (1): [kv, n, TAIL_KEYS, hd]
-        tails = [part[index].index_select(1, layout.tail_slots).view(kv_heads, -1, TAIL_KEYS, head_dim)
-                 for *part, layout in parts]
-        return tails[0] if len(tails) == 1 else torch.cat(tails, 1)
-
     def batched(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # a @ b, MAX_ROWS rows per call
         if n <= MAX_ROWS:
             return a @ b
         return torch.cat([a[:, i : i + MAX_ROWS] @ b[:, i : i + MAX_ROWS] for i in range(0, n, MAX_ROWS)], 1)
 
-    visible = parts[0][2].tail_visible if len(parts) == 1 else torch.cat([layout.tail_visible for *_, layout in parts])
-    tail_s = batched(qg, gathered(0).transpose(2, 3)).masked_fill_(~visible[None, :, None, :], float("-inf"))
+    tails = []  # every row's tail keys and values: [2, kv, rows, TAIL_KEYS, hd] pieces, copied together
+    for cache, layout in zip(caches, rows.layouts, strict=True):
+        if layout.tail_slots is not None:
+            tails.append(cache.index_select(2, layout.tail_slots).view(2, kv_heads, -1, TAIL_KEYS, head_dim))
+        tails.extend(cache[:, :, None, length : length + TAIL_KEYS].expand(-1, -1, count, -1, -1)
+                     for length, count in layout.windows)
+    tails = torch.cat(tails, 2)
+    tail_s = batched(qg, tails[0].transpose(2, 3)).masked_fill_(rows.hidden, float("-inf"))
     top = tail_s.amax(-1, keepdim=True)  # [kv, n, padded, 1]
-    heads_of, first = [], 0  # (keys, values, head length, the rows (of all n) with that head, their scores)
-    for keys, values, layout in parts:
-        for length, rows in layout.heads:
-            rows = rows + first
-            s = qg[:, rows].reshape(kv_heads, -1, head_dim) @ keys[:, :length].transpose(1, 2)
-            s = s.view(kv_heads, len(rows), padded, length)
-            top[:, rows] = torch.maximum(top[:, rows], s.amax(-1, keepdim=True))
-            heads_of.append((values, length, rows, s))
-        first += len(layout.positions)
+    head_parts = []  # (a, b, E V, sum of E) of each head run, its rows' top taken over head and tail
+    for request, length, a, b in rows.heads:
+        cache = caches[request]
+        s = qg[:, a:b].reshape(kv_heads, -1, head_dim) @ cache[0, :, :length].transpose(1, 2)
+        s = s.view(kv_heads, b - a, padded, length)
+        run_top = torch.maximum(top[:, a:b], s.amax(-1, keepdim=True))
+        top[:, a:b] = run_top
+        e = torch.exp(s - run_top)
+        values = (e.reshape(kv_heads, -1, length) @ cache[1, :, :length]).view(kv_heads, b - a, padded, head_dim)
+        head_parts.append((a, b, values, e.sum(-1, keepdim=True)))
     tail_e = torch.exp(tail_s - top)
-    numerator = torch.zeros(kv_heads, n, padded, head_dim, dtype=q.dtype, device=q.device)
-    denominator = torch.zeros(kv_heads, n, padded, 1, dtype=q.dtype, device=q.device)
-    for values, length, rows, s in heads_of:
-        e = torch.exp(s - top[:, rows])
-        numerator[:, rows] = (e.reshape(kv_heads, -1, length) @ values[:, :length]).view(kv_heads, len(rows),
-                                                                                          padded, head_dim)
-        denominator[:, rows] = e.sum(-1, keepdim=True)
-    numerator = numerator + batched(tail_e, gathered(1))
-    denominator = denominator + tail_e.sum(-1, keepdim=True)
+    numerator = batched(tail_e, tails[1])
+    denominator = tail_e.sum(-1, keepdim=True)
+    for a, b, values, total in head_parts:  # head + tail (one addition: its order does not matter)
+        numerator[:, a:b] += values
+        denominator[:, a:b] += total
     out = (numerator / denominator)[:, :, :group]  # [kv, n, group, hd]
     return out.transpose(0, 1).reshape(n, heads * head_dim)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -45,6 +46,9 @@ from services.engine.tree import TokenTree
 # forwards); a cached curve more than this many times slower is measured again, and each row count keeps the
 # faster of the two (load only ever adds time, so the faster figure is the truer one).
 STALE_COSTS = 1.5
+# Part of a cost curve's cache key: raised when the decoder's own cost changes (2: attention's ops per request
+# cut by half, a batched forward of 8 one-row requests 180 -> 110 ms), so curves measured before are not used
+COST_VERSION = 2
 
 
 class BatchLimits(BaseModel):
@@ -56,6 +60,10 @@ class BatchLimits(BaseModel):
     max_rows: int = Field(512, ge=MAX_ROWS,
                           description="new tokens of one forward, over all its requests (a call that does not fit "
                                       "waits for the next forward, unless it is alone); at least one prompt chunk")
+    prompt_rows: int = Field(16, ge=1, le=MAX_ROWS,
+                             description="rows of a long prompt (one that takes several forwards) computed in each "
+                                         "forward it shares with other requests: more delays every stream in those "
+                                         "forwards, fewer its own first token (alone it takes whole forwards)")
     # about a router's round trip (a Serve call costs ~3 ms): requests whose calls come back a few milliseconds
     # apart then share forwards instead of taking turns (measured: 8 clients 1.93x -> 2.88x one client)
     wait_ms: float = Field(5.0, ge=0.0, le=1000.0,
@@ -71,6 +79,7 @@ class _Pending:
     future: asyncio.Future
     isolated: bool = False  # computed in a forward of its own (a suspect: a replica died computing it)
     work: Work | None = None
+    long: bool = False  # it began with several forwards to compute (a long prompt): prefilled in chunks
 
     def rows(self, cached: int) -> int:
         """New rows of its next step: its planned step once begun, else estimated from the length of the
@@ -96,8 +105,9 @@ class BatchingLevel:
         self._queue: deque[_Pending] = deque()
         self._active: list[_Pending] = []  # calls with steps left after the last forward
         self._driver: asyncio.Task | None = None
-        self.forwards_run = 0  # statistics: forwards, and the calls they served
+        self.forwards_run = 0  # statistics: forwards, the calls they served, seconds spent in them
         self.calls_served = 0
+        self.forward_s = 0.0
 
     async def logits(self, request_id: str, token_ids: list[int], num_logits: int,
                      picks: SamplingParams | None = None, confidence: bool = False, isolated: bool = False) -> Scores:
@@ -116,7 +126,7 @@ class BatchingLevel:
         and measured again where a probe finds the cached curve stale (see STALE_COSTS)."""
         runner = self.runner
         key = (f"costs|{runner.name}|{runner.decoder.dtype}|{runner.decoder.device}|torch {torch.__version__}|"
-               f"threads {torch.get_num_threads()}")
+               f"threads {torch.get_num_threads()}|v{COST_VERSION}")
         choices, measured = kernel_choices(), []
 
         def measure() -> dict:
@@ -154,6 +164,7 @@ class BatchingLevel:
             batch = self._take()
             if not batch:
                 continue
+            started = time.perf_counter()
             try:
                 finished = await self._execute(functools.partial(self._step, batch), len(batch))
             except Exception as exc:  # the forward failed (out of memory, say): its calls fail, not the level
@@ -162,6 +173,7 @@ class BatchingLevel:
                         pending.future.set_exception(exc)
                 continue
             self.forwards_run += 1
+            self.forward_s += time.perf_counter() - started
             for pending, result in finished:
                 self.calls_served += 1
                 if not pending.future.done():  # a caller that went away has cancelled it
@@ -214,7 +226,12 @@ class BatchingLevel:
                 except ValueError as exc:  # a call this level cannot run (a tree too large): it alone fails
                     finished.append((pending, exc))
                     continue
+                pending.long = len(pending.work.steps) > 1
             stepping.append(pending)
+        if len(stepping) > 1:  # chunked prefill: a long prompt shares forwards in small pieces (see BatchLimits)
+            for pending in stepping:
+                if pending.long:
+                    pending.work.cap_step(self.limits.prompt_rows)
         if stepping:
             done = self.runner.step([p.work for p in stepping])
             for pending in stepping:

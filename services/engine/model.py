@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from services.engine.attention import RowLayout, attend
-from services.engine.kernels import MAX_ROWS, ChosenLinear, KernelChoice, kernel_choices, values_dtype
+from services.engine.attention import RowLayout, Rows, attend
+from services.engine.kernels import MAX_ROWS, TAIL_KEYS, ChosenLinear, KernelChoice, kernel_choices, values_dtype
 
 # Architectures the decoder computes itself: Llama's block, with Qwen2's q/k/v biases and Qwen3's q/k norms.
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -196,11 +196,11 @@ class Block(nn.Module):
         self.w_gate_up = make_linear(weights["w_gate_up"], weights.get("w_gate_up_bias"))
         self.w_down = make_linear(weights["w_down"], weights.get("w_down_bias"))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                segments: list[tuple[torch.Tensor, RowLayout]]) -> torch.Tensor:
-        """x: [rows, hidden] float32, the rows of every segment one after the other; cos/sin: [rows, head_dim];
-        `segments`: (this layer's cache [2, kv_heads, capacity, head_dim], layout) of each request's rows.
-        Matmuls and norms run over all rows at once; attention reads each segment's own cache."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[torch.Tensor],
+                rows: Rows) -> torch.Tensor:
+        """x: [rows, hidden] float32, the rows of every request one after the other; cos/sin: [rows, head_dim];
+        `caches`: each request's cache of this layer [2, kv_heads, capacity, head_dim], `rows` where its rows
+        sit. Matmuls and norms run over all rows at once; attention reads each request's own cache."""
         s = self.shape
         n = x.shape[0]
         qkv = self.wqkv(self.attn_norm(x))
@@ -210,15 +210,14 @@ class Block(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = (q * cos[:, None] + _rotate_half(q) * sin[:, None]) * self.scale
-        k = (k * cos[:, None] + _rotate_half(k) * sin[:, None]).transpose(0, 1)
-        v = v.view(n, s.num_kv_heads, s.head_dim).transpose(0, 1)
+        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+        new = torch.stack((k, v.view(n, s.num_kv_heads, s.head_dim))).transpose(1, 2)  # [2, kv_heads, n, head_dim]
         first = 0
-        for kv, layout in segments:
-            rows, start = len(layout.positions), layout.start
-            kv[0, :, start : start + rows] = k[:, first : first + rows]
-            kv[1, :, start : start + rows] = v[:, first : first + rows]
-            first += rows
-        x = x + self.wo(attend(q, [(kv[0], kv[1], layout) for kv, layout in segments], self.quantum))
+        for kv, layout in zip(caches, rows.layouts, strict=True):
+            count, start = len(layout.positions), layout.start
+            kv[:, :, start : start + count] = new[:, :, first : first + count]
+            first += count
+        x = x + self.wo(attend(q, caches, rows, self.quantum))
         gate, up = self.w_gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.w_down(gate / (1.0 + torch.exp(-gate)) * up)
 
@@ -325,14 +324,16 @@ class Decoder(CausalDecoder):
         it would be alone: the numerics are row-invariant and attention reads only the row's own cache."""
         layouts = []
         for segment in segments:
-            segment.cache.reserve(segment.cache.length + len(segment.token_ids))
+            # the tail window of the last row reaches TAIL_KEYS - MAX_ROWS slots past it (services.engine.attention)
+            segment.cache.reserve(segment.cache.length + len(segment.token_ids) + TAIL_KEYS - MAX_ROWS)
             layouts.append(RowLayout.build(segment.cache.length, segment.parents, len(segment.token_ids), self.device))
         positions = layouts[0].positions if len(layouts) == 1 else torch.cat([lay.positions for lay in layouts])
         cos, sin = self._rope(positions)
         tokens = torch.tensor([t for segment in segments for t in segment.token_ids], device=self.device)
         x = self.embed[tokens].float()
+        rows = Rows.of(layouts)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, [(segment.cache.buffer[layer], lay) for segment, lay in zip(segments, layouts)])
+            x = block(x, cos, sin, [segment.cache.buffer[layer] for segment in segments], rows)
         wanted, first = [], 0
         for segment in segments:
             rows = len(segment.token_ids)

@@ -62,6 +62,16 @@ class Work:
     outputs: list[torch.Tensor] = field(default_factory=list)
     logits: torch.Tensor | None = None
 
+    def cap_step(self, rows: int) -> None:
+        """Compute at most `rows` of a causal next step in the coming forward, the rest in the one after (a
+        tree's step is not split). The same logits: a row's result does not depend on the forward it is in."""
+        tokens, wanted, parents = self.steps[0]
+        if parents is not None or len(tokens) <= rows:
+            return
+        rest = len(tokens) - rows
+        self.steps[0] = (tokens[rows:], min(wanted, rest), None)
+        self.steps.appendleft((tokens[:rows], max(0, wanted - rest), None))
+
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))

@@ -132,8 +132,10 @@ class LevelService:
             os._exit(137)
 
     def batching(self) -> dict:
-        """Forwards run and the calls they served (calls per forward: the batch size)."""
-        return {"forwards": self.level.forwards_run, "calls": self.level.calls_served}
+        """Forwards run, the calls they served (calls per forward: the batch size) and the seconds they took
+        (over the wall time: how busy the replica is)."""
+        return {"forwards": self.level.forwards_run, "calls": self.level.calls_served,
+                "forward_s": round(self.level.forward_s, 3)}
 
     async def process_id(self) -> int:
         """The process of the replica that calls for this multiplexed request id reach (the
