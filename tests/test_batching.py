@@ -5,6 +5,7 @@ request cancelled in the middle of a batch."""
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -68,11 +69,12 @@ def test_eight_concurrent_requests_each_equal_the_request_alone(levels, sampled)
 
 
 def test_a_long_prompt_shares_forwards_in_small_chunks(monkeypatch):
-    """Chunked prefill: while other requests share its forwards, a prompt longer than a forward computes
-    `prompt_rows` rows per forward (alone, whole forwards of MAX_ROWS); the same tokens either way."""
+    """Chunked prefill: while other requests are active, a prompt longer than a forward computes `prompt_rows`
+    rows per forward (alone, whole forwards of MAX_ROWS); the same tokens either way."""
     target = BatchingLevel(tiny_runner(3, vocab=VOCAB), BatchLimits(prompt_rows=8))
     decoder = HierarchicalDecoder([target], [])
     requests = prompts(4, long_every=4)  # a 150-token prompt and three of 5 to 7 tokens
+    assert target.costs  # measured (or probed) now: those forwards are not the requests'
     rows = []  # of each forward, the rows of each request in it
     step = target.runner.step
 
@@ -84,7 +86,7 @@ def test_a_long_prompt_shares_forwards_in_small_chunks(monkeypatch):
     assert max(max(forward) for forward in rows) == 64
     rows.clear()
     assert run_together(decoder, requests, [GREEDY] * 4)[:1] == alone
-    shared = [forward for forward in rows if len(forward) > 1]
+    shared = [forward for forward in rows if len(forward) > 1]  # (the short ones end before the prompt does)
     assert shared and max(max(forward) for forward in shared) <= 8
 
 
@@ -155,6 +157,31 @@ def test_an_isolated_call_shares_no_forward():
     apart = asyncio.run(main("r1"))
     assert (level.forwards_run, level.calls_served) == (1 + 3, 4 + 4)  # r0 | r1 alone | r2 and r3
     assert [s.tokens for s in apart] == [s.tokens for s in shared]
+
+
+@pytest.mark.parametrize("wait_ms", [200.0, 0.0])
+def test_requests_between_rounds_share_the_next_forward(wait_ms):
+    """A replica's forward waits for the next calls of the requests the last one answered (a router's round trip
+    takes milliseconds): four requests whose calls come back 1 to 4 ms after their scores share every forward;
+    without the wait they split into several forwards a round."""
+    loop_thread = ThreadPoolExecutor(1)
+
+    async def on_thread(function, requests):  # as a Serve replica runs its forwards: off the event loop
+        return await asyncio.get_running_loop().run_in_executor(loop_thread, function)
+    level = BatchingLevel(tiny_runner(3, vocab=VOCAB), BatchLimits(wait_ms=wait_ms), run=on_thread)
+
+    async def request(k: int):
+        ids = [1 + k, 2, 3]
+        for _ in range(6):
+            ids.append(int((await level.logits(f"r{k}", ids, 1, GREEDY)).tokens[0]))
+            await asyncio.sleep((k + 1) / 1000)  # the router's round trip
+        await level.release(f"r{k}")
+
+    async def main():
+        await asyncio.gather(*(request(k) for k in range(4)))
+    asyncio.run(main())
+    assert level.calls_served == 24
+    assert (level.forwards_run == 6) == (wait_ms > 0)
 
 
 class Concurrently:

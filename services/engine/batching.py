@@ -5,10 +5,12 @@ queue. A driver takes every waiting call, up to the limits, runs their next
 step as one forward (`Decoder.step`: matmuls and norms over all rows at once,
 attention per request against its own cache), hands each finished call its
 scores, and starts over, so calls that arrive while a forward runs join the
-next one. A call that needs several steps (a prompt, MAX_ROWS rows per step)
-stays in the batch for the forwards that follow, its chunks mixed with the
-other requests' rows (chunked prefill): a long prompt does not stall the
-streams that are decoding.
+next one; before it starts, it waits (briefly) for the next calls of the
+requests the last forward answered, so that all of them share each forward
+rather than taking turns. A call that needs several steps (a prompt, MAX_ROWS
+rows per step) stays in the batch for the forwards that follow, in pieces of
+`prompt_rows` while other requests are active (chunked prefill): a long prompt
+does not stall the streams that are decoding.
 
 The numerics are row-invariant (`services.engine.model`), so a request's scores
 do not depend on which requests share its forwards: batching changes no output
@@ -24,6 +26,7 @@ loop keeps taking calls meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections import deque
@@ -49,6 +52,7 @@ STALE_COSTS = 1.5
 # Part of a cost curve's cache key: raised when the decoder's own cost changes (2: attention's ops per request
 # cut by half, a batched forward of 8 one-row requests 180 -> 110 ms), so curves measured before are not used
 COST_VERSION = 2
+IN_PROCESS_WAIT_MS = 5.0
 
 
 class BatchLimits(BaseModel):
@@ -62,12 +66,15 @@ class BatchLimits(BaseModel):
                                       "waits for the next forward, unless it is alone); at least one prompt chunk")
     prompt_rows: int = Field(16, ge=1, le=MAX_ROWS,
                              description="rows of a long prompt (one that takes several forwards) computed in each "
-                                         "forward it shares with other requests: more delays every stream in those "
-                                         "forwards, fewer its own first token (alone it takes whole forwards)")
-    # about a router's round trip (a Serve call costs ~3 ms): requests whose calls come back a few milliseconds
-    # apart then share forwards instead of taking turns (measured: 8 clients 1.93x -> 2.88x one client)
-    wait_ms: float = Field(5.0, ge=0.0, le=1000.0,
-                           description="while other requests are active, how long a forward waits for their calls")
+                                         "forward while other requests are active: more delays every stream, "
+                                         "fewer its own first token (alone it takes whole forwards)")
+    # a router's round trip between forwards (measured on the 2-core dev host, SmolLM2 hd, 8 streaming clients: a
+    # request's next call reaches the replica 10-55 ms after its scores leave): waiting that long lets all the
+    # requests share each forward (7.2 calls per forward, 25.1 and 26.9 tok/s, p50 inter-token 235-241 ms)
+    # instead of taking turns in two halves (3.8 calls per forward, 20.4 and 19.8 tok/s, 350 ms) with 5 ms
+    wait_ms: float = Field(60.0, ge=0.0, le=1000.0,
+                           description="how long a forward waits for the next calls of the requests the last one "
+                                       "answered (it starts as soon as they are all queued)")
 
 
 @dataclass(eq=False)
@@ -100,11 +107,15 @@ class BatchingLevel:
         self.runner = runner
         self.name = runner.name
         self.vocab_size = runner.vocab_size
-        self.limits = limits or BatchLimits()
+        # in-process every call comes from this event loop, a request's next one within a turn or two of it: a
+        # longer wait would only stall on requests that are at another level
+        self.limits = limits or (BatchLimits(wait_ms=IN_PROCESS_WAIT_MS) if run is None else BatchLimits())
         self._run = run
         self._queue: deque[_Pending] = deque()
         self._active: list[_Pending] = []  # calls with steps left after the last forward
         self._driver: asyncio.Task | None = None
+        self._returning: set[str] = set()  # requests the last forward answered, until their next call is queued
+        self._arrived = asyncio.Event()  # a call was queued
         self.forwards_run = 0  # statistics: forwards, the calls they served, seconds spent in them
         self.calls_served = 0
         self.forward_s = 0.0
@@ -139,6 +150,7 @@ class BatchingLevel:
         return CostModel(tuple(entry["rows"]), tuple(entry["ms"]))
 
     async def release(self, request_id: str) -> None:
+        self._returning.discard(request_id)  # it calls no more
         await self._execute(lambda: self.runner.release(request_id), 1)
 
     async def _execute(self, function: Callable[[], object], requests: int):
@@ -152,15 +164,17 @@ class BatchingLevel:
             # a loop that was left (a generation interrupted in-process) leaves calls nobody awaits any more
             self._queue = deque(p for p in self._queue if p.future.get_loop() is loop)
             self._active = [p for p in self._active if p.future.get_loop() is loop]
+            if self._driver is not None and self._driver.get_loop() is not loop:
+                self._returning, self._arrived = set(), asyncio.Event()  # an Event belongs to one loop
             self._driver = asyncio.ensure_future(self._drive())
         self._queue.append(pending)
+        self._arrived.set()
         return await pending.future
 
     async def _drive(self) -> None:
         while self._queue or self._active:
             await asyncio.sleep(0)  # calls made in this turn of the event loop join the forward
-            if self.limits.wait_ms and self._active_requests() > len(self._queue) + len(self._active):
-                await asyncio.sleep(self.limits.wait_ms / 1000)
+            await self._await_returning()
             batch = self._take()
             if not batch:
                 continue
@@ -182,9 +196,20 @@ class BatchingLevel:
                     else:
                         pending.future.set_result(result)
             self._active = [p for p in batch if p.work is not None and p.work.steps]
+            self._returning = {p.call.request_id for p in batch if p.work is None or not p.work.steps}
 
-    def _active_requests(self) -> int:
-        return self.runner.cached_requests()
+    async def _await_returning(self) -> None:
+        """Wait, at most `wait_ms`, until the requests the last forward answered have their next calls queued:
+        a router's round trip takes milliseconds, and a forward started without them would run the requests in
+        two alternating halves (each getting a round every other forward). Wakes as soon as they are all back."""
+        deadline = asyncio.get_running_loop().time() + self.limits.wait_ms / 1000
+        while self._returning - {p.call.request_id for p in self._queue}:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), left)
 
     def _take(self) -> list[_Pending]:
         """Calls with steps left first, then waiting calls in arrival order, one per request, within the limits.
@@ -228,7 +253,9 @@ class BatchingLevel:
                     continue
                 pending.long = len(pending.work.steps) > 1
             stepping.append(pending)
-        if len(stepping) > 1:  # chunked prefill: a long prompt shares forwards in small pieces (see BatchLimits)
+        # chunked prefill: a long prompt computes small pieces while other requests are active, in its forwards or
+        # between their rounds (a whole chunk alone would hold up their next round just as well; see BatchLimits)
+        if self.runner.cached_requests() > 1:
             for pending in stepping:
                 if pending.long:
                     pending.work.cap_step(self.limits.prompt_rows)
