@@ -5,6 +5,7 @@ request cancelled in the middle of a batch."""
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,7 +14,7 @@ from test_sampling_exact import MODES, STOP, chi_square, params, tiny_drafter
 from test_sampling_exact import VOCAB as TINY_VOCAB
 from tiny_models import tiny_runner
 
-from services.engine.batching import BatchingLevel, BatchLimits
+from services.engine.batching import IN_PROCESS_WAIT_MS, BatchingLevel, BatchLimits
 from services.engine.hsd import DraftPolicy, HierarchicalDecoder
 from services.engine.sampling import SamplingParams
 
@@ -71,7 +72,7 @@ def test_eight_concurrent_requests_each_equal_the_request_alone(levels, sampled)
 def test_a_long_prompt_shares_forwards_in_small_chunks(monkeypatch):
     """Chunked prefill: while other requests are active, a prompt longer than a forward computes `prompt_rows`
     rows per forward (alone, whole forwards of MAX_ROWS); the same tokens either way."""
-    target = BatchingLevel(tiny_runner(3, vocab=VOCAB), BatchLimits(prompt_rows=8))
+    target = BatchingLevel(tiny_runner(3, vocab=VOCAB), BatchLimits(prompt_rows=8, wait_ms=IN_PROCESS_WAIT_MS))
     decoder = HierarchicalDecoder([target], [])
     requests = prompts(4, long_every=4)  # a 150-token prompt and three of 5 to 7 tokens
     assert target.costs  # measured (or probed) now: those forwards are not the requests'
@@ -179,9 +180,12 @@ def test_requests_between_rounds_share_the_next_forward(wait_ms):
 
     async def main():
         await asyncio.gather(*(request(k) for k in range(4)))
+    start = time.perf_counter()
     asyncio.run(main())
+    loop_thread.shutdown()
     assert level.calls_served == 24
     assert (level.forwards_run == 6) == (wait_ms > 0)
+    assert time.perf_counter() - start < 1.0  # each wait ends when the calls are back, not after 200 ms
 
 
 class Concurrently:

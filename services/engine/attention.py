@@ -14,8 +14,8 @@ alone, never on the forward it is computed in:
   committed keys, read in place from the cache (any forward containing row p
   starts at p - 63 or later, since a forward has at most MAX_ROWS rows, so
   H(p) never reaches an uncommitted slot);
-- the tail, positions [H(p), p], at most 127 keys gathered per row into a
-  fixed 128-slot window, in position order: committed slots, then the row's
+- the tail, positions [H(p), p], at most 127 keys per row in a fixed
+  128-slot window, in position order: committed slots, then the row's
   own chain of new rows (its predecessors in a linear draft, its ancestors in
   a token tree), whatever cache slots those occupy; unused slots are masked.
   In a linear continuation the window is cache slots [H(p), H(p) + 128) as

@@ -150,7 +150,8 @@ class BatchingLevel:
         return CostModel(tuple(entry["rows"]), tuple(entry["ms"]))
 
     async def release(self, request_id: str) -> None:
-        self._returning.discard(request_id)  # it calls no more
+        self._returning.discard(request_id)  # it calls no more: a forward waiting for it need not
+        self._arrived.set()
         await self._execute(lambda: self.runner.release(request_id), 1)
 
     async def _execute(self, function: Callable[[], object], requests: int):
@@ -178,13 +179,17 @@ class BatchingLevel:
             batch = self._take()
             if not batch:
                 continue
+            # requests active here besides the batch's: those waiting, and those between rounds
+            others = {p.call.request_id for p in self._queue} | self._returning
+            shared = len(others | {p.call.request_id for p in batch}) > 1
             started = time.perf_counter()
             try:
-                finished = await self._execute(functools.partial(self._step, batch), len(batch))
+                finished = await self._execute(functools.partial(self._step, batch, shared), len(batch))
             except Exception as exc:  # the forward failed (out of memory, say): its calls fail, not the level
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_exception(exc)
+                self._returning = set()
                 continue
             self.forwards_run += 1
             self.forward_s += time.perf_counter() - started
@@ -196,7 +201,9 @@ class BatchingLevel:
                     else:
                         pending.future.set_result(result)
             self._active = [p for p in batch if p.work is not None and p.work.steps]
-            self._returning = {p.call.request_id for p in batch if p.work is None or not p.work.steps}
+            # answered, and so likely to call again soon (not a call that failed or that its caller gave up)
+            self._returning = {p.call.request_id for p, result in finished
+                               if not isinstance(result, Exception) and not p.future.cancelled()}
 
     async def _await_returning(self) -> None:
         """Wait, at most `wait_ms`, until the requests the last forward answered have their next calls queued:
@@ -208,7 +215,7 @@ class BatchingLevel:
             if left <= 0:
                 return
             self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):  # (not the builtin TimeoutError before Python 3.11)
                 await asyncio.wait_for(self._arrived.wait(), left)
 
     def _take(self) -> list[_Pending]:
@@ -238,8 +245,9 @@ class BatchingLevel:
         self._queue = deferred
         return batch
 
-    def _step(self, batch: list[_Pending]) -> list[tuple[_Pending, Scores | Exception]]:
-        """On the compute thread: plan new calls, one forward, scores of the calls it finished."""
+    def _step(self, batch: list[_Pending], shared: bool) -> list[tuple[_Pending, Scores | Exception]]:
+        """On the compute thread: plan new calls, one forward, scores of the calls it finished. `shared`: other
+        requests are active at this level (in this forward, waiting, or between rounds)."""
         finished: list[tuple[_Pending, Scores | Exception]] = []
         stepping = []
         for pending in batch:
@@ -255,7 +263,7 @@ class BatchingLevel:
             stepping.append(pending)
         # chunked prefill: a long prompt computes small pieces while other requests are active, in its forwards or
         # between their rounds (a whole chunk alone would hold up their next round just as well; see BatchLimits)
-        if self.runner.cached_requests() > 1:
+        if shared:
             for pending in stepping:
                 if pending.long:
                     pending.work.cap_step(self.limits.prompt_rows)

@@ -325,15 +325,15 @@ class Decoder(CausalDecoder):
         layouts = []
         for segment in segments:
             # the tail window of the last row reaches TAIL_KEYS - MAX_ROWS slots past it (services.engine.attention)
-            segment.cache.reserve(segment.cache.length + len(segment.token_ids) + TAIL_KEYS - MAX_ROWS)
+            segment.cache.reserve(max(TAIL_KEYS, segment.cache.length + len(segment.token_ids) + TAIL_KEYS - MAX_ROWS))
             layouts.append(RowLayout.build(segment.cache.length, segment.parents, len(segment.token_ids), self.device))
         positions = layouts[0].positions if len(layouts) == 1 else torch.cat([lay.positions for lay in layouts])
         cos, sin = self._rope(positions)
         tokens = torch.tensor([t for segment in segments for t in segment.token_ids], device=self.device)
         x = self.embed[tokens].float()
-        rows = Rows.of(layouts)
+        where = Rows.of(layouts)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, [segment.cache.buffer[layer] for segment in segments], rows)
+            x = block(x, cos, sin, [segment.cache.buffer[layer] for segment in segments], where)
         wanted, first = [], 0
         for segment in segments:
             rows = len(segment.token_ids)
