@@ -52,16 +52,19 @@ class RowLayout:
     `start`: cache slots [0, start) hold committed tokens; row r is written to slot start + r.
     `positions` [n]: each row's position; `tail_visible` [n, TAIL_KEYS]: the keys of its tail window it sees.
     `heads`: (H, a, b) for each run of consecutive rows a..b-1 with the same non-zero head length H (one run per
-    head length in a linear continuation; a token tree may split one). A linear continuation's tail windows
-    are cache slices: `windows`, (H, rows) for each run of rows with the same head length H (zero included).
-    A token tree's are gathered: `tail_slots` [n * TAIL_KEYS], the cache slot of tail key t of row r at index
-    r * TAIL_KEYS + t (slot 0 where masked)."""
+    head length in a linear continuation; a token tree may split one). `windows`: (H, rows) for each run of rows
+    with the same head length H (zero included). A linear continuation's tail windows are cache slices. A token
+    tree's rows score every key from H to their last row's slot in place, then keep their window's scores:
+    `tail_columns` [n, TAIL_KEYS], the key of tail key t of row r counted from H (0 where masked); their values
+    are gathered: `tail_slots` [n * TAIL_KEYS], the cache slot of tail key t of row r at index r * TAIL_KEYS + t
+    (slot 0 where masked)."""
 
     start: int
     positions: torch.Tensor
     tail_visible: torch.Tensor
     heads: list[tuple[int, int, int]]
     windows: list[tuple[int, int]]
+    tail_columns: torch.Tensor | None
     tail_slots: torch.Tensor | None
 
     @classmethod
@@ -96,34 +99,41 @@ class RowLayout:
             if r == n or lengths[r] != lengths[first]:
                 runs.append((lengths[first], first, r))
                 first = r
-        slots = None
+        slots = columns = None
         if chain is not None:
             new = window >= start  # keys of new rows: at the slot of the row on this row's path
             along = (window - start).clamp(min=0, max=chain.shape[1] - 1)
             slots = torch.where(visible, torch.where(new, start + chain.gather(1, along), window), 0)
+            columns = (slots - heads_of[:, None]).clamp(min=0).to(device)
             slots = slots.reshape(-1).to(device)
         return cls(start, positions.to(device), visible.to(device), [run for run in runs if run[0] > 0],
-                   [(length, b - a) for length, a, b in runs] if chain is None else [], slots)
+                   [(length, b - a) for length, a, b in runs], columns, slots)
 
 
 @dataclass
 class Rows:
     """The rows of every request in one forward, requests one after the other: what each layer's attention
     needs, gathered once per forward. `layouts`: each request's; `hidden` [1, n, 1, TAIL_KEYS]: the tail keys
-    a row does not see; `heads`: (request, H, a, b) with rows a..b-1 of the whole forward."""
+    a row does not see; `heads`: (request, H, a, b) with rows a..b-1 of the whole forward; `tails`: (request, H,
+    a, b, r), rows a..b-1 (rows r.. of the request) whose tail windows start at H."""
 
     layouts: list[RowLayout]
     hidden: torch.Tensor
     heads: list[tuple[int, int, int, int]]
+    tails: list[tuple[int, int, int, int, int]]
 
     @classmethod
     def of(cls, layouts: list[RowLayout]) -> Rows:
         visible = layouts[0].tail_visible if len(layouts) == 1 else torch.cat([lay.tail_visible for lay in layouts])
-        heads, first = [], 0
+        heads, tails, first = [], [], 0
         for request, layout in enumerate(layouts):
             heads.extend((request, length, first + a, first + b) for length, a, b in layout.heads)
-            first += len(layout.positions)
-        return cls(layouts, ~visible[None, :, None, :], heads)
+            r = 0
+            for length, count in layout.windows:
+                tails.append((request, length, first + r, first + r + count, r))
+                r += count
+            first += r
+        return cls(layouts, ~visible[None, :, None, :], heads, tails)
 
 
 def attend(q: torch.Tensor, caches: list[torch.Tensor], rows: Rows, quantum: int) -> torch.Tensor:
@@ -131,11 +141,14 @@ def attend(q: torch.Tensor, caches: list[torch.Tensor], rows: Rows, quantum: int
     the other; `caches`: each request's layer cache [2 (keys, values), kv_heads, capacity, head_dim] float32 with
     its rows of this forward written -> [n, heads * head_dim].
 
-    The tails of all rows go through one batched GEMM (each row's own 128 keys; at most MAX_ROWS rows per
-    call, the batch sizes the kernels were checked for); heads through one GEMM per request and run of rows with
-    one head length. Ops per request are few (tails are slices copied together, a tree's one gather; per head
-    run two GEMMs and their softmax pieces over slices): with many requests in a forward, op count is its cost.
-    A cache holds at least TAIL_KEYS - MAX_ROWS slots past its rows (see `KVCache.reserve`)."""
+    Rows sharing a tail window (a linear continuation's run of one head length) multiply it where it lies in
+    the cache: one GEMM over all their query rows, as the head runs do, with no copy of the window per row (the
+    copies cost more than the GEMMs once a request has several rows: drafts, trees, prompt chunks). A token
+    tree's rows of one head length H score every key from H to their last row in one GEMM and keep their
+    windows' scores (a score does not depend on the other keys of its GEMM: see `services.engine.kernels`);
+    their windows' values are gathered for one batched GEMM (each row's own, in position order). Softmax pieces
+    run once over every row of the forward. A cache holds at least TAIL_KEYS - MAX_ROWS slots past its rows (see
+    `KVCache.reserve`)."""
     n, heads, head_dim = q.shape
     kv_heads = caches[0].shape[1]
     group = heads // kv_heads
@@ -144,32 +157,35 @@ def attend(q: torch.Tensor, caches: list[torch.Tensor], rows: Rows, quantum: int
     if padded != group:
         qg = torch.cat([qg, qg.new_zeros(kv_heads, n, padded - group, head_dim)], 2)
 
-    def batched(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # a @ b, MAX_ROWS rows per call
-        if n <= MAX_ROWS:
-            return a @ b
-        return torch.cat([a[:, i : i + MAX_ROWS] @ b[:, i : i + MAX_ROWS] for i in range(0, n, MAX_ROWS)], 1)
+    def shared(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # [kv, rows, padded, x] @ [kv, x, y], rows fold
+        return (a.reshape(kv_heads, -1, a.shape[-1]) @ b).view(kv_heads, -1, padded, b.shape[-1])
 
-    tails = []  # every row's tail keys and values: [2, kv, rows, TAIL_KEYS, hd] pieces, copied together
-    for cache, layout in zip(caches, rows.layouts, strict=True):
-        if layout.tail_slots is not None:
-            tails.append(cache.index_select(2, layout.tail_slots).view(2, kv_heads, -1, TAIL_KEYS, head_dim))
-        tails.extend(cache[:, :, None, length : length + TAIL_KEYS].expand(-1, -1, count, -1, -1)
-                     for length, count in layout.windows)
-    tails = torch.cat(tails, 2)
-    tail_s = batched(qg, tails[0].transpose(2, 3)).masked_fill_(rows.hidden, float("-inf"))
+    scores, windows = [], []  # per tail run: its rows' window scores, and values ([kv, T, hd], or [kv, rows, T, hd])
+    for request, length, a, b, r in rows.tails:
+        cache, layout = caches[request], rows.layouts[request]
+        if layout.tail_slots is None:
+            scores.append(shared(qg[:, a:b], cache[0, :, length : length + TAIL_KEYS].transpose(1, 2)))
+            windows.append(cache[1, :, length : length + TAIL_KEYS])
+            continue
+        every = shared(qg[:, a:b], cache[0, :, length : layout.start + len(layout.positions)].transpose(1, 2))
+        columns = layout.tail_columns[r : r + b - a]
+        scores.append(every.gather(3, columns[None, :, None].expand(kv_heads, -1, padded, -1)))
+        slots = layout.tail_slots[r * TAIL_KEYS : (r + b - a) * TAIL_KEYS]
+        windows.append(cache[1].index_select(1, slots).view(kv_heads, b - a, TAIL_KEYS, head_dim))
+    tail_s = (torch.cat(scores, 1) if len(scores) > 1 else scores[0]).masked_fill_(rows.hidden, float("-inf"))
     top = tail_s.amax(-1, keepdim=True)  # [kv, n, padded, 1]
     head_parts = []  # (a, b, E V, sum of E) of each head run, its rows' top taken over head and tail
     for request, length, a, b in rows.heads:
         cache = caches[request]
-        s = qg[:, a:b].reshape(kv_heads, -1, head_dim) @ cache[0, :, :length].transpose(1, 2)
-        s = s.view(kv_heads, b - a, padded, length)
+        s = shared(qg[:, a:b], cache[0, :, :length].transpose(1, 2))
         run_top = torch.maximum(top[:, a:b], s.amax(-1, keepdim=True))
         top[:, a:b] = run_top
         e = torch.exp(s - run_top)
-        values = (e.reshape(kv_heads, -1, length) @ cache[1, :, :length]).view(kv_heads, b - a, padded, head_dim)
-        head_parts.append((a, b, values, e.sum(-1, keepdim=True)))
+        head_parts.append((a, b, shared(e, cache[1, :, :length]), e.sum(-1, keepdim=True)))
     tail_e = torch.exp(tail_s - top)
-    numerator = batched(tail_e, tails[1])
+    pieces = [shared(tail_e[:, a:b], values) if values.dim() == 3 else tail_e[:, a:b] @ values
+              for (_, _, a, b, _), values in zip(rows.tails, windows)]
+    numerator = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]
     denominator = tail_e.sum(-1, keepdim=True)
     for a, b, values, total in head_parts:  # head + tail (one addition: its order does not matter)
         numerator[:, a:b] += values

@@ -415,10 +415,11 @@ def measure(weight: torch.Tensor, dtype: torch.dtype, device: torch.device, floa
 def attention_quantum_invariant(quantum: int, head_dim: int, kv_heads: int, group: int,
                                 generator: torch.Generator) -> bool:
     """Attention's float32 GEMMs give a query row the same bits alone and among others, with the query heads
-    of a row padded from `group` to a multiple of `quantum`: the head's scores Q K^T and weighted values E V
-    (one GEMM per KV head over up to MAX_ROWS rows' padded queries, K and V strided slices of a cache, at
-    several head lengths) and the tail's batched ones (one per KV head and row, over TAIL_KEYS keys), at
-    every thread count a forward may use."""
+    of a row padded from `group` to a multiple of `quantum`: the scores Q K^T and weighted values E V of rows
+    sharing keys (one GEMM per KV head over up to MAX_ROWS rows' padded queries, K and V strided slices of a
+    cache, at several head lengths and a tail window's TAIL_KEYS) and a tree's batched ones (one per KV head and
+    row, over TAIL_KEYS keys), and a score whatever other keys its GEMM scores, at every thread count a forward
+    may use."""
     padded = -(-group // quantum) * quantum
     rows = MAX_ROWS * padded
 
@@ -437,16 +438,27 @@ def attention_quantum_invariant(quantum: int, head_dim: int, kv_heads: int, grou
 
     def tail() -> bool:
         q = probe(kv_heads, MAX_ROWS, padded, head_dim, generator=generator)
-        k = probe(kv_heads, MAX_ROWS, head_dim, TAIL_KEYS, generator=generator)
+        k = probe(kv_heads, MAX_ROWS, TAIL_KEYS, head_dim, generator=generator)
         e = probe(kv_heads, MAX_ROWS, padded, TAIL_KEYS, generator=generator).abs()
         v = probe(kv_heads, MAX_ROWS, TAIL_KEYS, head_dim, generator=generator)
-        for a, b in ((q, k), (e, v)):
+        for a, b in ((q, k.transpose(2, 3)), (e, v)):
             alone = torch.cat([a[:, i : i + 1] @ b[:, i : i + 1] for i in range(MAX_ROWS)], 1)
             if not all(torch.equal(a[:, :n] @ b[:, :n], alone[:, :n]) for n in CHECKED_ROWS):
                 return False
+            # a tree's row (its window gathered) equals the row computed against its window in place
+            if not all(torch.equal(a[:, i] @ b[:, i], alone[:, i]) for i in range(0, MAX_ROWS, 7)):
+                return False
         return True
 
-    return _at_each_thread_count(lambda: all(head(length) for length in (64, 192, 640, 2048)) and tail())
+    def columns() -> bool:  # a score does not depend on how many keys its GEMM scores (a tree's rows: all of theirs)
+        keys = probe(kv_heads, 2048, head_dim, generator=generator).transpose(1, 2)
+        q = probe(kv_heads, MAX_ROWS * padded, head_dim, generator=generator)
+        every = q @ keys
+        return all(torch.equal(q[:, : n * padded] @ keys[..., :length], every[:, : n * padded, :length])
+                   for length in (64, 100, TAIL_KEYS, 150, 191, 640) for n in CHECKED_ROWS)
+
+    return _at_each_thread_count(lambda: all(head(length) for length in (64, TAIL_KEYS, 192, 640, 2048)) and tail()
+                                 and columns())
 
 
 # --- the cache of choices -------------------------------------------------------------------------
@@ -529,7 +541,7 @@ class KernelChoices:
                 if attention_quantum_invariant(quantum, head_dim, kv_heads, group, generator):
                     return {"quantum": quantum}
             raise RuntimeError("attention's float32 GEMMs are not row-invariant at any quantum on this machine")
-        key = f"attention|torch {torch.__version__}|head_dim {head_dim}|kv_heads {kv_heads}|group {group}"
+        key = f"attention|torch {torch.__version__}|head_dim {head_dim}|kv_heads {kv_heads}|group {group}|v2"
         quantum = self.cached(key, compute)["quantum"]
         log.info("attention: query rows padded to a multiple of %d per GEMM", quantum)
         return quantum
