@@ -53,18 +53,15 @@ class RowLayout:
     `positions` [n]: each row's position; `tail_visible` [n, TAIL_KEYS]: the keys of its tail window it sees.
     `heads`: (H, a, b) for each run of consecutive rows a..b-1 with the same non-zero head length H (one run per
     head length in a linear continuation; a token tree may split one). `windows`: (H, rows) for each run of rows
-    with the same head length H (zero included). A linear continuation's tail windows are cache slices. A token
-    tree's rows score every key from H to their last row's slot in place, then keep their window's scores:
-    `tail_columns` [n, TAIL_KEYS], the key of tail key t of row r counted from H (0 where masked); their values
-    are gathered: `tail_slots` [n * TAIL_KEYS], the cache slot of tail key t of row r at index r * TAIL_KEYS + t
-    (slot 0 where masked)."""
+    with the same head length H (zero included). A linear continuation's tail windows are cache slices; a token
+    tree's are gathered: `tail_slots` [n * TAIL_KEYS], the cache slot of tail key t of row r at index
+    r * TAIL_KEYS + t (slot 0 where masked)."""
 
     start: int
     positions: torch.Tensor
     tail_visible: torch.Tensor
     heads: list[tuple[int, int, int]]
     windows: list[tuple[int, int]]
-    tail_columns: torch.Tensor | None
     tail_slots: torch.Tensor | None
 
     @classmethod
@@ -99,15 +96,14 @@ class RowLayout:
             if r == n or lengths[r] != lengths[first]:
                 runs.append((lengths[first], first, r))
                 first = r
-        slots = columns = None
+        slots = None
         if chain is not None:
             new = window >= start  # keys of new rows: at the slot of the row on this row's path
             along = (window - start).clamp(min=0, max=chain.shape[1] - 1)
             slots = torch.where(visible, torch.where(new, start + chain.gather(1, along), window), 0)
-            columns = (slots - heads_of[:, None]).clamp(min=0).to(device)
             slots = slots.reshape(-1).to(device)
         return cls(start, positions.to(device), visible.to(device), [run for run in runs if run[0] > 0],
-                   [(length, b - a) for length, a, b in runs], columns, slots)
+                   [(length, b - a) for length, a, b in runs], slots)
 
 
 @dataclass
@@ -143,12 +139,10 @@ def attend(q: torch.Tensor, caches: list[torch.Tensor], rows: Rows, quantum: int
 
     Rows sharing a tail window (a linear continuation's run of one head length) multiply it where it lies in
     the cache: one GEMM over all their query rows, as the head runs do, with no copy of the window per row (the
-    copies cost more than the GEMMs once a request has several rows: drafts, trees, prompt chunks). A token
-    tree's rows of one head length H score every key from H to their last row in one GEMM and keep their
-    windows' scores (a score does not depend on the other keys of its GEMM: see `services.engine.kernels`);
-    their windows' values are gathered for one batched GEMM (each row's own, in position order). Softmax pieces
-    run once over every row of the forward. A cache holds at least TAIL_KEYS - MAX_ROWS slots past its rows (see
-    `KVCache.reserve`)."""
+    copies cost more than the GEMMs once a request has several rows: drafts, prompt chunks). A token tree's
+    rows gather their own windows (keys of their path in position order) for batched GEMMs, one row each. Softmax
+    pieces run once over every row of the forward. A cache holds at least TAIL_KEYS - MAX_ROWS slots past its rows
+    (see `KVCache.reserve`)."""
     n, heads, head_dim = q.shape
     kv_heads = caches[0].shape[1]
     group = heads // kv_heads
@@ -167,11 +161,10 @@ def attend(q: torch.Tensor, caches: list[torch.Tensor], rows: Rows, quantum: int
             scores.append(shared(qg[:, a:b], cache[0, :, length : length + TAIL_KEYS].transpose(1, 2)))
             windows.append(cache[1, :, length : length + TAIL_KEYS])
             continue
-        every = shared(qg[:, a:b], cache[0, :, length : layout.start + len(layout.positions)].transpose(1, 2))
-        columns = layout.tail_columns[r : r + b - a]
-        scores.append(every.gather(3, columns[None, :, None].expand(kv_heads, -1, padded, -1)))
         slots = layout.tail_slots[r * TAIL_KEYS : (r + b - a) * TAIL_KEYS]
-        windows.append(cache[1].index_select(1, slots).view(kv_heads, b - a, TAIL_KEYS, head_dim))
+        keys, values = cache.index_select(2, slots).view(2, kv_heads, b - a, TAIL_KEYS, head_dim)
+        scores.append(qg[:, a:b] @ keys.transpose(2, 3))
+        windows.append(values)
     tail_s = (torch.cat(scores, 1) if len(scores) > 1 else scores[0]).masked_fill_(rows.hidden, float("-inf"))
     top = tail_s.amax(-1, keepdim=True)  # [kv, n, padded, 1]
     head_parts = []  # (a, b, E V, sum of E) of each head run, its rows' top taken over head and tail
