@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from sim_levels import Clock, SimDrafter, SimLevel, World
 
-from deploy.planner.latency import CostCurve, PairTable, TreeTable, rounds_to_reach
+from deploy.planner.latency import CostCurve, ForwardCost, PairTable, TreeTable, rounds_to_reach
+from deploy.planner.load import Request, simulate
 from deploy.planner.optimizer import CONFIDENCE_STOPS, Plan, Tables, optimize, plan_latency, rank_structures
+from deploy.planner.planning import choose
 from deploy.planner.profiler import CategoryProfile, Profile, measure_category
 from services.engine.hsd import DraftPolicy, HierarchicalDecoder
 from services.engine.sampling import SamplingParams
@@ -176,12 +178,16 @@ def test_profile_round_trips_through_json():
     profile = Profile(key={"dtype": "float32"}, target="t", drafts=["a"], max_draft=5,
                       costs={"a": CostCurve(tokens=[1, 4], ms=[1.0, 2.0]),
                              "t": CostCurve(tokens=[1, 4], ms=[9.0, 12.0])},
+                      forward_costs={"a": ForwardCost(curve=CostCurve(tokens=[1, 8], ms=[1.0, 3.0])),
+                                     "t": ForwardCost(curve=CostCurve(tokens=[1, 8], ms=[9.0, 15.0]), key_ms=0.01)},
                       categories={"code": category})
+    category.requests.append((4, 3))
     again = Profile.model_validate_json(profile.model_dump_json())
     assert again == profile
     plan = Plan(models=["a", "t"], draft_tokens=[3], min_confidence=0.2)
     assert plan_latency(plan, again.tables()) == pytest.approx(plan_latency(plan, profile.tables()))
     assert again.tables().trees["t"].drafter_ms == pytest.approx(0.025)
+    assert again.load_latency(plan, 4)["_all"] > again.load_latency(plan, 1)["_all"]  # the batch shares forwards
 
 
 def test_adaptive_auto_beats_the_best_static_plan_on_alternating_categories():
@@ -284,3 +290,109 @@ def test_one_missed_tree_does_not_price_hd_out_but_a_run_of_them_does():
     assert walk.follow(list(range(5)))
     state.walks = [walk, _ShadowWalk(copying)]  # the last one was proposed this round: nothing known yet
     assert chooser._direct_hd(state, posterior) < missing
+
+
+# requests sharing forwards: the simulated schedule (deploy.planner.load) ------------------------------------------
+
+LINEAR = CostCurve(tokens=[1, 64], ms=[10.0, 73.0])  # c(r) = 9 + r ms
+
+
+def _simulate_load(plan: Plan, requests: list[Request], concurrency: int, cache_ms: float = 0.0,
+                   key_ms: float = 0.0) -> dict[str, float]:
+    tables = Tables(costs={"t": LINEAR}, pairs={}, max_draft=8)
+    costs = {"t": ForwardCost(curve=LINEAR, cache_ms=cache_ms, key_ms=key_ms)}
+    return simulate(plan, {"x": tables}, {"x": tables}, requests, costs, concurrency, groups=4)
+
+
+def test_load_simulation_prices_a_batch_of_short_prompts_exactly():
+    """Four requests of 10-token prompts and 5 tokens, plain decoding: one forward of the four prompts (49 ms, the
+    first tokens), then four forwards of 4 rows (13 ms each): every request ends at 101 ms."""
+    result = _simulate_load(Plan(models=["t"]), [Request("x", 10, 5, 5)], 4)
+    assert result["_all"] == pytest.approx(101.0 / 5) and result["x"] == result["_all"]
+    # a cache beyond the curve's 64 tokens: a 100-token prompt in 64 and 36 rows (after 0 and 64 tokens), then one
+    # row after 100 tokens, 36 of them beyond the curve's context: 36 x (cache_ms + 1 row x key_ms)
+    longer = _simulate_load(Plan(models=["t"]), [Request("x", 100, 2, 2)], 1, cache_ms=2.0, key_ms=0.5)
+    assert longer["_all"] == pytest.approx(((9 + 64) + (9 + 36) + (9 + 1 + 36 * 2.5)) / 2)
+
+
+def test_load_simulation_chunks_a_long_prompt_only_while_others_run():
+    """A 160-token prompt takes 3 forwards alone (64 rows each at most) but 10 beside a decoding request
+    (`prompt_rows`, 16): the request beside it decodes a token in each of those forwards."""
+    alone = _simulate_load(Plan(models=["t"]), [Request("x", 160, 1, 1)], 1)
+    assert alone["_all"] == pytest.approx(9 * 3 + 160)
+    plan = Plan(models=["t"])
+    tables = {"long": Tables(costs={"t": LINEAR}, pairs={}), "short": Tables(costs={"t": LINEAR}, pairs={})}
+    requests = [Request("long", 160, 1, 1), Request("short", 4, 11, 11)]
+    for seed in range(6):  # groups drawn until one holds both kinds
+        result = simulate(plan, tables, tables, requests, {"t": ForwardCost(curve=LINEAR)}, 2, groups=1, seed=seed)
+        if set(result) == {"long", "short", "_all"}:
+            break
+    # forward 1: 16 + 4 rows; forwards 2-10: 16 + 1 rows (the short request's tokens 2-10), forward 11: its last
+    assert result["long"] == pytest.approx(9 * 10 + 16 * 10 + 4 + 9)
+    assert result["short"] == pytest.approx((9 * 11 + 16 * 10 + 4 + 9 + 1) / 11)
+
+
+def test_load_simulation_cuts_trees_to_the_tokens_left_and_speculates_under_load():
+    """c(r) = 30 + r ms; trees of 6 nodes of which 4 are accepted. Alone: the prompt's forward verifies the first
+    tree (10 rows, 5 tokens), six whole trees follow, then the engine's cuts to the tokens left (5 nodes, then
+    none). Among 16 requests, where a forward's fixed cost is shared, speculating still pays."""
+    curve = CostCurve(tokens=[1, 64], ms=[31.0, 94.0])
+    trees = TreeTable([6] * 20, [4] * 20, drafter_ms=0.0)
+    hd, ar = Plan(models=["t"], drafter=True), Plan(models=["t"])
+    request = [Request("x", 4, 41, 41)]
+
+    def run(plan: Plan, concurrency: int) -> float:
+        tables = Tables(costs={"t": curve}, pairs={}, trees={"t": trees})
+        return simulate(plan, {"x": tables}, {"x": tables}, request, {"t": ForwardCost(curve=curve)}, concurrency,
+                        groups=2)["_all"]
+    assert run(hd, 1) == pytest.approx((40 + 6 * 37 + 36 + 31) / 41)
+    assert run(ar, 16) == pytest.approx((94 + 40 * 46) / 41)
+    assert run(hd, 16) < 0.9 * run(ar, 16)
+
+
+def test_load_simulation_decodes_plainly_where_the_budget_allows_no_draft():
+    """A draft model so dear that no draft pays among 4 requests: the budget gives 0 tokens, and the engine then
+    neither drafts nor runs the draft level, so the hierarchy costs what plain decoding does."""
+    dear = CostCurve(tokens=[1, 64], ms=[1000.0, 1063.0])
+    tables = Tables(costs={"a": dear, "t": LINEAR}, pairs={("a", "t"): PairTable([3] * 50, [[0.9] * 4] * 50, 8)})
+    requests = [Request("x", 4, 30, 30)]
+    costs = {"a": ForwardCost(curve=dear), "t": ForwardCost(curve=LINEAR)}
+    hsd = simulate(Plan(models=["a", "t"], draft_tokens=[4]), {"x": tables}, {"x": tables}, requests, costs, 4)
+    ar = simulate(Plan(models=["t"]), {"x": tables}, {"x": tables}, requests, costs, 4)
+    assert hsd["_all"] == pytest.approx(ar["_all"] + 1015.0 / 30)  # the draft level's prefill of the prompts only
+
+
+@pytest.mark.parametrize("plan", [Plan(models=["a", "t"], draft_tokens=[4], min_confidence=0.4),
+                                  Plan(models=["a", "b", "t"], draft_tokens=[2, 5]),
+                                  Plan(models=["a", "t"], draft_tokens=[3], drafter=True),
+                                  Plan(models=["t"], drafter=True)])
+def test_load_simulation_of_one_request_agrees_with_the_latency_model(plan):
+    """One request, a one-token prompt and long answers: the simulated schedule draws the latency model's own
+    rounds, so it must price decoding as `plan_latency` does (within the draws' noise)."""
+    tables = synthetic_tables({"a": (1.0, 0.1), "b": (4.0, 0.2), "t": (10.0, 0.5)},
+                              {("a", "b"): 0.8, ("a", "t"): 0.7, ("b", "t"): 0.85}, trees={"a": 0.6, "t": 0.6})
+    result = simulate(plan, {"x": tables}, {"x": tables}, [Request("x", 1, 3000, 3000)],
+                      {m: ForwardCost(curve=c) for m, c in tables.costs.items()}, 1, groups=2)
+    assert result["_all"] == pytest.approx(plan_latency(plan, tables), rel=0.03)
+
+
+def test_plans_under_load_are_ranked_by_the_simulated_schedule():
+    """`choose` at a concurrency above one ranks each structure's best plan by `Profile.load_latency`."""
+    rng = random.Random(3)
+    category = CategoryProfile(prompts=4, prompt_tokens=400, tokens=160, requests=[(100, 40)] * 4)
+    pair = category.pair("a", "t")
+    pair.runs.extend(_geometric_runs(rng, 0.7, 300, 16))
+    pair.confidence.extend([[0.9] * min(k + 1, 16) for k in pair.runs])
+    for model in ("a", "t"):
+        tree = category.tree(model)
+        tree.nodes.extend([4] * 100)
+        tree.accepted.extend([rng.choice([0, 2, 4]) for _ in range(100)])
+        tree.drafter_us.extend([20.0] * 100)
+    curves = {"a": CostCurve(tokens=[1, 64], ms=[2.0, 8.0]), "t": CostCurve(tokens=[1, 64], ms=[20.0, 83.0])}
+    profile = Profile(target="t", drafts=["a"], costs=curves, categories={"x": category}, key={"max_tokens": 40},
+                      forward_costs={m: ForwardCost(curve=c, cache_ms=0.01) for m, c in curves.items()})
+    plans = choose(profile, concurrency=4)
+    assert len(plans) == 4  # plain, HD, the draft model, both
+    predicted = [profile.load_latency(plan, 4)["_all"] for plan in plans]
+    assert [plan.predicted_ms_per_token for plan in plans] == pytest.approx(predicted)
+    assert predicted == sorted(predicted)

@@ -39,8 +39,24 @@ def split_workload(path: str, per_category: int, measure_per_category: int,
 
 def choose(profile: Profile, categories: list[str] | None = None, concurrency: int = 1) -> list[Plan]:
     """The chosen plan followed by the best plan of every other structure, by predicted ms per token
-    of whole requests (decoding and prefill), each request among `concurrency` sharing every forward."""
-    return rank_structures(profile.tables(categories, concurrency), profile.target, profile.drafts)
+    of whole requests (decoding and prefill). Among `concurrency` requests, each structure's T_i come from
+    the lockstep model (every request in every forward) and the structures are ranked by the simulated
+    schedule of requests that start together (`Profile.load_latency`)."""
+    plans = rank_structures(profile.tables(categories, concurrency), profile.target, profile.drafts)
+    if concurrency == 1:
+        return plans
+    return sorted((plan.model_copy(update={"predicted_ms_per_token": predicted(profile, plan, categories,
+                                                                              concurrency)["_all"]})
+                   for plan in plans), key=lambda p: p.predicted_ms_per_token)
+
+
+def predicted(profile: Profile, plan: Plan, categories: list[str], concurrency: int = 1) -> dict[str, float]:
+    """Predicted ms per token of the plan, per category and "_all" (the categories pooled)."""
+    names = categories or sorted(profile.categories)
+    if concurrency > 1:
+        return profile.load_latency(plan, concurrency, names)
+    return {"_all": request_latency(plan, profile.tables(names)),
+            **{name: request_latency(plan, profile.tables([name])) for name in names}}
 
 
 def measure(config: HierspecConfig, plan: Plan, dtype: str, pool: RunnerPool,
@@ -79,11 +95,8 @@ def _plan_record(plan: Plan, profile: Profile, categories: list[str], measured: 
                  concurrency: int = 1) -> dict:
     record = {"method": plan.method, "hierarchy": plan.describe(),
               **plan.model_dump(exclude={"predicted_ms_per_token"}),
-              "predicted_ms_per_token": {
-                  "_all": round(request_latency(plan, profile.tables(categories, concurrency)), 3)}}
-    for category in categories:
-        record["predicted_ms_per_token"][category] = round(
-            request_latency(plan, profile.tables([category], concurrency)), 3)
+              "predicted_ms_per_token": {key: round(value, 3) for key, value in
+                                         predicted(profile, plan, categories, concurrency).items()}}
     if measured is not None:
         record["measured_ms_per_token"] = measured
         record["error"] = {key: round(record["predicted_ms_per_token"][key] / value - 1, 4)
@@ -116,7 +129,7 @@ def run_plan(config: HierspecConfig, workload: str, out: str, dtype: str | None,
     calibration, measurement = split_workload(workload, per_category, measure_per_category, categories)
     pool = RunnerPool()
     profile, profile_file = run_profile(config, dtype, calibration, max_tokens, pool=pool, refresh=refresh,
-                                        log=stderr_log)
+                                        log=stderr_log, fresh_costs=True)
     names = sorted(profile.categories)
     plans = choose(profile, concurrency=concurrency)[: 1 + RUNNERS_UP]
     records = []

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -34,21 +35,26 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from deploy.config import HierspecConfig
-from deploy.planner.latency import CostCurve, PairTable, TreeTable
-from deploy.planner.optimizer import Tables
+from deploy.planner.latency import CostCurve, ForwardCost, PairTable, TreeTable
+from deploy.planner.load import Request, simulate
+from deploy.planner.optimizer import Plan, Tables
 from drafter_db.drafter import HierarchicalDrafter
+from services.engine.batching import BatchingLevel
 from services.engine.hsd import TreeProposer
 from services.engine.kernels import cpu_signature
 from services.engine.levels import Level
 from services.engine.model_store import cache_dir
+from services.engine.runner import COST_CONTEXT
 from services.engine.sampling import SamplingParams
 from services.engine.tree import TokenTree
 
 GREEDY = SamplingParams()  # the profile measures greedy decoding
 
-PROFILE_VERSION = 6
+PROFILE_VERSION = 8
 COST_SIZES = (1, 2, 3, 4, 6, 8, 12, 17, 64, 256)  # up to T_max + 1 (a verification of 16 drafts), then prefills
 UNBOUNDED_DEPTH = 1 << 16  # the engine lets the drafter's own depth limit apply
+LOAD_REQUESTS, LOAD_TOKENS = 8, 16  # the load probe: calibration prompts decoded together, tokens each
+KEY_ROWS, KEY_CONTEXT = 64, 1024  # a cache's cost per token: 1 and 64 rows timed after 1024 more tokens of context
 
 
 class PairSamples(BaseModel):
@@ -72,6 +78,7 @@ class CategoryProfile(BaseModel):
     tokens: int = 0
     pairs: list[PairSamples] = Field(default_factory=list)
     trees: list[TreeSamples] = Field(default_factory=list)
+    requests: list[tuple[int, int]] = Field(default_factory=list, description="(prompt, generated) tokens of each")
 
     def pair(self, lower: str, upper: str) -> PairSamples:
         for pair in self.pairs:
@@ -95,6 +102,12 @@ class Profile(BaseModel):
     drafts: list[str] = Field(description="draft models, cheapest first")
     max_draft: int = 16
     costs: dict[str, CostCurve]
+    forward_costs: dict[str, ForwardCost] = Field(
+        default_factory=dict, description="ms of one batched forward (over the engine's own curve, which its draft "
+                                          "budget uses): what requests sharing forwards pay")
+    cost_context: int = Field(0, description="context (tokens) before the forwards `costs` timed")
+    load_scale: float = Field(1.0, gt=0.0, description="what the target's forwards of requests decoding together "
+                                                       "cost, over what `forward_costs` price them at")
     categories: dict[str, CategoryProfile]
 
     def tables(self, categories: list[str] | None = None, concurrency: int = 1) -> Tables:
@@ -126,6 +139,19 @@ class Profile(BaseModel):
             prompt_tokens=sum(self.categories[n].prompt_tokens for n in names) / max(1, prompts),
             new_tokens=sum(self.categories[n].tokens for n in names) / max(1, prompts),
         )
+
+    def load_latency(self, plan: Plan, concurrency: int, categories: list[str] | None = None) -> dict[str, float]:
+        """Predicted ms per token per category and "_all" of `concurrency` requests that start together, drawn
+        from the calibration requests of `categories` (default: all): the batching level's schedule, simulated
+        (`deploy.planner.load`)."""
+        names = [n for n in categories or list(self.categories) if self.categories[n].requests]
+        limit = self.key.get("max_tokens") or max((new for n in names for _, new in self.categories[n].requests),
+                                                  default=1)
+        # `hierspec plan` counts a stop token as a token produced: an answer shorter than the limit ended on one
+        requests = [Request(name, prompt, new + (new < limit), limit) for name in names
+                    for prompt, new in self.categories[name].requests]
+        return simulate(plan, {n: self.tables([n]) for n in names}, {n: self.tables([n], concurrency) for n in names},
+                        requests, self.forward_costs, concurrency, self.load_scale)
 
 
 # measurements ------------------------------------------------------------------------------------
@@ -233,6 +259,7 @@ async def measure_category(levels: dict[str, Level], order: list[str], drafter: 
         category.prompts += 1
         category.prompt_tokens += len(prompt)
         category.tokens += len(text)
+        category.requests.append((len(prompt), len(text)))
 
 
 # the command ---------------------------------------------------------------------------------------
@@ -252,10 +279,59 @@ def profile_path(key: dict) -> Path:
     return folder / f"{key['target']}-{digest}.json"
 
 
+async def measure_costs(levels: dict[str, BatchingLevel], target: str, context: int, prompts: list[list[int]],
+                        log=print) -> tuple[dict[str, CostCurve], dict[str, ForwardCost], float]:
+    """Each model's forward cost: one request's new tokens after `context` tokens; its batched forward (the
+    engine's curve over rows of several requests holding COST_CONTEXT tokens each, `BatchingLevel.costs`, and what
+    a longer cache adds: 1 and KEY_ROWS rows timed after COST_CONTEXT and after KEY_CONTEXT more tokens); and the
+    target's load scale on `prompts` (`measure_load_scale`)."""
+    costs, forward_costs = {}, {}
+    for name, level in levels.items():
+        log(f"profile: forward cost of {name}")
+        costs[name] = await measure_cost(level, _tokens(level, context))
+        near, far = [(await measure_cost(level, _tokens(level, COST_CONTEXT + extra), sizes=(1, KEY_ROWS))).ms
+                     for extra in (0, KEY_CONTEXT)]
+        one, many = far[0] - near[0], far[1] - near[1]  # KEY_CONTEXT (cache_ms + rows key_ms) at 1 and KEY_ROWS rows
+        key_ms = max(many - one, 0.0) / ((KEY_ROWS - 1) * KEY_CONTEXT)
+        batched = level.costs  # the engine's own curve, cached per machine: what its draft budget uses
+        forward_costs[name] = ForwardCost(curve=CostCurve(tokens=list(batched.rows), ms=list(batched.ms)),
+                                          cache_ms=max(one / KEY_CONTEXT - key_ms, 0.0), key_ms=key_ms)
+    scale = await measure_load_scale(levels[target], prompts, forward_costs[target], log)
+    return costs, forward_costs, scale
+
+
+async def measure_load_scale(level: BatchingLevel, prompts: list[list[int]], cost: ForwardCost, log=print) -> float:
+    """Decode LOAD_REQUESTS calibration prompts together (plain decoding, LOAD_TOKENS tokens each: chunked
+    prefills beside decoding rows, long caches) and return what their forwards took over what `cost` prices them
+    at: the rest of what real forwards cost (requests of mixed shapes, the machine's speed at the time)."""
+    log(f"profile: {LOAD_REQUESTS} requests at once on {level.name}")
+    prompts = [prompts[i % len(prompts)] for i in range(LOAD_REQUESTS)]
+
+    async def decode(index: int, prompt: list[int]) -> None:
+        request, sequence = f"profile-load-{index}", list(prompt)
+        for _ in range(LOAD_TOKENS):
+            sequence.extend((await level.logits(request, sequence, 1, picks=GREEDY)).tokens)
+        await level.release(request)
+
+    level.trace = []
+    try:
+        await asyncio.gather(*(decode(i, p) for i, p in enumerate(prompts)))
+        trace = level.trace
+    finally:
+        level.trace = None
+    return sum(ms for *_, ms in trace) / sum(cost(rows, held) for rows, held, _ in trace)
+
+
+def _tokens(level: Level, length: int) -> list[int]:
+    return [i % level.vocab_size for i in range(length)]
+
+
 def run_profile(config: HierspecConfig, dtype: str, questions, max_tokens: int, max_draft: int = 16,
-                pool=None, refresh: bool = False, log=print) -> tuple[Profile, Path]:
+                pool=None, refresh: bool = False, log=print, fresh_costs: bool = False) -> tuple[Profile, Path]:
     """Load the cached profile for these settings, or measure it (minutes: one greedy generation
-    per calibration prompt, one forward per draft model and prompt, a few cost curves)."""
+    per calibration prompt, one forward per draft model and prompt, a few cost curves). `fresh_costs`: time the
+    forwards of a cached profile again (a minute or two), for a prediction of what runs next on this machine
+    (a shared machine's speed moves by 10-30% between hours)."""
     from deploy.builder import RunnerPool, build_decoder
     from deploy.workload import category_group
     from services.engine.prompts import Conversation, stop_token_ids
@@ -267,10 +343,22 @@ def run_profile(config: HierspecConfig, dtype: str, questions, max_tokens: int, 
                    "max_tokens": max_tokens, "max_draft": max_draft}
     key = profile_key(config, dtype, calibration)
     path = profile_path(key)
+    cached = None
     if path.exists() and not refresh:
-        cached = Profile.model_validate_json(path.read_text())
+        try:
+            cached = Profile.model_validate_json(path.read_text())
+        except ValueError:  # a profile of an older layout (or damaged): measured again
+            log(f"profile: {path} does not parse; measuring again")
+    if cached is not None:
         if cached.key == key:
             log(f"profile: reusing {path}")
+            if fresh_costs:
+                pool = pool or RunnerPool()
+                levels = {name: pool.level(name, dtype, config.device) for name in cached.costs}
+                prompts = probe_prompts(questions, levels[cached.target].runner.tokenizer)
+                cached.costs, cached.forward_costs, cached.load_scale = asyncio.run(
+                    measure_costs(levels, cached.target, cached.cost_context, prompts, log))
+                _write(path, cached)
             return cached, path
 
     pool = pool or RunnerPool()
@@ -285,6 +373,8 @@ def run_profile(config: HierspecConfig, dtype: str, questions, max_tokens: int, 
     reference.proposer = HierarchicalDrafter(drafter.config, None, drafter.statistics)
     categories: dict[str, CategoryProfile] = {}
     costs: dict[str, CostCurve] = {}
+    forward_costs: dict[str, ForwardCost] = {}
+    load_scale, context = 1.0, 0
     order: list[str] = []
     loop = asyncio.new_event_loop()
     started = time.perf_counter()
@@ -297,10 +387,10 @@ def run_profile(config: HierspecConfig, dtype: str, questions, max_tokens: int, 
                 text = reference.generate(prompt, SamplingParams(), max_tokens, stop_ids).token_ids
                 chat.answer(text)
                 if not costs:  # at a context as long as mid-generation
-                    for name in names:
-                        log(f"profile: forward cost of {name}")
-                        costs[name] = loop.run_until_complete(measure_cost(levels[name],
-                                                                           prompt + text[: max_tokens // 2]))
+                    context = len(prompt) + min(len(text), max_tokens // 2)
+                    prompts = probe_prompts(questions, tokenizer)
+                    costs, forward_costs, load_scale = loop.run_until_complete(
+                        measure_costs(levels, config.models.target, context, prompts, log))
                     order = [*sorted(config.models.drafts, key=lambda n: costs[n](1)), config.models.target]
                 loop.run_until_complete(measure_category(levels, order, drafter, [prompt], [text], max_draft,
                                                          categories.setdefault(group, CategoryProfile()),
@@ -310,10 +400,31 @@ def run_profile(config: HierspecConfig, dtype: str, questions, max_tokens: int, 
     finally:
         loop.close()
     profile = Profile(key=key, target=config.models.target, drafts=order[:-1], max_draft=max_draft, costs=costs,
+                      forward_costs=forward_costs, cost_context=context, load_scale=load_scale,
                       categories=categories)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(profile.model_dump_json())
+    _write(path, profile)
     return profile, path
+
+
+def _write(path: Path, profile: Profile) -> None:
+    """Whole or not at all: an interrupted write must not leave a profile that no longer parses."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(profile.model_dump_json())
+    os.replace(partial, path)
+
+
+def probe_prompts(questions, tokenizer) -> list[list[int]]:
+    """First turns of up to LOAD_REQUESTS calibration questions, the categories taken in turn (a workload lists
+    them category by category, and the load probe should hold long prompts and short ones)."""
+    from deploy.workload import category_group
+    from services.engine.prompts import Conversation
+
+    by_category: dict[str, list] = {}
+    for question in questions:
+        by_category.setdefault(category_group(question.category), []).append(question)
+    mixed = [q for row in itertools.zip_longest(*by_category.values()) for q in row if q is not None]
+    return [Conversation(tokenizer).ask(q.turns[0]) for q in mixed[:LOAD_REQUESTS]]
 
 
 def stderr_log(message: str) -> None:

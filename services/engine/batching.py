@@ -120,6 +120,9 @@ class BatchingLevel:
         self.forwards_run = 0  # statistics: forwards, the calls they served, seconds spent in them
         self.calls_served = 0
         self.forward_s = 0.0
+        # when a list: each forward's (rows of each call, tokens each call's request held before them, ms), which the
+        # planner fits its cost model to (deploy.planner.profiler)
+        self.trace: list[tuple[list[int], list[int], float]] | None = None
 
     async def logits(self, request_id: str, token_ids: list[int], num_logits: int,
                      picks: SamplingParams | None = None, confidence: bool = False, isolated: bool = False) -> Scores:
@@ -269,7 +272,13 @@ class BatchingLevel:
                 if pending.long:
                     pending.work.cap_step(self.limits.prompt_rows)
         if stepping:
+            trace = self.trace
+            if trace is not None:
+                shape = ([len(p.work.steps[0][0]) for p in stepping], [p.work.state.cache.length for p in stepping])
+                started = time.perf_counter()
             done = self.runner.step([p.work for p in stepping])
+            if trace is not None:
+                trace.append((*shape, 1000 * (time.perf_counter() - started)))
             for pending in stepping:
                 if pending.work in done:
                     try:

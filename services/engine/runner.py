@@ -28,6 +28,7 @@ from services.engine.tree import TokenTree
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8,
           "int4": INT4}
 COST_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+COST_CONTEXT = 64  # tokens each request of `measure_costs` holds before the rows it times
 
 
 @dataclass
@@ -249,9 +250,9 @@ class LevelRunner:
 
     def measure_costs(self, rows: tuple[int, ...] = COST_ROWS, repeats: int = 3) -> CostModel:
         """Milliseconds of a forward over `rows` new rows in total, spread over up to 8 requests (a batch),
-        each after a 64-token context: what the draft budget prices a round at. The fastest of `repeats`: what
+        each after a COST_CONTEXT-token context: what the draft budget prices a round at. The fastest of `repeats`: what
         else runs on the machine only ever adds time."""
-        context = [i % self.vocab_size for i in range(64)]
+        context = [i % self.vocab_size for i in range(COST_CONTEXT)]
         ms = []
         for total in rows:
             requests = min(total, 8)
