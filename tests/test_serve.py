@@ -287,6 +287,25 @@ def test_streams_count_against_the_in_flight_bound(server):
     assert all(text.rstrip().endswith("data: [DONE]") for code, _, text in replies if code == 200)
 
 
+def test_a_client_leaving_a_several_choice_stream_frees_every_choice(server):
+    """n = 3 holds all three places of max_in_flight. The client reads the first chunk and leaves: every choice
+    stops, not only the one being sent, so the places are free again within seconds. Choice 0 (seed 5) would
+    otherwise run to its 400 tokens, about 20 s on the 2-core dev host."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    url = server["url"] + "/v1/chat/completions"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write the numbers from 1 to 300, one per line."}],
+            "max_tokens": 400, "temperature": 0.8, "seed": 5, "n": 3, "stream": True}
+    with requests.post(url, json=body, stream=True, headers=headers, timeout=300) as reply:
+        assert reply.status_code == 200
+        assert next(line for line in reply.iter_lines() if line).startswith(b"data: {")
+    left = time.monotonic()
+    probe = {**body, "max_tokens": 1, "stream": False}
+    while (status := requests.post(url, json=probe, headers=headers, timeout=300).status_code) == 503:
+        assert time.monotonic() - left < 6, "the choices of a stream its client left still hold their places"
+        time.sleep(0.25)
+    assert status == 200
+
+
 def test_load_is_shed_with_503_and_retry_after(server):
     def one(_):
         body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 40,
