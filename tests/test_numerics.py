@@ -23,6 +23,7 @@ from services.engine.kernels import (
     candidates,
     dequantize_int4,
     dequantize_int8,
+    fp16_scale,
     kernel_choices,
     probe,
     quantize_int4,
@@ -97,6 +98,42 @@ def test_every_quantised_kernel_computes_the_served_weight(dtype, dequantize):
     for name, (prepare, run) in candidates(dtype, CPU).items():
         got = run(prepare(weight), x)
         assert torch.allclose(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max()), name
+
+
+FP16 = "fbgemm-fp16-f32"
+
+
+@pytest.mark.skipif(FP16 not in candidates(torch.bfloat16, CPU), reason="fbgemm's FP16 GEMM is an x86 kernel")
+def test_the_float16_weights_kernel_multiplies_by_the_bfloat16_values_themselves():
+    """It holds a bfloat16 weight in float16 after a power-of-two scale: every value exactly (magnitudes spread over
+    2^-12..2^19 here, 31 binades: float16 overflows unscaled), products and sums in float32 like the float32
+    kernels."""
+    generator = torch.Generator().manual_seed(0)
+    exponents = torch.randint(-12, 19, (96, 256), generator=generator).float()
+    signs = torch.randint(0, 2, (96, 256), generator=generator).float() * 2 - 1
+    weight = (signs * (1 + torch.rand(96, 256, generator=generator)) * torch.exp2(exponents)).bfloat16()
+    prepare, run = candidates(torch.bfloat16, CPU)[FP16]
+    packed, unscale = prepare(weight)
+    held = torch.ops.quantized.linear_unpack_fp16(packed)[0]
+    assert torch.equal(held * unscale, weight.float())  # exactly the model's values
+    x = torch.randn(5, 256, generator=generator)
+    expected = (x.double() @ weight.double().T)
+    tolerance = 256 * 2 ** -23 * (x.double().abs() @ weight.double().abs().T)  # float32 sums of 256 products
+    assert ((run((packed, unscale), x).double() - expected).abs() <= tolerance).all()
+
+
+@pytest.mark.skipif(FP16 not in candidates(torch.bfloat16, CPU), reason="fbgemm's FP16 GEMM is an x86 kernel")
+def test_a_weight_float16_cannot_hold_takes_another_kernel():
+    """Values 2^50 apart cannot share float16's exponent range at any scale: such a weight gets a choice measured
+    without the float16 kernel, and computes exactly."""
+    weight = torch.randn(64, 576, generator=torch.Generator().manual_seed(0)).bfloat16()
+    weight[0, 0] = 2.0 ** -50
+    assert fp16_scale(weight) is None and fp16_scale(weight[1:]) is not None
+    choice = kernel_choices().linear(weight, torch.bfloat16, CPU)
+    assert choice.kernel != FP16
+    linear = ChosenLinear(weight, None, torch.bfloat16, CPU, choice)
+    x = torch.randn(3, 576)
+    assert torch.allclose(linear(x), x @ weight.float().T, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("hidden", [64, 128, 576, 896, 1536])  # 64, 128: Qwen3's q/k norms over a head
