@@ -14,12 +14,16 @@ import pytest
 import torch
 from tiny_models import tiny_hf_model
 
+from services.engine import kernels
 from services.engine.attention import RowLayout, Rows, attend
 from services.engine.kernels import (
+    FP16,
     INT4,
     INT4_GROUP,
     MAX_ROWS,
     ChosenLinear,
+    KernelChoice,
+    KernelChoices,
     candidates,
     dequantize_int4,
     dequantize_int8,
@@ -28,6 +32,7 @@ from services.engine.kernels import (
     probe,
     quantize_int4,
     quantize_int8,
+    weight_allowed,
 )
 from services.engine.model import Decoder, RMSNorm, _rotate_half
 from services.engine.tree import TokenTree
@@ -100,9 +105,6 @@ def test_every_quantised_kernel_computes_the_served_weight(dtype, dequantize):
         assert torch.allclose(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max()), name
 
 
-FP16 = "fbgemm-fp16-f32"
-
-
 @pytest.mark.skipif(FP16 not in candidates(torch.bfloat16, CPU), reason="fbgemm's FP16 GEMM is an x86 kernel")
 def test_the_float16_weights_kernel_multiplies_by_the_bfloat16_values_themselves():
     """It holds a bfloat16 weight in float16 after a power-of-two scale: every value exactly (magnitudes spread over
@@ -122,18 +124,35 @@ def test_the_float16_weights_kernel_multiplies_by_the_bfloat16_values_themselves
     assert ((run((packed, unscale), x).double() - expected).abs() <= tolerance).all()
 
 
+def test_float16_holds_a_weight_only_when_every_value_survives():
+    """The scale puts the largest value under float16's largest; a value whose last bits fall below float16's
+    smallest subnormal after that, or that float16's range cannot reach at all, refuses the weight."""
+    tiny = 2.0 ** -24
+    assert fp16_scale(torch.tensor([[40000.0, tiny, 1.0, 3 * tiny]], dtype=torch.float16)) is None
+    assert fp16_scale(torch.tensor([[2.0 ** 100, 2.0 ** -60, 2.0 ** 90]], dtype=torch.bfloat16)) is None
+    assert fp16_scale(torch.tensor([[float("inf"), 1.0]], dtype=torch.bfloat16)) is None
+    held = torch.tensor([[2.0 ** 20, 3 * 2.0 ** -10, -(2.0 ** -11)]], dtype=torch.bfloat16)
+    assert fp16_scale(held) == 2.0 ** -6 and fp16_scale(torch.zeros(2, 3, dtype=torch.bfloat16)) == 1.0
+
+
 @pytest.mark.skipif(FP16 not in candidates(torch.bfloat16, CPU), reason="fbgemm's FP16 GEMM is an x86 kernel")
-def test_a_weight_float16_cannot_hold_takes_another_kernel():
-    """Values 2^50 apart cannot share float16's exponent range at any scale: such a weight gets a choice measured
-    without the float16 kernel, and computes exactly."""
+def test_a_weight_float16_cannot_hold_gets_a_choice_of_its_own(tmp_path, monkeypatch):
+    """Weights of one shape share a choice only if float16 holds all of them or none: one with a value 2^50 below
+    its largest never gets the float16 kernel, whichever weight was measured first, and computes exactly."""
+    def measure(weight, dtype, device, float_output=False):  # as if the float16 kernel were fastest
+        return KernelChoice(FP16 if weight_allowed(FP16, weight.to(dtype)) else "linear-f32", 3, {})
+    monkeypatch.setattr(kernels, "measure", measure)
+    choices = KernelChoices(tmp_path / "choices.json")
     weight = torch.randn(64, 576, generator=torch.Generator().manual_seed(0)).bfloat16()
-    weight[0, 0] = 2.0 ** -50
-    assert fp16_scale(weight) is None and fp16_scale(weight[1:]) is not None
-    choice = kernel_choices().linear(weight, torch.bfloat16, CPU)
+    inexact = weight.clone()
+    inexact[0, 0] = 2.0 ** -50
+    assert fp16_scale(weight) is not None and fp16_scale(inexact) is None
+    assert choices.linear(weight, torch.bfloat16, CPU).kernel == FP16
+    choice = choices.linear(inexact, torch.bfloat16, CPU)
     assert choice.kernel != FP16
-    linear = ChosenLinear(weight, None, torch.bfloat16, CPU, choice)
+    linear = ChosenLinear(inexact, None, torch.bfloat16, CPU, choice)
     x = torch.randn(3, 576)
-    assert torch.allclose(linear(x), x @ weight.float().T, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(linear(x), x @ inexact.float().T, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("hidden", [64, 128, 576, 896, 1536])  # 64, 128: Qwen3's q/k norms over a head

@@ -131,27 +131,32 @@ def _onednn_f32():
 # Half-precision weights, float32 arithmetic (fbgemm's FP16 GEMM, on x86 CPUs): it holds the weight in float16
 # and multiplies float32 activations by it in float32, so a bfloat16 model's weight read from memory takes half
 # the bytes of a float32 kernel's (on CPUs without native bfloat16 every other kernel of a bfloat16 model computes
-# in float32 from float32 weights) and its logits stay float32 (the LM head). Lossless only where float16 holds
-# every value exactly: bfloat16's 8-bit significands fit float16's 11, and a power-of-two scale (exact both ways)
-# moves the weight's largest value just under float16's largest, so only a weight whose values span more than
-# float16's exponent range (about 2^40 from largest to smallest) lacks this kernel (`weight_allowed`). On a
-# 2-core AVX2 EPYC: 1536 x 8960 at 1 / 16 rows 0.81 / 3.03 ms against 2.04 / 4.61 for oneDNN float32, the
-# Qwen 1.5B's LM head 16.6 against 64.0 ms at 1 row.
+# in float32 from float32 weights) and its logits stay float32 (the LM head). It serves only weights float16
+# holds exactly, every value, once multiplied by a power of two (`fp16_scale`; the output is multiplied back, a
+# deterministic elementwise step, so row invariance is unchanged): bfloat16's 8-bit significands fit float16's 11,
+# so that is every weight whose values span fewer than about 32 binades from the largest to the last bit of the
+# smallest; another weight is measured without this kernel (`weight_allowed`). On a 2-core AVX2 EPYC, padded to 3
+# rows: a 1536 x 8960 projection at 1 / 16 rows 0.98 / 3.53 ms against 2.56 / 4.71 for oneDNN float32.
+FP16_CHECK_ELEMENTS = 1 << 22  # `fp16_scale` checks a weight in blocks of rows this size: float32 copies stay small
+
+
 def fp16_scale(weight: torch.Tensor) -> float | None:
     """The power of two that puts every value of `weight` into float16 exactly, its largest in [2^14, 2^15); None
-    where no such scale exists (values spanning too many binades, or not finite)."""
+    where no such scale exists (values spanning too many binades, or not finite). Checked by the round trip in
+    float32: scaled, rounded to float16, scaled back, every value must be the one it was."""
     largest = weight.abs().max().item() if weight.numel() else 0.0
     if not math.isfinite(largest):
         return None
     exponent = 14 - math.floor(math.log2(largest)) if largest > 0 else 0
-    if abs(exponent) > 120:  # the scale itself must be a finite float32
+    if abs(exponent) > 100:  # the scale and its inverse must be normal float32 values
         return None
     scale = 2.0 ** exponent
-    if weight.dtype == torch.float16:
-        return scale  # a power of two moves float16 values within float16's range exactly
-    # scaling by a power of two is exact in bfloat16 (and float32); float16 rounds only what it cannot hold
-    scaled = weight * scale
-    return scale if torch.equal(scaled.half().to(scaled.dtype), scaled) else None
+    rows = max(1, FP16_CHECK_ELEMENTS // max(1, weight.shape[-1]))
+    for block in weight.split(rows):
+        values = block.float()
+        if not torch.equal((values * scale).half().float() * (1.0 / scale), values):
+            return None
+    return scale
 
 
 def _fbgemm_fp16_available() -> bool:
@@ -164,7 +169,12 @@ def _fbgemm_fp16():
         scale = fp16_scale(weight)
         if scale is None:
             raise ValueError(f"a {tuple(weight.shape)} weight has values float16 cannot hold at any scale")
-        return torch.ops.quantized.linear_prepack_fp16(weight.float() * scale, None), 1.0 / scale
+        engine = torch.backends.quantized.engine
+        torch.backends.quantized.engine = "fbgemm"  # prepacking is the fbgemm engine's (running is any engine's)
+        try:
+            return torch.ops.quantized.linear_prepack_fp16(weight.float().mul_(scale), None), 1.0 / scale
+        finally:
+            torch.backends.quantized.engine = engine
 
     def run(w, x):
         packed, unscale = w
@@ -181,6 +191,7 @@ def _fbgemm_fp16():
 #   4-bit values q in 0..15, a bfloat16 scale s and offset z (asymmetric, as llama.cpp's Q4_1),
 #   W' = (q - 8) s + z, the layout of torch's int4 GEMM (CPU only: on another device `dtype: int4` is refused),
 #   which reads half int8's bytes (a dequantised kernel, where one measures faster, holds float32 weights).
+FP16 = "fbgemm-fp16-f32"  # the float16-weights kernel (above)
 INT4 = torch.uint4
 INT4_GROUP = 32
 QUANTISED = (torch.int8, INT4)
@@ -279,7 +290,7 @@ def candidates(dtype: torch.dtype, device: torch.device) -> dict[str, tuple[Call
     if _onednn_available():
         found["onednn-f32"] = _onednn_f32()
     if dtype in (torch.bfloat16, torch.float16) and _fbgemm_fp16_available():
-        found["fbgemm-fp16-f32"] = _fbgemm_fp16()
+        found[FP16] = _fbgemm_fp16()
     return found
 
 
@@ -300,7 +311,7 @@ def weight_allowed(kernel: str, weight: torch.Tensor) -> bool:
     The float16-weights kernel serves only weights float16 holds exactly (see `fp16_scale`)."""
     if kernel == "int4-bf16":
         return weight.shape[0] % 16 == 0
-    if kernel == "fbgemm-fp16-f32":
+    if kernel == FP16:
         return fp16_scale(weight) is not None
     return True
 
@@ -569,10 +580,12 @@ class KernelChoices:
         out_features, in_features = weight.shape
         key = f"linear|torch {torch.__version__}|{dtype}|{in_features}x{out_features}" + \
             ("|float output" if float_output else "")
+        if FP16 in candidates(dtype, device):  # weights float16 holds and those it does not: a choice each
+            key += "|float16-exact" if weight_allowed(FP16, weight.to(values_dtype(dtype))) else "|not float16-exact"
+        known = key in self._memo
         choice = KernelChoice(**self.cached(key, lambda: measure(weight, dtype, device, float_output).__dict__))
-        if not weight_allowed(choice.kernel, weight.to(values_dtype(dtype))):  # a choice of its own, without it
-            key += "|not float16-exact"
-            choice = KernelChoice(**self.cached(key, lambda: measure(weight, dtype, device, float_output).__dict__))
+        if known:
+            return choice
         timings = "/".join(str(choice.ms.get(str(n))) for n in TIMED_ROWS)
         log.info("kernel for %s: %s, rows padded to a multiple of %d (%s ms for %s rows)", key, choice.kernel,
                  choice.quantum, timings, "/".join(map(str, TIMED_ROWS)))

@@ -280,10 +280,9 @@ class Decoder(CausalDecoder):
         dense = values_dtype(dtype)  # int8, int4: the block matmuls only; embeddings, norms, LM head in bfloat16
 
         def make_linear(weight, bias, float_output: bool = False, kind: torch.dtype = dtype):
-            key = (*weight.shape, kind)
-            if key not in chosen:
-                chosen[key] = choices.linear(weight, kind, device, float_output)
-            return ChosenLinear(weight, bias, kind, device, chosen[key])
+            # per weight, not per shape: a weight float16 cannot hold has a choice of its own (see kernels.FP16)
+            choice = chosen[(*weight.shape, kind)] = choices.linear(weight, kind, device, float_output)
+            return ChosenLinear(weight, bias, kind, device, choice)
 
         quantum = choices.attention_quantum(shape.head_dim, shape.num_kv_heads, shape.num_heads // shape.num_kv_heads,
                                             device)
