@@ -96,6 +96,13 @@ class ServingSettings(BaseModel):
     request_timeout_s: float = Field(600.0, gt=0.0, description="a request running longer is ended")
     pipelined: bool = Field(
         True, description="interleave the rounds of concurrent requests over the levels (False: one round at a time)")
+    rounds_in: Literal["ingress", "target"] = Field(
+        "ingress", description="where a request's draft-and-verify rounds run: in the ingress, each level call a "
+                               "Serve call (any hierarchy); or, for a one-level hierarchy (only the database drafter "
+                               "below the target), in the target's replica, which streams the tokens to the ingress: "
+                               "no Serve call per round, but a request whose replica dies fails instead of being "
+                               "retried, and a replica being replaced waits up to request_timeout_s for its "
+                               "requests. A hierarchy of several models runs in the ingress whatever this says")
     max_cached_requests: int = Field(64, ge=1, le=100_000, description="request KV caches a level replica keeps")
     max_cache_gib: float | None = Field(
         None, gt=0, description="GiB of request KV caches a level replica keeps (least recently used dropped first; "
@@ -120,6 +127,13 @@ class ServingSettings(BaseModel):
             raise ValueError(f"max_cached_requests ({self.max_cached_requests}) is below the requests the routers "
                              f"run at once (max_in_flight x router_replicas = {running}): a level replica would "
                              "evict the caches of running requests and recompute them every round")
+        return self
+
+    @model_validator(mode="after")
+    def _sequential_rounds_run_in_the_ingress(self) -> ServingSettings:
+        if not self.pipelined and self.rounds_in == "target":
+            raise ValueError("pipelined: false (one round at a time across requests) runs the rounds in the "
+                             "ingress: set rounds_in: ingress")
         return self
 
 
@@ -201,6 +215,10 @@ class HierspecConfig(BaseModel):
             raise ValueError("dtype int4 has torch's int4 GEMM on CPU only: serve int8 or bfloat16 on "
                              f"{self.device}")
         return self
+
+    def rounds_in_target(self, method: str) -> bool:
+        """Whether the target's replicas run the rounds of `method` (`serving.rounds_in: target`, one level)."""
+        return self.serving.rounds_in == "target" and len(self.chain(method)) == 1
 
     def chain(self, method: str) -> list[tuple[str, LevelConfig | None]]:
         """(model reference, level config) from the bottom level to the target (whose config is None)."""

@@ -448,3 +448,106 @@ def test_logprobs_are_plain_decodings_in_the_default_dtype(server, method):
             [[value for _, value in top] for _, top in plain.logprobs]
     finally:
         serve.delete(name)
+
+
+def test_rounds_in_the_target_replica_are_plain_decoding(server):
+    """`serving.rounds_in: target` (SmolLM2 `hd`, bfloat16): the target's replica runs the rounds and streams
+    them (its `generate`, called directly here, gives plain decoding's tokens). Three concurrent requests (one
+    streamed), with log-probabilities, each equal to in-process plain decoding of its prompt alone, finish reasons
+    included; a client leaving a long stream, and a stop string ending a response, stop the replica's generation
+    (its forwards stop); a request that ends the replica fails with `replica_crashed`."""
+    from ray import serve
+
+    from deploy.app.app import build_from_config, level_deployment_names
+    from deploy.cli import _generate_once
+    from deploy.config import config_for_models
+    from services.engine.model_store import load_tokenizer
+    from services.engine.prompts import chat_prompt_ids, stop_token_ids
+    from services.engine.sampling import SamplingParams
+
+    config = config_for_models("smollm2-135m", [])
+    name = "smollm2-in-target"
+    config = config.model_copy(update={"method": "hd", "name": name, "serving": config.serving.model_copy(
+        update={"api_key_env": KEY_ENV, "rounds_in": "target"})})
+    assert config.dtype == "bfloat16" and config.rounds_in_target("hd")
+    serve.run(build_from_config(config), name=name, route_prefix="/in-target")
+    url, headers = f"{server['url']}/in-target/v1/chat/completions", {"Authorization": f"Bearer {KEY}"}
+    try:
+        client = openai.OpenAI(base_url=f"{server['url']}/in-target/v1", api_key=KEY, max_retries=0, timeout=300)
+        prompts = [PROMPT, "Write a haiku about caches.", "What is 2 + 2? Reply with the number only."]
+
+        def ask(index: int):
+            kwargs = {"model": name, "messages": [{"role": "user", "content": prompts[index]}], "temperature": 0,
+                      "max_tokens": 32, "logprobs": True, "top_logprobs": 2}
+            if index == 1:
+                chunks = list(client.chat.completions.create(stream=True, **kwargs))
+                choices = [choice for chunk in chunks for choice in chunk.choices]
+                return "".join(choice.delta.content or "" for choice in choices), \
+                    [entry for choice in choices if choice.logprobs for entry in choice.logprobs.content], \
+                    choices[-1].finish_reason
+            choice = client.chat.completions.create(**kwargs).choices[0]
+            return choice.message.content, choice.logprobs.content, choice.finish_reason
+
+        with ThreadPoolExecutor(3) as pool:
+            replies = list(pool.map(ask, range(3)))
+        reasons = []
+        for prompt, (text, entries, reason) in zip(prompts, replies):
+            plain, plain_text = _generate_once(config, "ar", None, prompt, 32, 0.0, None, True, logprobs=2)
+            assert (text, reason) == (plain_text, plain.finish_reason)
+            assert [entry.logprob for entry in entries] == [value for value, _ in plain.logprobs]
+            assert [[top.logprob for top in entry.top_logprobs] for entry in entries] == \
+                [[value for _, value in top] for _, top in plain.logprobs]
+            reasons.append(reason)
+        assert "stop" in reasons and "length" in reasons
+
+        level = serve.get_deployment_handle(level_deployment_names(config, "hd")[0], name)
+        generation, _ = _generate_once(config, "ar", None, PROMPT, 16, 0.0, None, True)
+        tokenizer = load_tokenizer("smollm2-135m")
+        prompt_ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": PROMPT}])
+        outputs = list(level.options(stream=True).generate.remote("direct", prompt_ids, SamplingParams(), 16,
+                                                                  stop_token_ids(tokenizer)))
+        assert [token for output in outputs for token in output.tokens] == generation.token_ids
+        assert outputs[-1].finish_reason == generation.finish_reason
+        assert outputs[-1].stats.tokens == len(generation.token_ids)
+
+        def stops_generating(leave) -> None:
+            """`leave` starts a long generation and ends it early: the replica computed for it, then stops."""
+            before = level.batching.remote().result()["forwards"]
+            seen = leave()
+            time.sleep(1.5)
+            after = level.batching.remote().result()["forwards"]
+            assert after >= before + 2, seen  # its prompt and a round at least
+            time.sleep(2.0)
+            state = level.batching.remote().result()
+            assert state["forwards"] == after, "the replica generates for nobody"
+            assert state["cached_requests"] == 0, "the generation holds its cache"
+
+        # 400 tokens alone (about 15 s), its dragon named in the first sentence
+        story = {"model": name, "messages": [{"role": "user", "content": "Write a long story about a dragon who "
+                                                                          "learns to code."}],
+                 "max_tokens": 400, "temperature": 0}
+
+        def client_leaves() -> None:
+            with requests.post(url, json={**story, "stream": True}, stream=True, timeout=300,
+                               headers=headers) as reply:
+                assert reply.status_code == 200
+                chunks = (json.loads(line[len(b"data: "):]) for line in reply.iter_lines()
+                          if line.startswith(b"data: {"))
+                assert next(chunk for chunk in chunks if chunk["choices"][0]["delta"].get("content"))  # a token
+
+        def stop_string_ends_it() -> None:
+            reply = requests.post(url, json={**story, "stop": ["Zorvax"]}, timeout=300, headers=headers)
+            assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] == "stop", reply.text
+            assert reply.json()["hierspec_stats"]["tokens"] > 0  # statistics of a response ended early
+            return reply.text
+
+        stops_generating(client_leaves)
+        stops_generating(stop_string_ends_it)
+
+        # a request that ends its replica fails with an error naming it (last: the replica restarts meanwhile)
+        crashed = requests.post(url, timeout=300, headers=headers,
+                                json={"model": name, "messages": [{"role": "user", "content": POISON}],
+                                      "max_tokens": 8})
+        assert crashed.status_code == 500 and crashed.json()["error"]["code"] == "replica_crashed", crashed.text
+    finally:
+        serve.delete(name)

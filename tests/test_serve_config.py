@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from deploy.app.app import build_app, http_options, level_options
-from deploy.config import ConfigError, load_config
+from deploy.config import ConfigError, HierspecConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_FILES = sorted((ROOT / "deploy/serve").glob("*.yaml"))
@@ -39,6 +40,20 @@ def test_level_options_follow_the_hierarchy():
     config = load_config(ROOT / "deploy/configs/qwen-coder-cpu.yaml")
     assert len(level_options(config, "ar")) == 1 and len(level_options(config, "hsd")) == 2
     assert all(o["ray_actor_options"]["num_gpus"] == 0 for o in level_options(config, "hsd"))
+
+
+def test_rounds_in_target_applies_to_one_level_hierarchies_only():
+    """`serving.rounds_in: target` moves the rounds of `ar` and `hd` into the target's replica (which then waits
+    for its requests when replaced); a hierarchy of several models keeps them in the ingress; the sequential
+    router (the benchmark's baseline) is the ingress's."""
+    raw = yaml.safe_load((ROOT / "deploy/configs/qwen-coder-cpu.yaml").read_text())
+    raw.setdefault("serving", {})["rounds_in"] = "target"
+    config = HierspecConfig.model_validate(raw)
+    assert config.rounds_in_target("hd") and config.rounds_in_target("ar") and not config.rounds_in_target("hsd")
+    assert level_options(config, "hd")[0]["graceful_shutdown_timeout_s"] == config.serving.request_timeout_s
+    assert all("graceful_shutdown_timeout_s" not in o for o in level_options(config, "hsd"))
+    with pytest.raises(ValidationError, match="rounds_in: ingress"):
+        HierspecConfig.model_validate({**raw, "serving": {"rounds_in": "target", "pipelined": False}})
 
 
 def test_builder_args_are_checked():

@@ -1,4 +1,5 @@
-"""The Serve app wired from a hierarchy config: the ingress server, the app builder, the cluster environment.
+"""The Serve app wired from a hierarchy config: the ingress server, the target replica that runs a one-level
+hierarchy's rounds, the app builder, the cluster environment.
 
 `deploy.app:build_app` is the `import_path` of the Serve config files in
 `deploy/serve/` and of the KubeRay manifests. It is resolved on first access

@@ -15,6 +15,7 @@ import signal
 from ray import serve
 from ray.serve import Application
 
+from deploy.app.rounds_service import TargetRounds
 from deploy.app.server import HierspecServer
 from deploy.config import ConfigError, HierspecConfig, load_config, packaged_path
 from deploy.planner.auto import resolve_auto
@@ -34,9 +35,15 @@ def level_options(config: HierspecConfig, method: str) -> list[dict]:
     """Serve options of each level deployment, bottom level first (also what sizes GPU worker groups)."""
     serving = config.serving
     actor = {"num_cpus": serving.cpus_per_level, "num_gpus": serving.gpus_per_level}
-    return [{"name": name, "num_replicas": serving.replicas_per_level, "ray_actor_options": actor,
-             "max_ongoing_requests": 4 * serving.max_in_flight, "health_check_period_s": 10}
-            for name in level_deployment_names(config, method)]
+    options = {"num_replicas": serving.replicas_per_level, "ray_actor_options": actor,
+               "max_ongoing_requests": 4 * serving.max_in_flight, "health_check_period_s": 10}
+    if config.rounds_in_target(method):
+        # a request holds its call for its whole generation: room for every running request, and a replica
+        # being replaced (a redeploy, a scale-down) lets its requests finish
+        options.update(max_ongoing_requests=max(4 * serving.max_in_flight,
+                                                serving.max_in_flight * serving.router_replicas),
+                       graceful_shutdown_timeout_s=serving.request_timeout_s)
+    return [{"name": name, **options} for name in level_deployment_names(config, method)]
 
 
 def cache_limits(serving) -> dict:
@@ -54,10 +61,13 @@ def build_from_config(config: HierspecConfig, method: str | None = None, dtype: 
     config, method = resolve_auto(config, method or config.default_method, dtype)
     serving = config.serving
     chain = config.chain(method)
-    levels = [serve.deployment(LevelService).options(**options).bind(
-                  model, dtype, config.device, config.threads, serving.level_threads, len(chain),
-                  serving.batch.model_dump(), cache_limits(serving))
-              for options, (model, _) in zip(level_options(config, method), chain)]
+    in_target = config.rounds_in_target(method)
+    levels = []
+    for options, (model, _) in zip(level_options(config, method), chain):
+        level_args = (model, dtype, config.device, config.threads, serving.level_threads, len(chain),
+                      serving.batch.model_dump(), cache_limits(serving))
+        levels.append(serve.deployment(TargetRounds).options(**options).bind(config.model_dump(), method, *level_args)
+                      if in_target else serve.deployment(LevelService).options(**options).bind(*level_args))
     ingress = serve.deployment(HierspecServer).options(
         name="ingress", num_replicas=serving.router_replicas, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=2 * serving.max_in_flight, max_queued_requests=serving.max_queued_requests)

@@ -3,7 +3,9 @@
 A replica loads the tokenizer and the database drafter (its model DB is shared
 by the replica's requests), connects to the level deployments (it is ready once
 they are) and runs a `Router`. Prompts are tokenized here, so what reaches the
-levels is token ids.
+levels is token ids. With `serving.rounds_in: target` (a one-level hierarchy)
+the target's replicas hold the drafter and run the rounds, and the router reads
+their streams (`services.serve.remote_rounds`).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route annotations of the Serve class-based view.
@@ -50,6 +52,7 @@ from services.serve.openai_api import (
     usage,
     validation_error,
 )
+from services.serve.remote_rounds import RemoteRounds
 from services.serve.router import Overloaded, RequestTimeout, Router
 
 log = logging.getLogger("hierspec.server")
@@ -122,6 +125,14 @@ def _completion_tokens(generation, assembler: TextAssembler) -> int:
     return assembler.tokens_used if assembler.stopped else len(generation.token_ids)
 
 
+def _log_other_failures(rid: str, reported: BaseException, outcomes: list) -> None:
+    """A request answers with its first choice's failure; the other choices' failures go to the log, so that
+    none is lost (a choice's exception that is not `reported`, among `outcomes`)."""
+    for outcome in outcomes:
+        if isinstance(outcome, Exception) and outcome is not reported:
+            log.warning("request %s: another of its choices failed too", rid, exc_info=outcome)
+
+
 @dataclasses.dataclass(eq=False)
 class StreamedChoice:
     """One choice of a streamed response: its text deltas, and how far its log-probabilities went out."""
@@ -158,13 +169,18 @@ class HierspecServer:
         shared_cores = self.config.device == "cpu"
         alone = (lambda: self.router.in_flight <= 1) if shared_cores else None
         levels = [await RemoteLevel.connect(handle, alone) for handle in level_handles]  # waits for the levels
-        lookahead = (lambda: not alone()) if shared_cores else True
-        drafter = build_drafter(self.config.drafter, self.tokenizer) if method.startswith("hd") else None
-        decoder = chain_decoder(self.config, method, levels, lambda: drafter, on_forward=self.metrics.on_forward,
-                                lookahead=serving.pipelined and lookahead)
-        settings = self.config.drafter
-        self._saver = ModelDBSaver(drafter.model_db, Path(settings.model_db_path).expanduser(),
-                                   settings.model_db_save_s) if drafter and settings.model_db_path else None
+        self._saver = None
+        if self.config.rounds_in_target(method):  # the target's replicas run the rounds and the drafter
+            decoder = RemoteRounds(levels[-1])
+        else:
+            lookahead = (lambda: not alone()) if shared_cores else True
+            drafter = build_drafter(self.config.drafter, self.tokenizer) if method.startswith("hd") else None
+            decoder = chain_decoder(self.config, method, levels, lambda: drafter, on_forward=self.metrics.on_forward,
+                                    lookahead=serving.pipelined and lookahead)
+            settings = self.config.drafter
+            if drafter and settings.model_db_path:
+                self._saver = ModelDBSaver(drafter.model_db, Path(settings.model_db_path).expanduser(),
+                                           settings.model_db_save_s)
         self.router = Router(decoder, serving.max_in_flight, serving.request_timeout_s, pipelined=serving.pipelined,
                              metrics=self.metrics)
 
@@ -280,11 +296,13 @@ class HierspecServer:
                  for index, generation in enumerate(generations)]
         try:
             answers = await asyncio.gather(*tasks)
-        except (RequestTimeout, LevelCrashed) as exc:
-            raise _failure(exc) from None
-        finally:
+        except BaseException as exc:
             for task in tasks:  # one choice failed (or the client left): the others stop too
                 task.cancel()
+            _log_other_failures(rid, exc, [task.exception() for task in tasks if task.done() and not task.cancelled()])
+            if isinstance(exc, (RequestTimeout, LevelCrashed)):
+                raise _failure(exc) from None
+            raise
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": self.model_name, "choices": [choice for choice, _ in answers],
                 "usage": usage(len(prompt_ids), sum(tokens for _, tokens in answers)),
@@ -327,6 +345,7 @@ class HierspecServer:
                 events.put_nowait(end)
 
         tasks = [asyncio.ensure_future(produce(choice)) for choice in choices]
+        event = None
         try:
             running = len(tasks)
             while running:
@@ -346,6 +365,11 @@ class HierspecServer:
         finally:
             for task in tasks:  # the stream ended early (a failure, a client gone): the other choices stop too
                 task.cancel()
+            if isinstance(event, Exception):
+                unread = []
+                while not events.empty():
+                    unread.append(events.get_nowait())
+                _log_other_failures(rid, event, unread)
         if body.include_usage:
             final = chat_chunk(rid, self.model_name, created, {}, None) if chat else \
                 completion_chunk(rid, self.model_name, created, "", None)

@@ -161,7 +161,10 @@ def run_serve_bench(config: HierspecConfig, workload: str, out: str, clients: in
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for mode, pipelined in (("pipelined", True), ("sequential", False)):
-            variant = config.model_copy(update={"serving": config.serving.model_copy(update={"pipelined": pipelined})})
+            # the sequential router is the ingress's (one round at a time across requests)
+            layout = {} if pipelined else {"rounds_in": "ingress"}
+            variant = config.model_copy(update={"serving": config.serving.model_copy(
+                update={"pipelined": pipelined, **layout})})
             print(f"[{mode}] deploying {config.name} ({method})", flush=True)
             # on 127.0.0.1: no key needed
             serve.run(build_from_config(variant, method, require_key=False), name=config.name, route_prefix="/")

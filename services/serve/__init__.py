@@ -1,1 +1,2 @@
-"""Serve building blocks that know no config: a level as a deployment, the router, the OpenAI protocol, metrics."""
+"""Serve building blocks that know no config: a level as a deployment, the router, a target replica's rounds as the
+ingress reads them, the OpenAI protocol, metrics."""

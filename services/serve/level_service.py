@@ -92,8 +92,12 @@ class LevelService:
 
     async def _on_compute(self, function, requests: int):
         """Run a forward (or a release) on the compute thread, with every core when one request runs alone."""
-        threads = self.solo_threads if requests == 1 and self._alone else self.shared_threads
+        threads = self.solo_threads if requests == 1 and self._runs_alone() else self.shared_threads
         return await asyncio.get_running_loop().run_in_executor(self._compute, self._with_threads, function, threads)
+
+    def _runs_alone(self) -> bool:
+        """Whether the requests this level computes are all there are: what the router said with its last call."""
+        return self._alone
 
     @staticmethod
     def _with_threads(function, threads: int):
@@ -133,9 +137,9 @@ class LevelService:
 
     def batching(self) -> dict:
         """Forwards run, the calls they served (calls per forward: the batch size) and the seconds they took
-        (over the wall time: how busy the replica is)."""
+        (over the wall time: how busy the replica is); the requests whose KV caches it holds now."""
         return {"forwards": self.level.forwards_run, "calls": self.level.calls_served,
-                "forward_s": round(self.level.forward_s, 3)}
+                "forward_s": round(self.level.forward_s, 3), "cached_requests": self.runner.cached_requests()}
 
     async def process_id(self) -> int:
         """The process of the replica that calls for this multiplexed request id reach (the

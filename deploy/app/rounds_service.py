@@ -1,0 +1,79 @@
+"""The target level's replica that also runs a one-level hierarchy's rounds (`serving.rounds_in: target`).
+
+It is a `LevelService` (the same weights, batching and compute thread) whose
+`generate` runs a whole request as `hierspec generate` does in-process: the
+database drafter and the rounds live here, each round's forward joins the
+replica's batched forwards directly, and the committed tokens stream back to
+the ingress (`services.serve.remote_rounds`), which the round no longer waits
+for. Why, and what differs from the ingress layout, is said there.
+
+Every forward still runs on the compute thread; what a round computes besides
+(a sampled round's probabilities, on Serve's event-loop thread) runs on one
+thread, so that the process holds one OpenMP team (see `LevelService`). Each
+replica holds its own drafter, so its model DB learns from the requests it
+runs (as each ingress replica's does in the ingress layout; Redis shares them,
+`drafter.share_model_db`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+
+from deploy.builder import build_drafter, chain_decoder
+from deploy.config import HierspecConfig
+from drafter_db.model_db import ModelDBSaver
+from services.engine.model_store import load_tokenizer
+from services.engine.sampling import SamplingParams
+from services.serve.level_service import LevelService
+from services.serve.metrics import ForwardMetrics
+from services.serve.remote_rounds import RoundOutput
+
+
+class TargetRounds(LevelService):
+    """`config` and `method`: the hierarchy whose rounds this replica runs (one level: the target, with the
+    database drafter below it or nothing, as in `ar`); the other arguments are `LevelService`'s."""
+
+    def __init__(self, config: dict, method: str, *level_args, **level_kwargs):
+        super().__init__(*level_args, **level_kwargs)
+        config = HierspecConfig.model_validate(config)
+        self._shared_cores = config.device == "cpu"
+        settings = config.drafter
+        drafter = build_drafter(settings, load_tokenizer(config.models.target)) if method.startswith("hd") else None
+        # the drafter is microseconds a round, and on CPU the levels' forwards take every core: no lookahead
+        self.decoder = chain_decoder(config, method, [self.level], lambda: drafter,
+                                     on_forward=ForwardMetrics(config.name).on_forward)
+        if len(self.decoder.levels) != 1:
+            raise ValueError(f"method {method!r} has {len(self.decoder.levels)} levels; a target replica runs the "
+                             "rounds of a one-level hierarchy only")
+        self._saver = ModelDBSaver(drafter.model_db, Path(settings.model_db_path).expanduser(),
+                                   settings.model_db_save_s) if drafter and settings.model_db_path else None
+
+    def __del__(self):
+        """Serve's shutdown of the replica: what the model DB learned goes to its file."""
+        if getattr(self, "_saver", None) is not None:
+            self._saver.close()
+
+    def _runs_alone(self) -> bool:
+        """On CPU, where the levels share the cores: whether this replica's one request is all it runs (as the
+        router decides in the ingress layout)."""
+        return self._shared_cores and self.decoder.load.active <= 1
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
+                       stop_ids: frozenset[int]) -> AsyncIterator[RoundOutput]:
+        """Each round's committed tokens, then a last message with the finish reason and statistics. Cancelled
+        (the client went away, a stop string, the router's timeout), the generation releases its cache."""
+        self._crash_on_fault_token(prompt_ids)
+        if torch.get_num_threads() != 1:  # this thread's torch ops (a sampled round's probabilities) stay serial
+            torch.set_num_threads(1)
+        generation = self.decoder.start(prompt_ids, params, max_tokens, stop_ids, request_id)
+        rounds = generation.stream()
+        try:
+            async for tokens in rounds:
+                logprobs = None if generation.logprobs is None else generation.logprobs[-len(tokens):]
+                yield RoundOutput(tokens, generation.stats, logprobs)
+        finally:
+            await rounds.aclose()
+        yield RoundOutput([], generation.stats, finish_reason=generation.finish_reason)
