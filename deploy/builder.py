@@ -12,7 +12,7 @@ from deploy.config import ConfigError, DrafterSettings, HierspecConfig
 from deploy.planner.optimizer import Plan
 from drafter_db.drafter import DrafterConfig, HierarchicalDrafter, StatisticsDB
 from drafter_db.files import TableFileError
-from drafter_db.model_db import ModelDB
+from drafter_db.model_db import ModelDB, ModelDBSaver
 from drafter_db.shared_outputs import SharedOutputs
 from drafter_db.stores import EmbeddedStore, RedisStore, tokenizer_namespace
 from services.engine.batching import BatchingLevel
@@ -123,6 +123,17 @@ def statistics_store(settings: DrafterSettings, namespace: str, timeout: float =
     except TableFileError as error:
         log.warning("statistics DB left out: %s", error)
         return EmbeddedStore()
+
+
+def serving_drafter(settings: DrafterSettings, method: str,
+                    tokenizer) -> tuple[HierarchicalDrafter | None, ModelDBSaver | None]:
+    """Where a server runs the rounds (its ingress, or a target replica): the database drafter of `method` (None
+    but for `hd` methods), and what keeps its model DB's file current when `model_db_path` is set (close it at
+    shutdown)."""
+    drafter = build_drafter(settings, tokenizer) if method.startswith("hd") else None
+    if drafter is None or not settings.model_db_path:
+        return drafter, None
+    return drafter, ModelDBSaver(drafter.model_db, Path(settings.model_db_path).expanduser(), settings.model_db_save_s)
 
 
 def build_drafter(settings: DrafterSettings, tokenizer, statistics: StatisticsDB | None = None) -> HierarchicalDrafter:

@@ -18,13 +18,11 @@ runs (as each ingress replica's does in the ingress layout; Redis shares them,
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import torch
 
-from deploy.builder import build_drafter, chain_decoder
+from deploy.builder import chain_decoder, serving_drafter
 from deploy.config import HierspecConfig
-from drafter_db.model_db import ModelDBSaver
 from services.engine.model_store import load_tokenizer
 from services.engine.sampling import SamplingParams
 from services.serve.level_service import LevelService
@@ -40,16 +38,13 @@ class TargetRounds(LevelService):
         super().__init__(*level_args, **level_kwargs)
         config = HierspecConfig.model_validate(config)
         self._shared_cores = config.device == "cpu"
-        settings = config.drafter
-        drafter = build_drafter(settings, load_tokenizer(config.models.target)) if method.startswith("hd") else None
+        drafter, self._saver = serving_drafter(config.drafter, method, load_tokenizer(config.models.target))
         # the drafter is microseconds a round, and on CPU the levels' forwards take every core: no lookahead
         self.decoder = chain_decoder(config, method, [self.level], lambda: drafter,
                                      on_forward=ForwardMetrics(config.name).on_forward)
         if len(self.decoder.levels) != 1:
             raise ValueError(f"method {method!r} has {len(self.decoder.levels)} levels; a target replica runs the "
                              "rounds of a one-level hierarchy only")
-        self._saver = ModelDBSaver(drafter.model_db, Path(settings.model_db_path).expanduser(),
-                                   settings.model_db_save_s) if drafter and settings.model_db_path else None
 
     def __del__(self):
         """Serve's shutdown of the replica: what the model DB learned goes to its file."""

@@ -21,7 +21,6 @@ import os
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -30,9 +29,8 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deploy.builder import build_drafter, chain_decoder
+from deploy.builder import chain_decoder, serving_drafter
 from deploy.config import HierspecConfig
-from drafter_db.model_db import ModelDBSaver
 from services.engine.model_store import load_tokenizer
 from services.engine.prompts import chat_prompt_ids, stop_token_ids, text_prompt_ids
 from services.serve.level_service import LevelCrashed, RemoteLevel
@@ -174,13 +172,9 @@ class HierspecServer:
             decoder = RemoteRounds(levels[-1])
         else:
             lookahead = (lambda: not alone()) if shared_cores else True
-            drafter = build_drafter(self.config.drafter, self.tokenizer) if method.startswith("hd") else None
+            drafter, self._saver = serving_drafter(self.config.drafter, method, self.tokenizer)
             decoder = chain_decoder(self.config, method, levels, lambda: drafter, on_forward=self.metrics.on_forward,
                                     lookahead=serving.pipelined and lookahead)
-            settings = self.config.drafter
-            if drafter and settings.model_db_path:
-                self._saver = ModelDBSaver(drafter.model_db, Path(settings.model_db_path).expanduser(),
-                                           settings.model_db_save_s)
         self.router = Router(decoder, serving.max_in_flight, serving.request_timeout_s, pipelined=serving.pipelined,
                              metrics=self.metrics)
 
