@@ -148,33 +148,35 @@ def attend(q: torch.Tensor, caches: list[torch.Tensor], rows: Rows, quantum: int
     group = heads // kv_heads
     padded = -(-group // quantum) * quantum
     qg = q.view(n, kv_heads, group, head_dim).transpose(0, 1)  # [kv, n, group, hd]
-    if padded != group:
-        qg = torch.cat([qg, qg.new_zeros(kv_heads, n, padded - group, head_dim)], 2)
+    # contiguous, once: every run's query rows are then a view (a strided one would be copied by each GEMM call)
+    qg = torch.cat([qg, qg.new_zeros(kv_heads, n, padded - group, head_dim)], 2) if padded != group \
+        else qg.contiguous()
 
     def shared(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # [kv, rows, padded, x] @ [kv, x, y], rows fold
-        return (a.reshape(kv_heads, -1, a.shape[-1]) @ b).view(kv_heads, -1, padded, b.shape[-1])
+        return torch.bmm(a.reshape(kv_heads, -1, a.shape[-1]), b).view(kv_heads, -1, padded, b.shape[-1])
 
     scores, windows = [], []  # per tail run: its rows' window scores, and values ([kv, T, hd], or [kv, rows, T, hd])
     for request, length, a, b, r in rows.tails:
-        cache, layout = caches[request], rows.layouts[request]
+        keys, values = caches[request].unbind(0)
+        layout = rows.layouts[request]
         if layout.tail_slots is None:
-            scores.append(shared(qg[:, a:b], cache[0, :, length : length + TAIL_KEYS].transpose(1, 2)))
-            windows.append(cache[1, :, length : length + TAIL_KEYS])
+            scores.append(shared(qg[:, a:b], keys[:, length : length + TAIL_KEYS].transpose(1, 2)))
+            windows.append(values[:, length : length + TAIL_KEYS])
             continue
         slots = layout.tail_slots[r * TAIL_KEYS : (r + b - a) * TAIL_KEYS]
-        keys, values = cache.index_select(2, slots).view(2, kv_heads, b - a, TAIL_KEYS, head_dim)
+        keys, values = caches[request].index_select(2, slots).view(2, kv_heads, b - a, TAIL_KEYS, head_dim)
         scores.append(qg[:, a:b] @ keys.transpose(2, 3))
         windows.append(values)
     tail_s = (torch.cat(scores, 1) if len(scores) > 1 else scores[0]).masked_fill_(rows.hidden, float("-inf"))
     top = tail_s.amax(-1, keepdim=True)  # [kv, n, padded, 1]
     head_parts = []  # (a, b, E V, sum of E) of each head run, its rows' top taken over head and tail
     for request, length, a, b in rows.heads:
-        cache = caches[request]
-        s = shared(qg[:, a:b], cache[0, :, :length].transpose(1, 2))
-        run_top = torch.maximum(top[:, a:b], s.amax(-1, keepdim=True))
-        top[:, a:b] = run_top
+        keys, values = caches[request].unbind(0)
+        s = shared(qg[:, a:b], keys[:, :length].transpose(1, 2))
+        run_top = top[:, a:b]
+        torch.maximum(run_top, s.amax(-1, keepdim=True), out=run_top)
         e = torch.exp(s - run_top)
-        head_parts.append((a, b, shared(e, cache[1, :, :length]), e.sum(-1, keepdim=True)))
+        head_parts.append((a, b, shared(e, values[:, :length]), e.sum(-1, keepdim=True)))
     tail_e = torch.exp(tail_s - top)
     pieces = [shared(tail_e[:, a:b], values) if values.dim() == 3 else tail_e[:, a:b] @ values
               for (_, _, a, b, _), values in zip(rows.tails, windows)]

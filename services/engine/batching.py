@@ -51,8 +51,9 @@ from services.engine.tree import TokenTree
 STALE_COSTS = 1.5
 # Part of a cost curve's cache key: raised when the decoder's own cost changes (2: attention's ops per request
 # cut by half, a batched forward of 8 one-row requests 180 -> 110 ms; 3: rows sharing a tail window multiply it in
-# place, 8 requests of 8 rows 376 -> 254 ms), so curves measured before are not used
-COST_VERSION = 3
+# place, 8 requests of 8 rows 376 -> 254 ms; 4: attention's GEMMs called as `bmm` on query rows made contiguous
+# once per layer, 16 one-row requests 164 -> 140 ms, the same bits), so curves measured before are not used
+COST_VERSION = 4
 IN_PROCESS_WAIT_MS = 5.0
 
 
