@@ -155,11 +155,12 @@ def attend(q: torch.Tensor, caches: list[torch.Tensor], rows: Rows, quantum: int
     def shared(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # [kv, rows, padded, x] @ [kv, x, y], rows fold
         return torch.bmm(a.reshape(kv_heads, -1, a.shape[-1]), b).view(kv_heads, -1, padded, b.shape[-1])
 
+    kv = [cache.unbind(0) for cache in caches]  # each request's (keys, values), read in place by its runs
     scores, windows = [], []  # per tail run: its rows' window scores, and values ([kv, T, hd], or [kv, rows, T, hd])
     for request, length, a, b, r in rows.tails:
-        keys, values = caches[request].unbind(0)
         layout = rows.layouts[request]
         if layout.tail_slots is None:
+            keys, values = kv[request]
             scores.append(shared(qg[:, a:b], keys[:, length : length + TAIL_KEYS].transpose(1, 2)))
             windows.append(values[:, length : length + TAIL_KEYS])
             continue
@@ -171,7 +172,7 @@ def attend(q: torch.Tensor, caches: list[torch.Tensor], rows: Rows, quantum: int
     top = tail_s.amax(-1, keepdim=True)  # [kv, n, padded, 1]
     head_parts = []  # (a, b, E V, sum of E) of each head run, its rows' top taken over head and tail
     for request, length, a, b in rows.heads:
-        keys, values = caches[request].unbind(0)
+        keys, values = kv[request]
         s = shared(qg[:, a:b], keys[:, :length].transpose(1, 2))
         run_top = top[:, a:b]
         torch.maximum(run_top, s.amax(-1, keepdim=True), out=run_top)
