@@ -103,10 +103,11 @@ bench-llama-cpp: setup models stats
 	done
 
 # The Serve app under streaming clients: one client, a sweep of 1-16 clients (tokens/s and latency, PNG), a long
-# prompt among 4 streams, pipelined vs sequential router, HTTP vs in-process.
+# prompt among 4 streams, pipelined vs sequential router, HTTP vs in-process. SmolLM2's one stream, sweep and
+# in-process run are measured 3 times on fresh clusters (ratios: the medians); the Qwen pair's once (a run is long).
 bench-serve: setup models stats
 	$(HIERSPEC) bench-serve --config $(SERVE_CONFIG) --workload $(WORKLOAD) --clients 8 --requests 16 \
-	  --max-tokens 64 --out results/bench-serve-smollm2.json
+	  --max-tokens 64 --repeats 3 --out results/bench-serve-smollm2.json
 	$(HIERSPEC) bench-serve --config deploy/configs/qwen-coder-cpu.yaml --workload $(WORKLOAD) \
 	  --categories coding_humaneval --clients 8 --requests 8 --max-tokens 64 --sweep 1,2,4,8 \
 	  --long-prompt-tokens 0 --out results/bench-serve-qwen-coder.json

@@ -226,7 +226,7 @@ def _cmd_bench_serve(args) -> None:
     run_serve_bench(config, args.workload, args.out, clients=args.clients, num_requests=args.requests,
                     max_tokens=args.max_tokens, method=args.method, categories=args.categories, port=args.port,
                     sweep=_counts(args.sweep, "--sweep"), long_prompt_tokens=args.long_prompt_tokens,
-                    single_requests=args.single_requests)
+                    single_requests=args.single_requests, repeats=args.repeats)
 
 
 def _cmd_reliability(args) -> None:
@@ -401,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--sweep", default="1,2,4,8,16", help="client counts to measure throughput at")
     bench_serve.add_argument("--long-prompt-tokens", type=int, default=4000,
                              help="a prompt this long arrives while 4 streams run (0: skip that check)")
+    bench_serve.add_argument("--repeats", type=int, default=1,
+                             help="measure the one stream, the sweep and in-process this many times, each on a fresh "
+                                  "cluster; ratios are the medians of each repeat's own")
     bench_serve.add_argument("--port", type=int, default=8000)
     bench_serve.add_argument("--out", default="results/bench-serve.json")
     bench_serve.set_defaults(func=_cmd_bench_serve)
@@ -423,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("max_tokens", "per_category", "clients", "requests", "single_requests", "measure_per_category",
-                 "seeds", "concurrency"):
+                 "seeds", "concurrency", "repeats"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -64,3 +64,25 @@ def test_verbose_prints_the_kernels_chosen():
     assert proc.returncode == 0, proc.stderr
     assert "hierspec: kernel for linear" in proc.stderr and "576x49152" in proc.stderr
     assert "hierspec: attention: query rows padded" in proc.stderr
+
+
+def test_bench_serve_ratios_are_the_medians_of_each_repeats_own():
+    """A slow minute of a shared VM moves a repeat's figures together: each ratio is taken within its repeat, then
+    the median over repeats (the median points' own ratio, 28 / 10, would be 2.8x)."""
+    from deploy.bench.bench_serve import combine_runs, format_serve_table
+
+    def run(one: float, eight: float, http: float) -> dict:
+        point = lambda clients, speed: {"clients": clients, "tokens_per_s": speed,  # noqa: E731
+                                        "itl_ms": {"p50": 1000 * clients / speed, "p99": None}}
+        return {"single_stream": {"stream_tokens_per_s": http}, "in_process": {"tokens_per_s": 10.0},
+                "sweep": [point(1, one), point(8, eight)]}
+    runs = [run(10.0, 28.0, 8.0), run(5.0, 17.0, 9.0), run(12.0, 36.0, 5.0)]
+    sweep, http = combine_runs(runs)
+    assert [p["tokens_per_s"] for p in sweep] == [10.0, 28.0]  # the median repeat's points
+    assert sweep[1]["vs_one_client"] == 3.0 and http == 0.8
+    assert [r["sweep"][1]["vs_one_client"] for r in runs] == [2.8, 3.4, 3.0]
+    result = {"config": "c", "method": "hd", "dtype": "bfloat16", "max_tokens": 64, "machine": {"processor": "cpu"},
+              "modes": {}, "sweep": sweep, "runs": runs, "single_stream_vs_in_process": http,
+              "pipelined_vs_sequential": 2.0}
+    table = format_serve_table(result)
+    assert "(3.00x one client [2.80, 3.40, 3.00])" in table and "0.80x [0.80, 0.90, 0.50] (medians of 3" in table

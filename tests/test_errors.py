@@ -66,7 +66,7 @@ def test_hsd_without_draft_levels(tmp_path, capsys):
     assert code == 2 and "has no draft levels" in err
 
 
-@pytest.mark.parametrize("flag", ["--clients", "--requests", "--max-tokens", "--single-requests"])
+@pytest.mark.parametrize("flag", ["--clients", "--requests", "--max-tokens", "--single-requests", "--repeats"])
 def test_bench_serve_counts_are_positive(capsys, flag):
     with pytest.raises(SystemExit) as exit_:  # argparse's own one-line usage error
         main(["bench-serve", "--config", "deploy/configs/smollm2-cpu.yaml", "--workload", "deploy/calibration.jsonl",

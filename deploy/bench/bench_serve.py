@@ -10,7 +10,9 @@ clients with the sequential router (one round at a time), and
 finally the one client's prompts in this process without Serve (`hierspec
 generate`'s path) for the HTTP overhead. The one client runs first, on a fresh
 app: its model DB then knows what the in-process decoder's knows (a warm-up),
-not the answers to its own prompts from the concurrent run.
+not the answers to its own prompts from the concurrent run. With `--repeats N`
+the one stream, the sweep and the in-process run are measured N times, each on
+a fresh cluster, and every ratio is the median of the repeats' own ratios.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ def run_load(url: str, model: str, prompts: list[str], clients: int, max_tokens:
         "clients": clients, "requests": len(results), "tokens": tokens, "seconds": round(wall, 3),
         "tokens_per_s": round(tokens / wall, 3),
         "stream_tokens_per_s": round(tokens / sum(r.seconds for r in results), 3),
+        # streams open at a time, on average: below `clients` by the time the last ones take alone
+        "mean_streams": round(sum(r.seconds for r in results) / wall, 2),
         "ttft_ms": {"p50": ms(_percentile([r.ttft for r in results], 0.5)),
                     "p99": ms(_percentile([r.ttft for r in results], 0.99))},
         "itl_ms": {"p50": ms(_percentile(itl, 0.5)), "p99": ms(_percentile(itl, 0.99))},
@@ -142,25 +146,88 @@ def run_with_long_prompt(url: str, model: str, prompts: list[str], clients: int,
 def run_serve_bench(config: HierspecConfig, workload: str, out: str, clients: int = 8, num_requests: int = 16,
                     max_tokens: int = 64, method: str | None = None, categories: str | None = None,
                     port: int = 8000, single_requests: int = 8, sweep: tuple[int, ...] = (1, 2, 4, 8, 16),
-                    long_prompt_tokens: int = 4000) -> dict:
-    import ray
-    from ray import serve
-
-    from deploy.app.app import build_from_config
+                    long_prompt_tokens: int = 4000, repeats: int = 1) -> dict:
+    """`repeats` times: a fresh cluster and app, the one stream and the sweep, the cluster stopped, the one
+    stream's prompts in-process. A ratio (a sweep point against one client, one HTTP stream against in-process)
+    is taken within each repeat and reported as the median over repeats: a shared VM's speed moves by 20% from
+    one minute to the next, which a single pair of runs minutes apart takes for the ratio. The long prompt and
+    the sequential router run in the first repeat only."""
     from deploy.bench.chart import draw_load_chart
     from deploy.planner.auto import resolve_auto
 
     config, method = resolve_auto(config, method or config.default_method, config.dtype)
     questions = load_workload(workload, None, categories)
     prompts = [q.turns[0] for q in questions][: max(num_requests, *sweep)]
-    url = f"http://127.0.0.1:{port}"
     result = {"config": config.name, "method": method, "dtype": config.dtype, "max_tokens": max_tokens,
-              "machine": machine(), "modes": {}, "sweep": []}
+              "machine": machine(), "repeats": repeats, "modes": {}, "sweep": [], "runs": []}
+    for repeat in range(repeats):
+        if repeats > 1:
+            print(f"[repeat {repeat + 1} of {repeats}]", flush=True)
+        run = _serve_runs(config, method, prompts, clients, num_requests, max_tokens, port, single_requests, sweep,
+                          long_prompt_tokens if repeat == 0 else 0, first=repeat == 0)
+        print("[in-process] the same prompts without Serve", flush=True)
+        run["in_process"] = _in_process(config, method, prompts[:single_requests], max_tokens)
+        modes = run.pop("modes")
+        if repeat == 0:  # one stream, the long prompt, the routers, in-process: the first repeat's, in that order
+            result["modes"] = {"single_stream": run["single_stream"], **modes, "in_process": run["in_process"]}
+        result["runs"].append(run)
+    result["sweep"], result["single_stream_vs_in_process"] = combine_runs(result["runs"])
+    modes = result["modes"]
+    result["pipelined_vs_sequential"] = round(modes["pipelined"]["tokens_per_s"] /
+                                              modes["sequential"]["tokens_per_s"], 3)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2))
+    chart = draw_load_chart(result, Path(out).with_suffix(".png")) if result["sweep"] else None
+    print(format_serve_table(result))
+    print(f"\nwrote {out}" + (f" and {chart}" if chart else ""))
+    return result
+
+
+def combine_runs(runs: list[dict]) -> tuple[list[dict], float]:
+    """Each repeat's ratios, taken within it (written into `runs`), then across repeats: per client count of the
+    sweep the point of the median repeat (by tokens/s) with the medians of the repeats' ratios to one client, and
+    the median of the one HTTP stream's ratio to in-process."""
+    for run in runs:
+        run["single_stream_vs_in_process"] = round(run["single_stream"]["stream_tokens_per_s"] /
+                                                   run["in_process"]["tokens_per_s"], 3)
+        one = next((p for p in run["sweep"] if p["clients"] == 1), None)
+        for point in run["sweep"] if one else []:
+            point["vs_one_client"] = round(point["tokens_per_s"] / one["tokens_per_s"], 3)
+            point["itl_p50_vs_one_client"] = round(point["itl_ms"]["p50"] / one["itl_ms"]["p50"], 3)
+    sweep = []
+    for index in range(len(runs[0]["sweep"])):
+        points = sorted((run["sweep"][index] for run in runs), key=lambda p: p["tokens_per_s"])
+        point = dict(points[len(points) // 2])
+        for key in ("vs_one_client", "itl_p50_vs_one_client"):
+            if key in point:
+                point[key] = _median([p[key] for p in points])
+        sweep.append(point)
+    return sweep, _median([run["single_stream_vs_in_process"] for run in runs])
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return round(ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2, 3)
+
+
+def _serve_runs(config: HierspecConfig, method: str, prompts: list[str], clients: int, num_requests: int,
+                max_tokens: int, port: int, single_requests: int, sweep: tuple[int, ...], long_prompt_tokens: int,
+                first: bool) -> dict:
+    """One cluster's measurements: the one stream and the sweep; with `first`, the long prompt and the pipelined
+    and sequential routers at `clients` too (under "modes")."""
+    import ray
+    from ray import serve
+
+    from deploy.app.app import build_from_config
+
+    url = f"http://127.0.0.1:{port}"
+    run: dict = {"sweep": [], "modes": {}}
     levels = len(config.chain(method)) * config.serving.replicas_per_level
     ray.init(num_cpus=max(4, levels + 2), include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for mode, pipelined in (("pipelined", True), ("sequential", False)):
+        for mode, pipelined in (("pipelined", True), ("sequential", False))[: 2 if first else 1]:
             # the sequential router is the ingress's (one round at a time across requests)
             layout = {} if pipelined else {"rounds_in": "ingress"}
             variant = config.model_copy(update={"serving": config.serving.model_copy(
@@ -171,43 +238,26 @@ def run_serve_bench(config: HierspecConfig, workload: str, out: str, clients: in
             stream_chat(url, config.name, prompts[0], 4)  # warm-up
             if pipelined:
                 print(f"[single stream] {single_requests} requests, one client", flush=True)
-                result["modes"]["single_stream"] = run_load(url, config.name, prompts[:single_requests], 1,
-                                                            max_tokens)
+                run["single_stream"] = run_load(url, config.name, prompts[:single_requests], 1, max_tokens)
                 for count in sweep:
                     point = run_load(url, config.name, prompts[: max(num_requests, count)], count, max_tokens)
-                    result["sweep"].append(point)
+                    run["sweep"].append(point)
                     print(f"[sweep] {count} clients: {point['tokens_per_s']} tokens/s, inter-token p50 "
-                          f"{point['itl_ms']['p50']} ms", flush=True)
+                          f"{point['itl_ms']['p50']} ms, {point['mean_streams']} streams at a time", flush=True)
                 if long_prompt_tokens:
                     print(f"[long prompt] 4 streams and a {long_prompt_tokens}-token prompt", flush=True)
-                    result["modes"]["4 streams"] = run_load(url, config.name, prompts[:4], 4, max_tokens)
-                    result["modes"][f"4 streams + {long_prompt_tokens}-token prompt"] = run_with_long_prompt(
+                    run["modes"]["4 streams"] = run_load(url, config.name, prompts[:4], 4, max_tokens)
+                    run["modes"][f"4 streams + {long_prompt_tokens}-token prompt"] = run_with_long_prompt(
                         url, config.name, prompts[:4], 4, max_tokens, long_prompt_tokens)
-            print(f"[{mode}] {len(prompts[:num_requests])} requests, {clients} concurrent clients", flush=True)
-            result["modes"][mode] = run_load(url, config.name, prompts[:num_requests], clients, max_tokens)
-            print(f"[{mode}] {result['modes'][mode]['tokens_per_s']} tokens/s", flush=True)
+            if first:
+                print(f"[{mode}] {len(prompts[:num_requests])} requests, {clients} concurrent clients", flush=True)
+                run["modes"][mode] = run_load(url, config.name, prompts[:num_requests], clients, max_tokens)
+                print(f"[{mode}] {run['modes'][mode]['tokens_per_s']} tokens/s", flush=True)
             serve.delete(config.name)
     finally:
         serve.shutdown()
         ray.shutdown()
-    print("[in-process] the same prompts without Serve", flush=True)
-    result["modes"]["in_process"] = _in_process(config, method, prompts[:single_requests], max_tokens)
-    modes = result["modes"]
-    result["pipelined_vs_sequential"] = round(modes["pipelined"]["tokens_per_s"] /
-                                              modes["sequential"]["tokens_per_s"], 3)
-    result["single_stream_vs_in_process"] = round(modes["single_stream"]["stream_tokens_per_s"] /
-                                                  modes["in_process"]["tokens_per_s"], 3)
-    one = next((p for p in result["sweep"] if p["clients"] == 1), None)
-    for point in result["sweep"]:
-        if one:
-            point["vs_one_client"] = round(point["tokens_per_s"] / one["tokens_per_s"], 3)
-            point["itl_p50_vs_one_client"] = round(point["itl_ms"]["p50"] / one["itl_ms"]["p50"], 3)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=2))
-    chart = draw_load_chart(result, Path(out).with_suffix(".png")) if result["sweep"] else None
-    print(format_serve_table(result))
-    print(f"\nwrote {out}" + (f" and {chart}" if chart else ""))
-    return result
+    return run
 
 
 def format_serve_table(result: dict) -> str:
@@ -220,10 +270,16 @@ def format_serve_table(result: dict) -> str:
     lines = [f"{result['config']} ({result['method']}, {result['dtype']}), max {result['max_tokens']} tokens, "
              f"{result['machine']['processor']}"]
     lines += ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
-    for point in result["sweep"]:
+    runs = result.get("runs", [])
+    of_runs = (lambda values: "" if len(runs) < 2 else  # noqa: E731
+               " [" + ", ".join(f"{v:.2f}" for v in values) + "]")
+    for index, point in enumerate(result["sweep"]):
         lines.append(f"{point['clients']:>3} clients: {point['tokens_per_s']:.2f} tokens/s "
-                     f"({point.get('vs_one_client', 0):.2f}x one client), inter-token p50 {point['itl_ms']['p50']} ms "
-                     f"({point.get('itl_p50_vs_one_client', 0):.2f}x)")
+                     f"({point.get('vs_one_client', 0):.2f}x one client"
+                     f"{of_runs([r['sweep'][index].get('vs_one_client', 0) for r in runs])}), inter-token p50 "
+                     f"{point['itl_ms']['p50']} ms ({point.get('itl_p50_vs_one_client', 0):.2f}x)")
     lines.append(f"pipelined / sequential router: {result['pipelined_vs_sequential']:.2f}x; "
-                 f"one HTTP stream / in-process: {result['single_stream_vs_in_process']:.2f}x")
+                 f"one HTTP stream / in-process: {result['single_stream_vs_in_process']:.2f}x"
+                 f"{of_runs([r['single_stream_vs_in_process'] for r in runs])}"
+                 + (f" (medians of {len(runs)} repeats)" if len(runs) > 1 else ""))
     return "\n".join(lines)
