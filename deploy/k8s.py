@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from deploy.app.app import http_options, level_options
-from deploy.app.cluster_env import THROUGHPUT_MODE
+from deploy.app.cluster_env import CLUSTER_ENV
 from deploy.config import ConfigError, HierspecConfig
 
 RAY_VERSION = "2.60.0"  # the pinned ray[serve]; the image's base tag follows it
@@ -73,8 +73,8 @@ def _api_key_secret(config: HierspecConfig) -> str | None:
 
 def _hierspec_env(config: HierspecConfig) -> list[dict]:
     """The statistics DB URL (Redis user `router`, its password from the Secret), the API key (required unless
-    the config allows an open API) and Serve's throughput mode."""
-    env = _redis_env("router-password") + [{"name": name, "value": value} for name, value in THROUGHPUT_MODE.items()]
+    the config allows an open API) and the cluster's Serve settings (`deploy.app.cluster_env`)."""
+    env = _redis_env("router-password") + [{"name": name, "value": value} for name, value in CLUSTER_ENV.items()]
     env.append({"name": "HIERSPEC_REDIS_URL",
                 "value": f"redis://router:$(REDIS_ROUTER_PASSWORD)@{REDIS_SERVICE}:6379/0"})
     secret = _api_key_secret(config)

@@ -81,11 +81,11 @@ def test_grafana_dashboard_queries_the_metrics_we_export():
 def test_an_app_others_can_reach_needs_an_api_key_or_says_it_is_open(monkeypatch, tmp_path, capsys):
     """Fail closed: the Serve config files listen on every interface, so without a key the app does not build;
     `hierspec serve` listens on this machine only unless --host says otherwise, and then needs one too."""
-    from deploy.app.cluster_env import THROUGHPUT_MODE
+    from deploy.app.cluster_env import CLUSTER_ENV
     from deploy.cli import main
 
     monkeypatch.chdir(ROOT)
-    for name in ("HIERSPEC_API_KEY", "RAY_worker_niceness", *THROUGHPUT_MODE):  # restored after the test
+    for name in ("HIERSPEC_API_KEY", "RAY_worker_niceness", *CLUSTER_ENV):  # restored after the test
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigError, match="no API key"):
         build_app({"config": "deploy/configs/smollm2-cpu.yaml"})
