@@ -180,7 +180,7 @@ def _cmd_bench(args) -> None:
     sampling = SamplingParams(temperature=args.temperature, sampler=args.sampler)
     run_bench(config, args.workload, methods, out=args.out, per_category=args.per_category,
               max_tokens=args.max_tokens, dtype=args.dtype, categories=args.categories, sampling=sampling,
-              seeds=args.seeds, concurrency=args.concurrency)
+              seeds=args.seeds, concurrency=args.concurrency, repeats=args.repeats)
 
 
 def _cmd_profile(args) -> None:
@@ -363,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", type=int, default=1,
                        help="questions in flight at all times (the next starts as one ends), their forwards "
                             "batched at every level (default 1)")
+    bench.add_argument("--repeats", type=int, default=1,
+                       help="measure the whole run N times (fresh drafters each time, the methods' order reversed "
+                            "every other time); speeds against ar are the medians of each repeat's own")
     bench.add_argument("--out", default="results/bench.json")
     bench.set_defaults(func=_cmd_bench)
 

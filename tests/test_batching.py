@@ -267,3 +267,33 @@ def test_a_cost_curve_cached_on_a_busy_machine_is_measured_again(tmp_path, monke
     choices.update(key, lambda _: {"rows": list(measured.rows), "ms": [100.0] * len(measured.rows)})
     monkeypatch.setattr(runner, "measure_costs", busy)
     assert BatchingLevel(runner).costs.ms == (50.0,) + (100.0,) * (len(measured.rows) - 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_a_chain_shaped_tree_is_verified_as_a_linear_draft_with_the_same_logits(dtype):
+    """Under load the draft budget cuts most trees to a node or two: a chain is one linear continuation, whose rows
+    read their key windows in place (a tree's rows gather theirs). Its logits are the tree layout's, bitwise, and
+    a branching tree keeps the tree layout."""
+    from services.engine.runner import LevelCall
+    from services.engine.tree import TokenTree
+
+    runner = tiny_runner(7, dtype=dtype, vocab=VOCAB)
+    prompt = torch.randint(0, VOCAB, (140,), generator=torch.Generator().manual_seed(2)).tolist()
+
+    def tree_of(*paths: list[int]) -> TokenTree:
+        tree = TokenTree()
+        for path in paths:
+            tree.add_path(path, "context", 8)
+        return tree
+    chain, branching = tree_of([3, 9, 4]), tree_of([3, 9], [5])
+    for request, tree in (("chain", chain), ("branching", branching)):
+        work = runner.begin(LevelCall(request, prompt, tree=tree))
+        assert (work.steps[-1][2] is None) == (tree is chain)
+        runner.release(request)
+
+    as_tree = runner.begin(LevelCall("forced", prompt, tree=chain))
+    tokens, wanted, _ = as_tree.steps[-1]
+    as_tree.steps[-1] = (tokens, wanted, list(range(-1, len(tokens) - 1)))  # the tree layout, as before
+    while as_tree.steps:
+        runner.step([as_tree])
+    assert torch.equal(runner.tree_logits("chain", prompt, chain), as_tree.logits)

@@ -66,6 +66,15 @@ def test_verbose_prints_the_kernels_chosen():
     assert "hierspec: attention: query rows padded" in proc.stderr
 
 
+def test_bench_ratios_are_taken_within_each_repeat():
+    """A repeat that ran in a slow minute is slow for every method: hd's ratio to ar is its own repeat's."""
+    from deploy.bench.bench import repeat_speedups
+
+    own = [{"ar": [100, 10.0], "hd": [100, 8.0]}, {"ar": [100, 20.0], "hd": [100, 10.0]}]
+    assert repeat_speedups(own, "hd") == [1.25, 2.0]
+    assert repeat_speedups(own, "ar") == [1.0, 1.0]
+
+
 def test_bench_serve_ratios_are_the_medians_of_each_repeats_own():
     """A slow minute of a shared VM moves a repeat's figures together: each ratio is taken within its repeat, then
     the median over repeats (the median points' own ratio, 28 / 10, would be 2.8x)."""

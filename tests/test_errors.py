@@ -66,10 +66,14 @@ def test_hsd_without_draft_levels(tmp_path, capsys):
     assert code == 2 and "has no draft levels" in err
 
 
-@pytest.mark.parametrize("flag", ["--clients", "--requests", "--max-tokens", "--single-requests", "--repeats"])
-def test_bench_serve_counts_are_positive(capsys, flag):
+SERVE_COUNTS = ("--clients", "--requests", "--max-tokens", "--single-requests", "--repeats")
+
+
+@pytest.mark.parametrize("command, flag", [*(("bench-serve", flag) for flag in SERVE_COUNTS),
+                                           ("bench", "--repeats"), ("bench", "--concurrency")])
+def test_bench_counts_are_positive(capsys, command, flag):
     with pytest.raises(SystemExit) as exit_:  # argparse's own one-line usage error
-        main(["bench-serve", "--config", "deploy/configs/smollm2-cpu.yaml", "--workload", "deploy/calibration.jsonl",
+        main([command, "--config", "deploy/configs/smollm2-cpu.yaml", "--workload", "deploy/calibration.jsonl",
               flag, "0"])
     assert exit_.value.code == 2 and f"{flag} must be at least 1" in capsys.readouterr().err
 

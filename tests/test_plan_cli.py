@@ -85,11 +85,19 @@ def test_generate_auto_equals_plain_decoding(workspace, monkeypatch):
 
 
 def test_bench_writes_json_and_chart(workspace):
+    """Also repeated (`--repeats 2`, 2 questions at a time): hd's ratio is the median of the repeats' own, and
+    each repeat's output is ar's."""
     tmp_path, workload, env = workspace
     out = tmp_path / "bench.json"
     proc = hierspec(env, "bench", "--config", "deploy/configs/smollm2-cpu.yaml", "--workload", str(workload),
-                    "--per-category", "1", "--max-tokens", "8", "--methods", "ar,hd", "--out", str(out))
-    assert set(json.loads(out.read_text())["methods"]) == {"ar", "hd"}
+                    "--per-category", "1", "--max-tokens", "8", "--methods", "ar,hd", "--out", str(out),
+                    "--concurrency", "2", "--repeats", "2")
+    result = json.loads(out.read_text())
+    assert set(result["methods"]) == {"ar", "hd"} and result["repeats"] == 2
+    hd = result["methods"]["hd"]
+    assert len(hd["speedup_per_repeat"]) == 2 and hd["identical_to_ar"] == 1.0
+    assert hd["speedup_vs_ar"] == round(sum(hd["speedup_per_repeat"]) / 2, 3)
+    assert "vs ar: the median of 2 repeats' own ratios, hd [" in proc.stdout
     chart = out.with_suffix(".png")
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(chart) in proc.stdout

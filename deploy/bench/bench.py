@@ -1,7 +1,13 @@
 """`hierspec bench`: tokens per second of each method on a Spec-Bench style workload.
 
-Methods run interleaved, prompt by prompt, so that the machine's drift hits
-them alike. Multi-turn questions run as conversations: each answer is appended
+Methods run interleaved, prompt by prompt (under `--concurrency`, chunk by
+chunk), so that the machine's drift hits them alike. A shared VM's speed still
+moves by 10-20% between minutes, which one chunk of concurrent questions per
+method does not average out: with `--repeats N` the whole run is measured N
+times, each with fresh drafters (a model DB that learnt a repeat's answers
+would flatter the next) and the methods' order reversed every other repeat,
+and each method's speed against `ar` is the median of the repeats' own ratios.
+Multi-turn questions run as conversations: each answer is appended
 to the chat before the next user turn, and every turn's tokens count. Each
 method's output is compared with our own plain decoding (`ar`); for the first
 divergence of a question the bench reports the position and the margin
@@ -97,12 +103,13 @@ def _divergence(ar, question: Question, params: SamplingParams, reference: _Answ
 
 def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: str, per_category: int | None,
               max_tokens: int, dtype: str | None, categories: str | None,
-              sampling: SamplingParams | None = None, seeds: int = 1, concurrency: int = 1) -> dict:
+              sampling: SamplingParams | None = None, seeds: int = 1, concurrency: int = 1,
+              repeats: int = 1) -> dict:
     """`sampling` (default greedy): with a temperature, every question runs once per seed 0..seeds-1, and a
     method's output is compared with `ar`'s for the same seed (coupled sampling: identical). `concurrency`:
     N questions are in flight at all times (the next starts as soon as one ends, as under a serving load), their
     level calls batched; methods take turns over chunks of 4N questions, and a method's speed is its tokens over
-    its wall time."""
+    its wall time. `repeats`: see the module's docstring."""
     sampling = sampling or SamplingParams()
     dtype = dtype or config.dtype
     for method in methods:
@@ -156,38 +163,46 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
         return answers, time.perf_counter() - start
 
     warm = Question("warm-up", "warm-up", ["Say hi."])
-    for method in run_methods:
-        run_group(method, [(warm, runs[0])] * concurrency, 8)
-
     totals: dict[str, dict[str, MethodTotals]] = {m: defaultdict(MethodTotals) for m in run_methods}
     records: list[tuple[list[int], list[int]]] = []  # ar's (prompt, output) turns, for the drafter replay
+    own: list[dict[str, list[float]]] = []  # per repeat, each method's [tokens, seconds]
     items = [(q, p) for q in questions for p in runs]
     started = time.perf_counter()
     chunk = 1 if concurrency == 1 else 4 * concurrency
-    for first in range(0, len(items), chunk):
-        group_items = items[first : first + chunk]
-        reference: list[_Answer] = []
-        for method in run_methods:
-            answers, seconds = run_group(method, group_items, max_tokens)
-            produced = sum(a.produced for a in answers) or 1
-            if method == "ar":
-                reference = answers
-                records.extend(turn for a in answers for turn in a.turns)
-            for (question, params), result, ar_result in zip(group_items, answers, reference):
-                diverged = None if method == "ar" else _divergence(ar, question, params, ar_result, result)
-                for key in (category_group(question.category), "_all"):
-                    t = totals[method][key]
-                    t.tokens += result.produced
-                    t.seconds += seconds * result.produced / produced  # a group's wall time, shared by tokens
-                    t.verifications += result.verifications
-                    t.draft_seconds.extend(result.draft_seconds)
-                    t.questions += 1
-                    t.identical += diverged is None
-                    if diverged is not None and key == "_all":
-                        t.divergences.append(diverged)
-        last = group_items[-1][0]
-        print(f"[{first + len(group_items)}/{len(items)}] {last.category} #{last.question_id} done, "
-              f"{time.perf_counter() - started:.0f} s elapsed", file=sys.stderr, flush=True)
+    for repeat in range(repeats):
+        if repeat:
+            decoders.update({m: method_decoder(config, m, dtype, pool.sibling()) for m in decoders})
+        order = run_methods if repeat % 2 == 0 else run_methods[::-1]
+        for method in order:
+            run_group(method, [(warm, runs[0])] * concurrency, 8)
+        own.append({m: [0, 0.0] for m in run_methods})
+        for first in range(0, len(items), chunk):
+            group_items = items[first : first + chunk]
+            answered = {method: run_group(method, group_items, max_tokens) for method in order}
+            reference = answered["ar"][0]
+            if repeat == 0:
+                records.extend(turn for a in reference for turn in a.turns)
+            for method in run_methods:
+                answers, seconds = answered[method]
+                produced = sum(a.produced for a in answers) or 1
+                own[-1][method][0] += produced
+                own[-1][method][1] += seconds
+                for (question, params), result, ar_result in zip(group_items, answers, reference):
+                    diverged = None if method == "ar" else _divergence(ar, question, params, ar_result, result)
+                    for key in (category_group(question.category), "_all"):
+                        t = totals[method][key]
+                        t.tokens += result.produced
+                        t.seconds += seconds * result.produced / produced  # a group's wall time, shared by tokens
+                        t.verifications += result.verifications
+                        t.draft_seconds.extend(result.draft_seconds)
+                        t.questions += 1
+                        t.identical += diverged is None
+                        if diverged is not None and key == "_all":
+                            t.divergences.append(diverged)
+            last = group_items[-1][0]
+            print(f"[{f'repeat {repeat + 1} of {repeats}: ' if repeats > 1 else ''}{first + len(group_items)}/"
+                  f"{len(items)}] {last.category} #{last.question_id} done, {time.perf_counter() - started:.0f} s "
+                  "elapsed", file=sys.stderr, flush=True)
 
     result = {
         "machine": {**machine(), "device": config.device},
@@ -200,6 +215,7 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
         "max_tokens": max_tokens,
         "workload": workload,
         "questions": len(questions),
+        "repeats": repeats,
         "baselines": others.about() if others else {},
         "methods": {},
     }
@@ -209,6 +225,9 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
         if method == "ar" and "ar" not in methods:
             continue
         summary = totals[method]["_all"].summary(ar_speed)
+        if repeats > 1:
+            summary["speedup_per_repeat"] = speedups = repeat_speedups(own, method)
+            summary["speedup_vs_ar"] = round(statistics.median(speedups), 3)
         summary["per_category"] = {}
         for group, t in sorted(totals[method].items()):
             if group == "_all":
@@ -229,6 +248,11 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
     print(format_table(result))
     print(f"\nwrote {out} and {chart}")
     return result
+
+
+def repeat_speedups(own: list[dict[str, list[float]]], method: str) -> list[float]:
+    """Each repeat's speed of `method` over `ar`'s in that repeat (`own`: per repeat, method -> [tokens, seconds])."""
+    return [round((run[method][0] / run[method][1]) / (run["ar"][0] / run["ar"][1]), 3) for run in own]
 
 
 def format_table(result: dict) -> str:
@@ -258,6 +282,10 @@ def format_table(result: dict) -> str:
              f"({' '.join(result['machine']['isa']) or 'no AVX2'})"]
     for r in rows:
         lines.append("  ".join(cell.rjust(w) for cell, w in zip(r, widths)))
+    if result.get("repeats", 1) > 1:
+        lines.append(f"vs ar: the median of {result['repeats']} repeats' own ratios, "
+                     + ", ".join(f"{name} [{', '.join(f'{x:.2f}' for x in m['speedup_per_repeat'])}]"
+                                 for name, m in result["methods"].items() if name != "ar"))
     for name, m in result["methods"].items():
         for d in m["divergences"]:
             seed = "" if d.get("seed") is None else f" seed {d['seed']}"

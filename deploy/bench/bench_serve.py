@@ -18,6 +18,7 @@ a fresh cluster, and every ratio is the median of the repeats' own ratios.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -206,9 +207,7 @@ def combine_runs(runs: list[dict]) -> tuple[list[dict], float]:
 
 
 def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return round(ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2, 3)
+    return round(statistics.median(values), 3)
 
 
 def _serve_runs(config: HierspecConfig, method: str, prompts: list[str], clients: int, num_requests: int,

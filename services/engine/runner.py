@@ -192,6 +192,11 @@ class LevelRunner:
                 new = new[-1:]
             parents = [r - 1 for r in range(len(new))]
             parents += [len(new) - 1 if parent < 0 else len(new) + parent for parent in call.tree.parents]
+            if parents == list(range(-1, len(parents) - 1)):
+                # a chain (under load the draft budget cuts most trees to one or two nodes): computed as the
+                # linear continuation it is, whose rows read their key windows in place instead of gathering
+                # them; the same logits (a tree node's are the same path's drafted linearly)
+                parents = None
             steps.append((new + call.tree.tokens, len(call.tree) + 1, parents))
         else:
             steps.extend((tokens, wanted, None) for tokens, wanted in causal_chunks(new, call.num_logits))
