@@ -6,7 +6,8 @@ moves by 10-20% between minutes, which one chunk of concurrent questions per
 method does not average out: with `--repeats N` the whole run is measured N
 times, each with fresh drafters (a model DB that learnt a repeat's answers
 would flatter the next) and the methods' order reversed every other repeat,
-and each method's speed against `ar` is the median of the repeats' own ratios.
+and each method's speed against `ar` is the median of the repeats' own ratios
+(its tokens per second and the per-category figures pool all repeats).
 Multi-turn questions run as conversations: each answer is appended
 to the chat before the next user turn, and every turn's tokens count. Each
 method's output is compared with our own plain decoding (`ar`); for the first
@@ -197,8 +198,8 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
                         t.draft_seconds.extend(result.draft_seconds)
                         t.questions += 1
                         t.identical += diverged is None
-                        if diverged is not None and key == "_all":
-                            t.divergences.append(diverged)
+                        if diverged is not None and key == "_all" and diverged not in t.divergences:
+                            t.divergences.append(diverged)  # (once: every repeat computes the same text)
             last = group_items[-1][0]
             print(f"[{f'repeat {repeat + 1} of {repeats}: ' if repeats > 1 else ''}{first + len(group_items)}/"
                   f"{len(items)}] {last.category} #{last.question_id} done, {time.perf_counter() - started:.0f} s "
@@ -282,7 +283,7 @@ def format_table(result: dict) -> str:
              f"({' '.join(result['machine']['isa']) or 'no AVX2'})"]
     for r in rows:
         lines.append("  ".join(cell.rjust(w) for cell, w in zip(r, widths)))
-    if result.get("repeats", 1) > 1:
+    if result.get("repeats", 1) > 1 and len(result["methods"]) > 1:
         lines.append(f"vs ar: the median of {result['repeats']} repeats' own ratios, "
                      + ", ".join(f"{name} [{', '.join(f'{x:.2f}' for x in m['speedup_per_repeat'])}]"
                                  for name, m in result["methods"].items() if name != "ar"))

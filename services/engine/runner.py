@@ -65,7 +65,8 @@ class Work:
 
     def cap_step(self, rows: int) -> None:
         """Compute at most `rows` of a causal next step in the coming forward, the rest in the one after (a
-        tree's step is not split). The same logits: a row's result does not depend on the forward it is in."""
+        branching tree's step is not split). The same logits: a row's result does not depend on the forward it is
+        in."""
         tokens, wanted, parents = self.steps[0]
         if parents is not None or len(tokens) <= rows:
             return
