@@ -68,6 +68,7 @@ class _Running:
     long: bool  # its prompt takes several forwards: chunked while others are active
     tokens: int = 0
     done_ms: float | None = None
+    acceptance: float | None = None  # the draft budget's estimate of this request's, as the engine keeps it
 
     @property
     def context(self) -> int:
@@ -122,7 +123,8 @@ def simulate(plan: Plan, tables: dict[str, Tables], load_tables: dict[str, Table
     `concurrency` (for the levels below the target); `costs` each level's batched forward (its curve is the
     engine's, which the draft budget uses), `scale` what the target's forwards of requests decoding together cost
     over that (`Profile.load_scale`). The draft budget learns the acceptance as the engine's does: one budget for
-    the whole run, from its prior, observing every round it sized."""
+    the whole run, from its prior, observing every round it sized, and each request's own from its rounds (and,
+    where the budget gave a database drafter no room, from its one-token guesses)."""
     pooled = [r for r in requests if r.category in tables]
     if not pooled:
         raise ValueError("no calibration requests to simulate")
@@ -169,13 +171,16 @@ def _run_group(group: list[Request], plan: Plan, rounds: dict[str, _Rounds], cos
                 chunk = 0
             category = rounds[run.request.category]
             most = category.most(run.request.limit - run.tokens)
-            size = budget.tokens(len(active), most) if most > 0 else 0
+            size = budget.tokens(len(active), most, run.acceptance) if most > 0 else 0
             draft_rows, accepted, below = category.draws(size)
             pick = rng.integers(len(draft_rows))
             rows.append(chunk + int(draft_rows[pick]))
             run.tokens += int(accepted[pick]) + 1
             if size:
-                budget.observe(int(draft_rows[pick]) - 1, int(accepted[pick]))
+                run.acceptance = budget.observe(int(draft_rows[pick]) - 1, int(accepted[pick]), run.acceptance)
+            elif most > 0 and plan.drafter and len(plan.models) == 1:  # the engine's unverified one-token guess
+                _, guessed, _ = category.draws(1)
+                run.acceptance = budget.observe(1, int(guessed[rng.integers(len(guessed))]), run.acceptance)
             if len(plan.models) == 1:
                 drafter_ms += below  # the database drafter: one request's tree at a time
             else:

@@ -12,6 +12,14 @@ request's n + 1 rows, and the level below taking n steps of B rows. The budget
 is the n <= T that maximises B E(alpha, n) / cost; it shrinks as B grows, down
 to 0 (plain decoding) where speculation no longer pays.
 
+alpha is each request's own: acceptance differs more between requests than
+between rounds of one (a summary copies its source, a chat answer copies
+little), so one batch-wide alpha gives the copying request too short a draft
+and the chatting one too long. A request starts from the batch's moving
+average and follows its own rounds; where its budget is 0, a one-token guess
+of the database drafter (microseconds, never verified) still tells whether
+drafting would have paid, so a request that starts copying gets drafts again.
+
 A budget only sizes drafts: every draft is verified by the target, so greedy
 and coupled output is unchanged (lossless), only the speed. The rejection
 sampler's output keeps the target's distribution, but with an explicit seed
@@ -46,22 +54,33 @@ def expected_tokens(alpha: float, drafted: int) -> float:
 
 class DraftBudget:
     """Draft tokens per round under load, from the target's (and the draft level's) cost model and the
-    acceptance the target has shown recently (a moving average over rounds)."""
+    acceptance each request has shown recently (moving averages over rounds: the batch's, which a new request
+    starts from, and the request's own)."""
+
+    REQUEST_SMOOTHING = 0.25  # a request's own average follows its last few rounds
 
     def __init__(self, target: CostModel, draft: CostModel | None, alpha: float = 0.6, smoothing: float = 0.05):
         self.target, self.draft = target, draft
         self.alpha, self.smoothing = alpha, smoothing
 
-    def observe(self, drafted: int, accepted: int) -> None:
-        if drafted:
-            self.alpha += self.smoothing * (accepted / drafted - self.alpha)
+    def observe(self, drafted: int, accepted: int, own: float | None = None) -> float | None:
+        """Fold a round's drafted and accepted tokens into the batch's acceptance and into `own`, the request's
+        (None: none yet, so it starts from the batch's); returns the request's new acceptance."""
+        if not drafted:
+            return own
+        rate = accepted / drafted
+        self.alpha += self.smoothing * (rate - self.alpha)
+        start = self.alpha if own is None else own
+        return start + self.REQUEST_SMOOTHING * (rate - start)
 
-    def tokens(self, load: int, most: int) -> int:
-        """The draft length (0 to `most`) maximising committed tokens per second across `load` requests."""
+    def tokens(self, load: int, most: int, alpha: float | None = None) -> int:
+        """The draft length (0 to `most`) maximising committed tokens per second across `load` requests, for a
+        request with acceptance `alpha` (default: the batch's)."""
         if load <= 1:
             return most
+        alpha = self.alpha if alpha is None else alpha
 
         def throughput(n: int) -> float:
             cost = self.target(load * (n + 1)) + (n * self.draft(load) if self.draft is not None and n else 0.0)
-            return load * expected_tokens(self.alpha, n) / cost
+            return load * expected_tokens(alpha, n) / cost
         return max(range(most + 1), key=throughput)

@@ -211,6 +211,7 @@ class Generation:
         self._prompt_ids = list(prompt_ids)
         self._max_tokens = max_tokens
         self.lookahead: tuple[int, Draft] | None = None  # (sequence length it continues, draft)
+        self.acceptance: float | None = None  # what the draft budget has seen this request accept (budget.py)
 
     @property
     def max_tokens(self) -> int:
@@ -343,15 +344,23 @@ class HierarchicalDecoder:
         it decodes one token, or verifies the proposer's tree). Returns at most `limit` output tokens
         with, when sampling, the level's probabilities for them (the q its output carries to the
         level above)."""
-        room = self._target_room(limit) if level_index == len(self.levels) - 1 else limit - 1
+        room = self._target_room(limit, req) if level_index == len(self.levels) - 1 else limit - 1
+        guess = None
         if level_index == 0 and self.proposer is not None and room > 0:
             tree = self._propose(req, seq, room)
             if len(tree):
                 return await self._verify_tree(req, seq, tree)
+        elif level_index == 0 and self.proposer is not None and limit > 1 and self._budget is not None:
+            # the budget allowed no draft: the drafter's one-token guess, never verified, still measures whether
+            # a draft would have paid (see services.engine.budget)
+            guess = self.proposer.propose(req.id, seq, 1, 1)
         draft = await self._draft(req, level_index - 1, seq, room) if level_index > 0 else Draft()
         drafting = level_index < len(self.levels) - 1
         min_confidence = self.policies[level_index].min_confidence if drafting and not draft.tokens else 0.0
-        return await self._verify_draft(req, level_index, seq, draft, min_confidence)
+        out = await self._verify_draft(req, level_index, seq, draft, min_confidence)
+        if guess is not None and len(guess):
+            req.acceptance = self._budget.observe(1, int(guess.tokens[0] == out.tokens[0]), req.acceptance)
+        return out
 
     async def _target_round(self, req: Generation, seq: list[int], limit: int) -> Draft:
         """One round of the target. With `lookahead` (levels that pick, remote), the level below drafts
@@ -366,9 +375,9 @@ class HierarchicalDecoder:
             draft = ready[1]
             req.stats.lookahead_used += 1
         else:
-            draft = await self._draft(req, top - 1, seq, self._target_room(limit))
+            draft = await self._draft(req, top - 1, seq, self._target_room(limit, req))
         verifying = asyncio.ensure_future(self._verify_draft(req, top, seq, draft))
-        room = min(limit - 1 - len(draft.tokens), self._target_room(limit))
+        room = min(limit - 1 - len(draft.tokens), self._target_room(limit, req))
         ahead = asyncio.ensure_future(self._draft(req, top - 1, seq + draft.tokens, room)) \
             if draft.tokens and room > 1 else None
         try:
@@ -386,9 +395,9 @@ class HierarchicalDecoder:
                 ahead.cancel()
         return out
 
-    def _target_room(self, limit: int) -> int:
+    def _target_room(self, limit: int, req: Generation) -> int:
         """Draft tokens (tree nodes) the target verifies in a round: what `limit` leaves, and under load no more
-        than the draft budget (services.engine.budget) finds best for the batch."""
+        than the draft budget (services.engine.budget) finds best for the batch, given what `req` accepts."""
         room = limit - 1
         if self.load.active <= 1 or room <= 0:
             return room
@@ -399,7 +408,7 @@ class HierarchicalDecoder:
                 return room
             self._budget = DraftBudget(target_costs, draft_costs)
         most = self.policies[-1].max_tokens if len(self.levels) > 1 else room
-        return min(room, self._budget.tokens(self.load.active, most))
+        return min(room, self._budget.tokens(self.load.active, most, req.acceptance))
 
     async def _verify_draft(self, req: Generation, level_index: int, seq: list[int], draft: Draft,
                             min_confidence: float = 0.0) -> Draft:
@@ -421,7 +430,7 @@ class HierarchicalDecoder:
             below.accepted += verdict.num_accepted
         top = level_index == len(self.levels) - 1
         if top and self._budget is not None:
-            self._budget.observe(len(draft.tokens), verdict.num_accepted)
+            req.acceptance = self._budget.observe(len(draft.tokens), verdict.num_accepted, req.acceptance)
         out = draft.tokens[: verdict.num_accepted] + [verdict.next_token]
         logprobs = _logprobs(req, scores, list(range(len(out))), out) if top else None
         return Draft(out, rows, confidence < min_confidence, logprobs)
@@ -478,7 +487,7 @@ class HierarchicalDecoder:
         out = [tree.tokens[node] for node in verdict.path] + [verdict.next_token]
         logprobs = _logprobs(req, scores, [0] + [node + 1 for node in verdict.path], out) if target else None
         if len(self.levels) == 1 and self._budget is not None:
-            self._budget.observe(len(tree), len(verdict.path))
+            req.acceptance = self._budget.observe(len(tree), len(verdict.path), req.acceptance)
         for source in tree.sources:
             req.stats.sources.setdefault(source, SourceStats()).drafted += 1
         for node in verdict.path:

@@ -1,0 +1,81 @@
+"""Load-aware speculation (services.engine.budget): drafts shrink as load grows, each request's by its own
+acceptance, and a request the budget gave no draft keeps learning from the drafter's unverified guesses."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+from test_batching import VOCAB, prompts
+from test_sampling_exact import tiny_drafter
+from tiny_models import tiny_runner
+
+from services.engine.batching import BatchingLevel
+from services.engine.budget import CostModel, DraftBudget
+from services.engine.hsd import HierarchicalDecoder
+from services.engine.sampling import SamplingParams
+
+# a forward costs 10 ms plus a little per row: reading the weights dominates, as on a CPU at a few rows
+CURVE = CostModel((1, 64), (10.0, 60.0))
+
+
+def test_the_draft_shrinks_as_load_grows_down_to_plain_decoding():
+    budget = DraftBudget(CURVE, None, alpha=0.5)
+    sizes = [budget.tokens(load, 8) for load in (1, 2, 4, 16, 64)]
+    assert sizes[0] == 8 and sizes == sorted(sizes, reverse=True) and sizes[-1] == 0, sizes
+
+
+def test_each_request_drafts_by_its_own_acceptance():
+    """Two requests in one batch: the one whose drafts were accepted drafts longer than the one whose were not;
+    a request with no rounds yet starts from the batch's acceptance."""
+    budget = DraftBudget(CURVE, None, alpha=0.5)
+    copying = chatting = None
+    for _ in range(12):
+        copying = budget.observe(4, 4, copying)
+        chatting = budget.observe(4, 0, chatting)
+    assert chatting < budget.alpha < copying
+    assert budget.tokens(4, 8, copying) > budget.tokens(4, 8, None) >= budget.tokens(4, 8, chatting) == 0
+    assert budget.observe(0, 0, None) is None and budget.observe(2, 1, None) is not None
+
+
+def _generations(decoder: HierarchicalDecoder, requests: list[list[int]], max_tokens: int = 24):
+    async def one(prompt):
+        generation = decoder.start(prompt, SamplingParams(), max_tokens, frozenset())
+        async for _ in generation.stream():
+            pass
+        return generation
+
+    async def main():
+        return await asyncio.gather(*(one(prompt) for prompt in requests))
+    return asyncio.run(main())
+
+
+class _Recording(DraftBudget):
+    """The engine's budget, keeping every draft length it gives (it is only asked under load)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.given: list[int] = []
+
+    def tokens(self, load: int, most: int, alpha: float | None = None) -> int:
+        self.given.append(super().tokens(load, most, alpha))
+        return self.given[-1]
+
+
+def test_a_request_without_draft_room_learns_from_guesses_and_drafts_again():
+    """The budget starts certain that nothing is accepted (alpha 0): under load it gives no request a draft.
+    The drafter has seen every answer (the model database, from runs alone), so its one-token guesses, never
+    verified, match some of the target's tokens; the requests' acceptance rises and drafts come back under
+    load, with the output plain decoding's."""
+    torch.set_num_threads(1)
+    target = BatchingLevel(tiny_runner(3, vocab=VOCAB))
+    requests = prompts(4, long_every=100)
+    plain = [g.token_ids for g in _generations(HierarchicalDecoder([target], []), requests)]
+    hd = HierarchicalDecoder([target], [], proposer=tiny_drafter(3))
+    for prompt in requests:  # alone: full trees, and the model database learns each answer
+        _generations(hd, [prompt])
+    hd._budget = budget = _Recording(CURVE, None, alpha=0.0)
+    together = _generations(hd, requests)
+    assert [g.token_ids for g in together] == plain
+    assert budget.given[0] == 0 and max(budget.given) > 0, budget.given
+    assert all(g.acceptance is not None and g.acceptance > 0 for g in together), [g.acceptance for g in together]
