@@ -12,7 +12,7 @@ from tiny_models import tiny_runner
 
 from services.engine.batching import BatchingLevel
 from services.engine.budget import CostModel, DraftBudget
-from services.engine.hsd import HierarchicalDecoder
+from services.engine.hsd import DraftPolicy, HierarchicalDecoder
 from services.engine.sampling import SamplingParams
 
 # a forward costs 10 ms plus a little per row: reading the weights dominates, as on a CPU at a few rows
@@ -36,6 +36,8 @@ def test_each_request_drafts_by_its_own_acceptance():
     assert chatting < budget.alpha < copying
     assert budget.tokens(4, 8, copying) > budget.tokens(4, 8, None) >= budget.tokens(4, 8, chatting) == 0
     assert budget.observe(0, 0, None) is None and budget.observe(2, 1, None) is not None
+    batch = budget.alpha
+    assert budget.guessed(True, chatting) > chatting and budget.alpha == batch  # a guess is the request's alone
 
 
 def _generations(decoder: HierarchicalDecoder, requests: list[list[int]], max_tokens: int = 24):
@@ -51,13 +53,16 @@ def _generations(decoder: HierarchicalDecoder, requests: list[list[int]], max_to
 
 
 class _Recording(DraftBudget):
-    """The engine's budget, keeping every draft length it gives (it is only asked under load)."""
+    """The engine's budget, keeping every draft length it gives (it is only asked under load) and the request's
+    acceptance it was given for it."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.given: list[int] = []
+        self.asked: list[float | None] = []
 
     def tokens(self, load: int, most: int, alpha: float | None = None) -> int:
+        self.asked.append(alpha)
         self.given.append(super().tokens(load, most, alpha))
         return self.given[-1]
 
@@ -75,7 +80,28 @@ def test_a_request_without_draft_room_learns_from_guesses_and_drafts_again():
     for prompt in requests:  # alone: full trees, and the model database learns each answer
         _generations(hd, [prompt])
     hd._budget = budget = _Recording(CURVE, None, alpha=0.0)
+    propose, guesses = hd.proposer.propose, []
+
+    def spied(request_id, context, max_depth, max_nodes=None):
+        tree = propose(request_id, context, max_depth, max_nodes)
+        if (max_depth, max_nodes) == (1, 1):
+            guesses.append(request_id)
+        return tree
+    hd.proposer.propose = spied
     together = _generations(hd, requests)
     assert [g.token_ids for g in together] == plain
     assert budget.given[0] == 0 and max(budget.given) > 0, budget.given
+    assert {g.id for g in together} <= set(guesses) and any(alpha is not None for alpha in budget.asked)
     assert all(g.acceptance is not None and g.acceptance > 0 for g in together), [g.acceptance for g in together]
+
+
+def test_a_draft_model_hierarchy_sizes_drafts_by_the_batch_acceptance():
+    """A request of a hierarchy of models that stopped drafting has nothing to keep its own acceptance current
+    (a guess would take the draft model's forward): its budget is the batch's."""
+    torch.set_num_threads(1)
+    levels = [BatchingLevel(tiny_runner(5, vocab=VOCAB)), BatchingLevel(tiny_runner(3, vocab=VOCAB))]
+    hsd = HierarchicalDecoder(levels, [DraftPolicy(4)])
+    hsd._budget = budget = _Recording(CURVE, None, alpha=0.9)
+    together = _generations(hsd, prompts(3, long_every=100))
+    assert budget.given and budget.asked == [None] * len(budget.given)
+    assert all(g.acceptance is None for g in together)

@@ -92,6 +92,14 @@ class _Rounds:
             return min(plan.draft_tokens[-1], left - 1)
         return left - 1 if plan.drafter else 0
 
+    def guess(self, rng: np.random.Generator) -> bool | None:
+        """Whether the database drafter's one-token guess holds, from a measured tree that had a node (the first
+        token of its accepted path among the root's candidates: a little likelier than the top one alone); None
+        where the drafter never found one."""
+        trees = self.tables.trees[self.plan.models[-1]]
+        tried = np.flatnonzero(trees.nodes > 0)
+        return bool(trees.accepted[tried[rng.integers(len(tried))]] > 0) if len(tried) else None
+
     def draws(self, budget: int) -> tuple[np.ndarray, np.ndarray, float]:
         """(rows of each measured round, tokens it accepts, ms of the levels below per round) at this budget."""
         if budget not in self._draws:
@@ -171,16 +179,17 @@ def _run_group(group: list[Request], plan: Plan, rounds: dict[str, _Rounds], cos
                 chunk = 0
             category = rounds[run.request.category]
             most = category.most(run.request.limit - run.tokens)
-            size = budget.tokens(len(active), most, run.acceptance) if most > 0 else 0
+            alone = len(plan.models) == 1  # the database drafter alone: each request's own acceptance
+            size = budget.tokens(len(active), most, run.acceptance if alone else None) if most > 0 else 0
             draft_rows, accepted, below = category.draws(size)
             pick = rng.integers(len(draft_rows))
             rows.append(chunk + int(draft_rows[pick]))
             run.tokens += int(accepted[pick]) + 1
             if size:
                 run.acceptance = budget.observe(int(draft_rows[pick]) - 1, int(accepted[pick]), run.acceptance)
-            elif most > 0 and plan.drafter and len(plan.models) == 1:  # the engine's unverified one-token guess
-                _, guessed, _ = category.draws(1)
-                run.acceptance = budget.observe(1, int(guessed[rng.integers(len(guessed))]), run.acceptance)
+            elif most > 0 and plan.drafter and alone:  # the engine's unverified one-token guess
+                hit = category.guess(rng)
+                run.acceptance = run.acceptance if hit is None else budget.guessed(hit, run.acceptance)
             if len(plan.models) == 1:
                 drafter_ms += below  # the database drafter: one request's tree at a time
             else:

@@ -12,13 +12,17 @@ request's n + 1 rows, and the level below taking n steps of B rows. The budget
 is the n <= T that maximises B E(alpha, n) / cost; it shrinks as B grows, down
 to 0 (plain decoding) where speculation no longer pays.
 
-alpha is each request's own: acceptance differs more between requests than
-between rounds of one (a summary copies its source, a chat answer copies
-little), so one batch-wide alpha gives the copying request too short a draft
-and the chatting one too long. A request starts from the batch's moving
-average and follows its own rounds; where its budget is 0, a one-token guess
-of the database drafter (microseconds, never verified) still tells whether
-drafting would have paid, so a request that starts copying gets drafts again.
+Under a database drafter alone (`hd`), alpha is each request's own:
+acceptance differs more between requests than between rounds of one (a
+summary copies its source, a chat answer copies little), so one batch-wide
+alpha gives the copying request too short a draft and the chatting one too
+long. A request starts from the batch's moving average and follows its own
+rounds; where its budget is 0, the drafter's one-token guess (a lookup, no
+forward, never verified) compared with the token the target commits still
+tells whether drafting would have paid, so a request that starts copying gets
+drafts again. A draft model's tokens cannot be guessed without its forward, so
+a request that stopped drafting would keep a stale acceptance: hierarchies of
+models size drafts by the batch's, which every drafting request keeps current.
 
 A budget only sizes drafts: every draft is verified by the target, so greedy
 and coupled output is unchanged (lossless), only the speed. The rejection
@@ -68,8 +72,15 @@ class DraftBudget:
         (None: none yet, so it starts from the batch's); returns the request's new acceptance."""
         if not drafted:
             return own
-        rate = accepted / drafted
-        self.alpha += self.smoothing * (rate - self.alpha)
+        self.alpha += self.smoothing * (accepted / drafted - self.alpha)
+        return self._follow(own, accepted / drafted)
+
+    def guessed(self, hit: bool, own: float | None) -> float:
+        """A request's acceptance after a one-token guess it did not draft (see above): its own only, the
+        batch's being the verified rounds'."""
+        return self._follow(own, float(hit))
+
+    def _follow(self, own: float | None, rate: float) -> float:
         start = self.alpha if own is None else own
         return start + self.REQUEST_SMOOTHING * (rate - start)
 

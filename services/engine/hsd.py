@@ -359,7 +359,7 @@ class HierarchicalDecoder:
         min_confidence = self.policies[level_index].min_confidence if drafting and not draft.tokens else 0.0
         out = await self._verify_draft(req, level_index, seq, draft, min_confidence)
         if guess is not None and len(guess):
-            req.acceptance = self._budget.observe(1, int(guess.tokens[0] == out.tokens[0]), req.acceptance)
+            req.acceptance = self._budget.guessed(guess.tokens[0] == out.tokens[0], req.acceptance)
         return out
 
     async def _target_round(self, req: Generation, seq: list[int], limit: int) -> Draft:
@@ -408,7 +408,8 @@ class HierarchicalDecoder:
                 return room
             self._budget = DraftBudget(target_costs, draft_costs)
         most = self.policies[-1].max_tokens if len(self.levels) > 1 else room
-        return min(room, self._budget.tokens(self.load.active, most, req.acceptance))
+        own = req.acceptance if len(self.levels) == 1 else None  # a request's own only under the drafter alone
+        return min(room, self._budget.tokens(self.load.active, most, own))
 
     async def _verify_draft(self, req: Generation, level_index: int, seq: list[int], draft: Draft,
                             min_confidence: float = 0.0) -> Draft:
@@ -430,7 +431,7 @@ class HierarchicalDecoder:
             below.accepted += verdict.num_accepted
         top = level_index == len(self.levels) - 1
         if top and self._budget is not None:
-            req.acceptance = self._budget.observe(len(draft.tokens), verdict.num_accepted, req.acceptance)
+            self._budget.observe(len(draft.tokens), verdict.num_accepted)
         out = draft.tokens[: verdict.num_accepted] + [verdict.next_token]
         logprobs = _logprobs(req, scores, list(range(len(out))), out) if top else None
         return Draft(out, rows, confidence < min_confidence, logprobs)
