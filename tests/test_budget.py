@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import torch
 from test_batching import VOCAB, prompts
 from test_sampling_exact import tiny_drafter
@@ -38,11 +39,14 @@ def test_each_request_drafts_by_its_own_acceptance():
     assert budget.observe(0, 0, None) is None and budget.observe(2, 1, None) is not None
     batch = budget.alpha
     assert budget.guessed(True, chatting) > chatting and budget.alpha == batch  # a guess is the request's alone
+    assert budget.guessed(False, copying) < copying and budget.guessed(False, None) < batch
 
 
-def _generations(decoder: HierarchicalDecoder, requests: list[list[int]], max_tokens: int = 24):
+def _generations(decoder: HierarchicalDecoder, requests: list[list[int]], max_tokens: int = 24,
+                 acceptance: float | None = None):
     async def one(prompt):
         generation = decoder.start(prompt, SamplingParams(), max_tokens, frozenset())
+        generation.acceptance = acceptance
         async for _ in generation.stream():
             pass
         return generation
@@ -65,6 +69,22 @@ class _Recording(DraftBudget):
         self.asked.append(alpha)
         self.given.append(super().tokens(load, most, alpha))
         return self.given[-1]
+
+
+def test_the_planner_guesses_from_trees_that_had_a_node():
+    """The load simulation's one-token guess (the engine's, see `HierarchicalDecoder.verify_at`): drawn from the
+    measured trees that had a node, a hit where the tree's path was accepted; no guess where none had a node."""
+    from deploy.planner.latency import TreeTable
+    from deploy.planner.load import _Rounds
+    from deploy.planner.optimizer import Plan, Tables
+
+    def guesses(nodes: list[int], accepted: list[int]) -> list[bool | None]:
+        tables = Tables(costs={}, pairs={}, trees={"t": TreeTable(nodes, accepted, drafter_ms=0.0)})
+        rounds, rng = _Rounds(Plan(models=["t"], drafter=True), tables, tables), np.random.default_rng(0)
+        return [rounds.guess(rng) for _ in range(200)]
+    drawn = guesses([0, 3, 3, 0], [0, 2, 0, 0])
+    assert set(drawn) == {True, False} and 0.35 < drawn.count(True) / len(drawn) < 0.65
+    assert set(guesses([0, 0], [0, 0])) == {None}
 
 
 def test_a_request_without_draft_room_learns_from_guesses_and_drafts_again():
@@ -97,11 +117,12 @@ def test_a_request_without_draft_room_learns_from_guesses_and_drafts_again():
 
 def test_a_draft_model_hierarchy_sizes_drafts_by_the_batch_acceptance():
     """A request of a hierarchy of models that stopped drafting has nothing to keep its own acceptance current
-    (a guess would take the draft model's forward): its budget is the batch's."""
+    (a guess would take the draft model's forward): its budget is the batch's, whatever the request holds."""
     torch.set_num_threads(1)
     levels = [BatchingLevel(tiny_runner(5, vocab=VOCAB)), BatchingLevel(tiny_runner(3, vocab=VOCAB))]
-    hsd = HierarchicalDecoder(levels, [DraftPolicy(4)])
-    hsd._budget = budget = _Recording(CURVE, None, alpha=0.9)
-    together = _generations(hsd, prompts(3, long_every=100))
-    assert budget.given and budget.asked == [None] * len(budget.given)
-    assert all(g.acceptance is None for g in together)
+    for proposer in (None, tiny_drafter(3)):  # hsd, hd+hsd
+        hsd = HierarchicalDecoder(levels, [DraftPolicy(4)], proposer=proposer)
+        hsd._budget = budget = _Recording(CURVE, None, alpha=0.9)
+        together = _generations(hsd, prompts(3, long_every=100), acceptance=0.01)
+        assert budget.given and budget.asked == [None] * len(budget.given)
+        assert all(g.acceptance == 0.01 for g in together)

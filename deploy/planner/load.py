@@ -131,8 +131,8 @@ def simulate(plan: Plan, tables: dict[str, Tables], load_tables: dict[str, Table
     `concurrency` (for the levels below the target); `costs` each level's batched forward (its curve is the
     engine's, which the draft budget uses), `scale` what the target's forwards of requests decoding together cost
     over that (`Profile.load_scale`). The draft budget learns the acceptance as the engine's does: one budget for
-    the whole run, from its prior, observing every round it sized, and each request's own from its rounds (and,
-    where the budget gave a database drafter no room, from its one-token guesses)."""
+    the whole run, from its prior, observing every round it sized, and under the database drafter alone each
+    request's own, from its rounds and, where the budget gave it no room, from the drafter's one-token guesses."""
     pooled = [r for r in requests if r.category in tables]
     if not pooled:
         raise ValueError("no calibration requests to simulate")

@@ -58,8 +58,8 @@ def expected_tokens(alpha: float, drafted: int) -> float:
 
 class DraftBudget:
     """Draft tokens per round under load, from the target's (and the draft level's) cost model and the
-    acceptance each request has shown recently (moving averages over rounds: the batch's, which a new request
-    starts from, and the request's own)."""
+    acceptance shown recently (moving averages over rounds: the batch's, and under the database drafter alone
+    each request's own, which starts from the batch's)."""
 
     REQUEST_SMOOTHING = 0.25  # a request's own average follows its last few rounds
 

@@ -352,7 +352,7 @@ class HierarchicalDecoder:
                 return await self._verify_tree(req, seq, tree)
         elif level_index == 0 and self.proposer is not None and limit > 1 and self._budget is not None:
             # the budget allowed no draft: the drafter's one-token guess, never verified, still measures whether
-            # a draft would have paid (see services.engine.budget)
+            # a draft would have paid (see services.engine.budget; a lookup, not counted as drafting time)
             guess = self.proposer.propose(req.id, seq, 1, 1)
         draft = await self._draft(req, level_index - 1, seq, room) if level_index > 0 else Draft()
         drafting = level_index < len(self.levels) - 1
