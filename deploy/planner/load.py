@@ -40,6 +40,7 @@ measured in the README (SmolLM2 at 8 requests: HD within 10%, plain decoding
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -96,9 +97,13 @@ class _Rounds:
         """Whether the database drafter's one-token guess holds, from a measured tree that had a node (the first
         token of its accepted path among the root's candidates: a little likelier than the top one alone); None
         where the drafter never found one."""
+        hits = self._guess_hits
+        return bool(hits[rng.integers(len(hits))]) if len(hits) else None
+
+    @cached_property
+    def _guess_hits(self) -> np.ndarray:
         trees = self.tables.trees[self.plan.models[-1]]
-        tried = np.flatnonzero(trees.nodes > 0)
-        return bool(trees.accepted[tried[rng.integers(len(tried))]] > 0) if len(tried) else None
+        return trees.accepted[trees.nodes > 0] > 0
 
     def draws(self, budget: int) -> tuple[np.ndarray, np.ndarray, float]:
         """(rows of each measured round, tokens it accepts, ms of the levels below per round) at this budget."""
@@ -155,6 +160,7 @@ def _run_group(group: list[Request], plan: Plan, rounds: dict[str, _Rounds], cos
                scale: float, budget: DraftBudget, limits: BatchLimits, rng: np.random.Generator) -> list[_Running]:
     runs = [_Running(r, r.prompt_tokens, r.prompt_tokens > MAX_ROWS) for r in group]
     target = plan.models[-1]
+    alone = len(plan.models) == 1  # no draft model: a request's own acceptance sizes its drafts
     now = 0.0
     while True:
         active = [r for r in runs if r.done_ms is None]
@@ -179,7 +185,6 @@ def _run_group(group: list[Request], plan: Plan, rounds: dict[str, _Rounds], cos
                 chunk = 0
             category = rounds[run.request.category]
             most = category.most(run.request.limit - run.tokens)
-            alone = len(plan.models) == 1  # the database drafter alone: each request's own acceptance
             size = budget.tokens(len(active), most, run.acceptance if alone else None) if most > 0 else 0
             draft_rows, accepted, below = category.draws(size)
             pick = rng.integers(len(draft_rows))
@@ -190,7 +195,7 @@ def _run_group(group: list[Request], plan: Plan, rounds: dict[str, _Rounds], cos
             elif most > 0 and plan.drafter and alone:  # the engine's unverified one-token guess
                 hit = category.guess(rng)
                 run.acceptance = run.acceptance if hit is None else budget.guessed(hit, run.acceptance)
-            if len(plan.models) == 1:
+            if alone:
                 drafter_ms += below  # the database drafter: one request's tree at a time
             else:
                 below_ms = max(below_ms, below)  # the levels below run every request's draft in shared forwards
