@@ -27,7 +27,7 @@ from drafter_db.model_db import ModelDB
 from drafter_db.stores import EmbeddedStore, full_key, tokenizer_namespace
 from services.engine.batching import BatchingLevel
 from services.engine.hsd import DraftPolicy, HierarchicalDecoder
-from services.engine.prompts import chat_prompt_ids, stop_token_ids
+from services.engine.prompts import Conversation, chat_prompt_ids, stop_token_ids
 from services.engine.runner import LevelRunner
 from services.engine.sampling import SamplingParams
 from services.engine.switching import SwitchingDecoder
@@ -168,6 +168,27 @@ def test_smollm2_tree_drafts_equal_plain_decoding(smollm2, smollm2_f32):
     sources, _, _ = assert_identical(smollm2, hierarchies, max_tokens=[40, 40, 40, 40, 45, 13])
     assert sources == {"context", "model", "statistics"}
     assert_coupled_identical(smollm2, {"hd": members[0], "hd+hsd": members[1], "hsd": members[2]})
+
+
+def test_smollm2_a_conversations_next_turn_starts_from_its_cache_and_equals_plain_decoding(smollm2):
+    """The next turn comes as a new request holding the first turn and its answer: the target copies that prefix
+    from the first turn's released cache (keys computed in token-tree verifications), and answers exactly as plain
+    decoding does from a cache computed afresh."""
+    stops = stop_token_ids(smollm2.tokenizer)
+    runner = LevelRunner(smollm2.decoder, smollm2.tokenizer, "smollm2-prefixes")
+    fresh = LevelRunner(smollm2.decoder, smollm2.tokenizer, "smollm2-no-prefixes")
+    hd = HierarchicalDecoder([runner], [], proposer=filled_drafter(smollm2))
+    chat = Conversation(smollm2.tokenizer)
+    first_prompt = chat.ask(PROMPTS[0])
+    first = hd.generate(first_prompt, GREEDY, 40, stops)
+    assert sum(source.accepted for source in first.stats.sources.values()), "no tree path was kept"
+    chat.answer(first.token_ids)
+    second_prompt = chat.ask("Now the same in one short sentence.")
+    reused = runner.prefix_tokens_reused
+    second = hd.generate(second_prompt, GREEDY, 40, stops)
+    assert runner.prefix_tokens_reused - reused > len(first_prompt)
+    assert second.token_ids == HierarchicalDecoder([fresh], []).generate(second_prompt, GREEDY, 40, stops).token_ids
+    assert fresh.prefix_tokens_reused == 0
 
 
 def test_qwen_pair_hierarchies_equal_plain_decoding():

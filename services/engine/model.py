@@ -157,6 +157,13 @@ class KVCache:
     def nbytes(self) -> int:
         return self.buffer.numel() * self.buffer.element_size()
 
+    def copy_prefix(self, source: KVCache, length: int) -> None:
+        """Hold the first `length` tokens `source` holds: the same keys and values, copied."""
+        self.reserve(length)
+        with torch.inference_mode():  # either buffer may have been (re)allocated inside a forward
+            self.buffer[:, :, :, :length] = source.buffer[:, :, :, :length]
+        self.length = length
+
     def keep(self, start: int, slots: list[int]) -> None:
         """Move the keys and values of `slots` (each at or past `start`, in increasing order) to `start`,
         `start` + 1, ...; the cache then holds `start` + len(slots) tokens (a tree's verified path)."""

@@ -7,6 +7,14 @@ replica that never saw (part of) a request simply recomputes it: correctness
 never depends on which replica or cache a request lands on. After a tree
 forward, the next call's tokens say which tree path was verified; its cached
 keys and values are kept, the other nodes' dropped, with no extra message.
+
+A request new to the level starts from the longest prefix of its tokens that
+another request holds, running or recently released (prefix caching, as vLLM
+and SGLang do): the chat template's system prompt every request shares, the
+earlier turns of a conversation whose next turn comes as a new request. The
+numerics are row-invariant, so a token's keys and values do not depend on the
+forward that computed them: a copied prefix holds the bits a recomputation
+would, and the logits are the same.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from itertools import chain
 
 import torch
 
@@ -29,6 +38,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
           "int4": INT4}
 COST_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 COST_CONTEXT = 64  # tokens each request of `measure_costs` holds before the rows it times
+# Released requests whose caches stay for new requests to start from (least recently released dropped first, and
+# before any running request's cache when the byte bound is hit): a conversation's next turn arrives after its last
+PREFIX_DONORS = 8
 
 
 @dataclass
@@ -101,8 +113,10 @@ class LevelRunner:
         self.max_cached_requests = max_cached_requests
         self.max_cache_bytes = max_cache_bytes
         self.caches_dropped = 0
+        self.prefix_tokens_reused = 0  # tokens new requests copied from another request's cache
         self._requests: OrderedDict[str, _RequestCache] = OrderedDict()
         self._busy: set[str] = set()  # requests with a call begun and not finished
+        self._donors: OrderedDict[str, _RequestCache] = OrderedDict()  # released, kept as prefixes (see release)
 
     @classmethod
     def load(cls, reference: str, dtype: str = "float32", device: str = "cpu") -> LevelRunner:
@@ -139,6 +153,8 @@ class LevelRunner:
         total = self.cache_bytes() if self.max_cache_bytes is not None else 0
         if over_count <= 0 and (self.max_cache_bytes is None or total <= self.max_cache_bytes):
             return  # every call passes here: no copy of the keys unless something is dropped
+        while self._donors and self.max_cache_bytes is not None and total > self.max_cache_bytes:
+            total -= self._donors.popitem(last=False)[1].cache.nbytes()
         for request_id in list(self._requests):  # least recently used first
             over_bytes = self.max_cache_bytes is not None and total > self.max_cache_bytes
             if over_count <= 0 and not over_bytes:
@@ -150,8 +166,22 @@ class LevelRunner:
             self.caches_dropped += 1
 
     def cache_bytes(self) -> int:
-        """Bytes the kept request KV caches hold (their allocated capacity)."""
-        return sum(state.cache.nbytes() for state in self._requests.values())
+        """Bytes the kept request KV caches hold (their allocated capacity), released ones kept as prefixes too."""
+        return sum(state.cache.nbytes() for state in chain(self._requests.values(), self._donors.values()))
+
+    def _adopt_prefix(self, state: _RequestCache, token_ids: list[int]) -> None:
+        """Start a new request's cache from the longest prefix of `token_ids` another request's cache holds."""
+        if not isinstance(state.cache, KVCache):
+            return  # the fallback's transformers cache: its numerics are not row-invariant, nothing is shared
+        donor, length = None, 0
+        for other in chain(self._requests.values(), self._donors.values()):
+            common = _common_prefix(other.token_ids, token_ids) if other is not state else 0
+            if common > length:
+                donor, length = other, common
+        if donor is not None:
+            state.cache.copy_prefix(donor.cache, length)
+            state.token_ids = token_ids[:length]
+            self.prefix_tokens_reused += length
 
     @staticmethod
     def _settle_tree(state: _RequestCache, token_ids: list[int]) -> None:
@@ -182,6 +212,8 @@ class LevelRunner:
             raise ValueError(f"a token tree of {len(call.tree)} nodes: at most {MAX_ROWS - 1} fit in a forward")
         state = self._state(call.request_id)
         self._settle_tree(state, call.token_ids)
+        if not state.token_ids:
+            self._adopt_prefix(state, call.token_ids[: total - wanted])
         keep = min(_common_prefix(state.token_ids, call.token_ids), total - wanted)
         state.cache.length = keep
         state.token_ids = call.token_ids[:keep]  # until the call completes (a dropped call leaves a valid prefix)
@@ -273,12 +305,21 @@ class LevelRunner:
                 times.append(1000 * (time.perf_counter() - start))
             ms.append(max([min(times), *ms[-1:]]))  # the least disturbed; more rows never cost less
         for k in range(8):
-            self.release(f"cost-{k}")
+            self.release(f"cost-{k}", keep_prefix=False)
         return CostModel(tuple(rows), tuple(ms))
 
-    def release(self, request_id: str) -> None:
-        self._requests.pop(request_id, None)
+    def release(self, request_id: str, keep_prefix: bool = True) -> None:
+        """The request is done here. Its cache stays (`PREFIX_DONORS` at most) for new requests that share a
+        prefix with it; nothing computes on it again, so it needs no bound of its own beyond the byte bound."""
+        state = self._requests.pop(request_id, None)
         self._busy.discard(request_id)
+        self._donors.pop(request_id, None)
+        if state is not None and state.token_ids and keep_prefix:
+            state.tree = None
+            self._donors[request_id] = state
+            while len(self._donors) > PREFIX_DONORS:
+                self._donors.popitem(last=False)
+            self._drop_past_bounds()
 
     def cached_requests(self) -> int:
         return len(self._requests)
