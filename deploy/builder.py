@@ -53,6 +53,11 @@ class RunnerPool:
             self._runners[key] = LevelRunner.load(model, dtype, device)
         return self._runners[key]
 
+    def forget_released(self) -> None:
+        """Every loaded level drops the caches it keeps of released requests (`LevelRunner.forget_released`)."""
+        for runner in self._runners.values():
+            runner.forget_released()
+
     def level(self, model: str, dtype: str, device: str) -> BatchingLevel:
         """One level object per runner, so hierarchies switching per round share it."""
         key = (model, dtype, device)

@@ -88,8 +88,8 @@ class ServingSettings(BaseModel):
     cpus_per_level: float = Field(1.0, ge=0.0, le=256.0, description="Ray CPUs reserved by each level replica")
     level_threads: int | None = Field(
         None, ge=1, le=1024,
-        description="torch threads of a level replica while several requests run (default: the cores divided "
-                    "among the levels); a request running alone gets `threads` (default: all cores) at each level")
+        description="torch threads of a level replica while other levels compute too (default: the cores divided "
+                    "among the levels); a level computing alone gets `threads` (default: all cores)")
     router_replicas: int = Field(1, ge=1, le=64, description="replicas of the HTTP ingress and router")
     max_in_flight: int = Field(32, ge=1, le=4096,
                                description="requests a router replica runs at once; more get HTTP 503")

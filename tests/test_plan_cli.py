@@ -55,6 +55,11 @@ def test_plan_profiles_once_chooses_and_measures(workspace):
     assert predicted[0] <= predicted[1]
     assert set(result["acceptance"]) == {"code", "chat"} and "smollm2-135m" in result["costs_ms"]
     assert "chosen" in first.stdout and Path(result["profile"]).exists()
+    # every request after the first copies the chat template's system prompt from an earlier one's cache
+    profile = json.loads(Path(result["profile"]).read_text())
+    requests = [r for c in profile["categories"].values() for r in c["requests"]]
+    assert sum(reused > 0 for _, _, reused in requests) == len(QUESTIONS) - 1
+    assert all(reused < prompt for prompt, _, reused in requests)
     assert "reusing" in hierspec(env, *args).stderr  # same models, dtype, device and calibration: cached
 
 

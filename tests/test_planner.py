@@ -181,7 +181,8 @@ def test_profile_round_trips_through_json():
                       forward_costs={"a": ForwardCost(curve=CostCurve(tokens=[1, 8], ms=[1.0, 3.0])),
                                      "t": ForwardCost(curve=CostCurve(tokens=[1, 8], ms=[9.0, 15.0]), key_ms=0.01)},
                       categories={"code": category})
-    category.requests.append((4, 3))
+    category.requests.append((4, 3, 1))
+    category.reused_tokens = 1
     again = Profile.model_validate_json(profile.model_dump_json())
     assert again == profile
     plan = Plan(models=["a", "t"], draft_tokens=[3], min_confidence=0.2)
@@ -315,6 +316,14 @@ def test_load_simulation_prices_a_batch_of_short_prompts_exactly():
     assert longer["_all"] == pytest.approx(((9 + 64) + (9 + 36) + (9 + 1 + 36 * 2.5)) / 2)
 
 
+def test_load_simulation_computes_only_the_prompt_tokens_not_copied_from_earlier_requests():
+    """A 100-token prompt whose first 36 tokens a level copies (prefix caching): one forward of 64 rows, then the
+    second token's, as a 64-token prompt would take."""
+    copied = _simulate_load(Plan(models=["t"]), [Request("x", 100, 2, 2, reused=36)], 1)
+    assert copied["_all"] == pytest.approx(((9 + 64) + (9 + 1)) / 2)
+    assert copied == _simulate_load(Plan(models=["t"]), [Request("x", 64, 2, 2)], 1)
+
+
 def test_load_simulation_chunks_a_long_prompt_only_while_others_run():
     """A 160-token prompt takes 3 forwards alone (64 rows each at most) but 10 beside a decoding request
     (`prompt_rows`, 16): the request beside it decodes a token in each of those forwards."""
@@ -379,7 +388,7 @@ def test_load_simulation_of_one_request_agrees_with_the_latency_model(plan):
 def test_plans_under_load_are_ranked_by_the_simulated_schedule():
     """`choose` at a concurrency above one ranks each structure's best plan by `Profile.load_latency`."""
     rng = random.Random(3)
-    category = CategoryProfile(prompts=4, prompt_tokens=400, tokens=160, requests=[(100, 40)] * 4)
+    category = CategoryProfile(prompts=4, prompt_tokens=400, tokens=160, requests=[(100, 40, 0)] * 4)
     pair = category.pair("a", "t")
     pair.runs.extend(_geometric_runs(rng, 0.7, 300, 16))
     pair.confidence.extend([[0.9] * min(k + 1, 16) for k in pair.runs])

@@ -83,3 +83,15 @@ def test_the_transformers_fallback_shares_no_prefix():
     runner.release("a")
     runner.logits("b", PROMPT[:30], 1)
     assert runner.prefix_tokens_reused == 0
+
+
+def test_forgetting_released_caches_keeps_the_running_ones():
+    """What a benchmark does between methods on the same prompts: released caches go, running requests keep theirs."""
+    runner = tiny_runner(3, vocab=VOCAB)
+    runner.logits("done", PROMPT[:50], 1)
+    runner.release("done")
+    runner.logits("running", PROMPT[:40], 1)
+    runner.forget_released()
+    reused = runner.prefix_tokens_reused
+    runner.logits("new", PROMPT[:60], 1)
+    assert runner.prefix_tokens_reused - reused == 40  # the running request's, not the 49 "done" held

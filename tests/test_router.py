@@ -200,3 +200,45 @@ def test_lookahead_follows_its_switch_between_rounds():
     on_tokens, on_stats = asyncio.run(run(True))
     assert off_tokens == on_tokens == plain
     assert off_stats.lookahead_used == 0 < on_stats.lookahead_used
+
+
+def test_a_level_takes_every_core_while_no_other_level_computes():
+    """On a CPU machine the router tells a level's replica to use every core while no other level has a call in
+    flight, however many requests its forward holds: under load the draft budget leaves the levels below idle
+    most rounds, and a target kept to its share of the cores would leave the rest unused."""
+    from services.serve.level_service import RemoteLevel
+
+    class Recorded(RemoteLevel):
+        """A level whose calls wait for `gate` and record what the router said."""
+
+        def __init__(self, gate: asyncio.Event):
+            super().__init__(None, {"name": "x", "vocab_size": 32, "context_window": 64,
+                                    "costs": {"rows": [1], "ms": [1.0]}})
+            self.gate, self.said = gate, []
+
+        async def _forward(self, method, request_id, *args, alone: bool, **kwargs):
+            self.said.append(alone)
+            await self.gate.wait()
+
+    async def main():
+        gate = asyncio.Event()
+        gate.set()
+        draft, target = Recorded(gate), Recorded(gate)
+        await target.logits("r0", PROMPT, 1)  # levels on devices of their own: never told to take the cores
+        assert target.said == [False]
+        draft.peers = target.peers = [draft, target]
+        gate.clear()
+        calls = [asyncio.create_task(target.logits(f"r{i}", PROMPT, 1)) for i in range(8)]
+        await asyncio.sleep(0)
+        calls.append(asyncio.create_task(draft.logits("r9", PROMPT, 4)))  # the target is computing
+        await asyncio.sleep(0)
+        calls.append(asyncio.create_task(target.logits("r10", PROMPT, 1)))  # and now the draft level too
+        await asyncio.sleep(0)
+        gate.set()
+        await asyncio.gather(*calls)
+        assert target.said[1:] == [True] * 8 + [False] and draft.said == [False]
+        assert draft.computing == target.computing == 0
+        await draft.logits("r11", PROMPT, 4)
+        assert draft.said[-1] is True
+
+    asyncio.run(main())

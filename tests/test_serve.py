@@ -509,6 +509,8 @@ def test_rounds_in_the_target_replica_are_plain_decoding(server):
         assert [token for output in outputs for token in output.tokens] == generation.token_ids
         assert outputs[-1].finish_reason == generation.finish_reason
         assert outputs[-1].stats.tokens == len(generation.token_ids)
+        # the requests above shared the chat template's system prompt: later ones copied it (the same outputs)
+        assert level.batching.remote().result()["prefix_tokens_reused"] > 0
 
         def stops_generating(leave) -> None:
             """`leave` starts a long generation and ends it early: the replica computed for it, then stops."""

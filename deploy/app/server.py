@@ -162,16 +162,19 @@ class HierspecServer:
         # Prompts are tokenized off the event loop (a long one takes seconds) on one thread: a tokenizer is not
         # safe to share between threads.
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
-        # On CPU the levels share the machine's cores: a request running alone gets them all at each level,
-        # and no lookahead, which would take them from the verification the request waits for.
+        # On CPU the levels share the machine's cores: a level's forward gets them all while no other level computes
+        # (RemoteLevel.alone), and a request running alone no lookahead, which would take them from the
+        # verification the request waits for.
         shared_cores = self.config.device == "cpu"
-        alone = (lambda: self.router.in_flight <= 1) if shared_cores else None
-        levels = [await RemoteLevel.connect(handle, alone) for handle in level_handles]  # waits for the levels
+        levels = [await RemoteLevel.connect(handle) for handle in level_handles]  # waits for the levels
+        if shared_cores:
+            for level in levels:
+                level.peers = levels
         self._saver = None
         if self.config.rounds_in_target(method):  # the target's replicas run the rounds and the drafter
             decoder = RemoteRounds(levels[-1])
         else:
-            lookahead = (lambda: not alone()) if shared_cores else True
+            lookahead = (lambda: self.router.in_flight > 1) if shared_cores else True
             drafter, self._saver = serving_drafter(self.config.drafter, method, self.tokenizer)
             decoder = chain_decoder(self.config, method, levels, lambda: drafter, on_forward=self.metrics.on_forward,
                                     lookahead=serving.pipelined and lookahead)

@@ -151,6 +151,7 @@ def run_bench(config: HierspecConfig, workload: str, methods: list[str], out: st
         return result
 
     def run_group(method: str, items: list[tuple[Question, SamplingParams]], limit: int) -> tuple[list[_Answer], float]:
+        pool.forget_released()  # each method computes its prompts itself, not from another's caches
         async def together():
             in_flight = asyncio.Semaphore(concurrency)
 

@@ -17,8 +17,10 @@ a fresh cluster, and every ratio is the median of the repeats' own ratios.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import statistics
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -224,6 +226,7 @@ def _serve_runs(config: HierspecConfig, method: str, prompts: list[str], clients
     run: dict = {"sweep": [], "modes": {}}
     levels = len(config.chain(method)) * config.serving.replicas_per_level
     ray.init(num_cpus=max(4, levels + 2), include_dashboard=False, log_to_driver=False)
+    caches = _PrefixCaches()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for mode, pipelined in (("pipelined", True), ("sequential", False))[: 2 if first else 1]:
@@ -239,24 +242,64 @@ def _serve_runs(config: HierspecConfig, method: str, prompts: list[str], clients
                 print(f"[single stream] {single_requests} requests, one client", flush=True)
                 run["single_stream"] = run_load(url, config.name, prompts[:single_requests], 1, max_tokens)
                 for count in sweep:
+                    caches.forget(variant, method)
                     point = run_load(url, config.name, prompts[: max(num_requests, count)], count, max_tokens)
                     run["sweep"].append(point)
                     print(f"[sweep] {count} clients: {point['tokens_per_s']} tokens/s, inter-token p50 "
                           f"{point['itl_ms']['p50']} ms, {point['mean_streams']} streams at a time", flush=True)
                 if long_prompt_tokens:
                     print(f"[long prompt] 4 streams and a {long_prompt_tokens}-token prompt", flush=True)
+                    caches.forget(variant, method)
                     run["modes"]["4 streams"] = run_load(url, config.name, prompts[:4], 4, max_tokens)
+                    caches.forget(variant, method)
                     run["modes"][f"4 streams + {long_prompt_tokens}-token prompt"] = run_with_long_prompt(
                         url, config.name, prompts[:4], 4, max_tokens, long_prompt_tokens)
             if first:
                 print(f"[{mode}] {len(prompts[:num_requests])} requests, {clients} concurrent clients", flush=True)
+                caches.forget(variant, method)
                 run["modes"][mode] = run_load(url, config.name, prompts[:num_requests], clients, max_tokens)
                 print(f"[{mode}] {run['modes'][mode]['tokens_per_s']} tokens/s", flush=True)
             serve.delete(config.name)
     finally:
+        caches.close()
         serve.shutdown()
         ray.shutdown()
     return run
+
+
+class _PrefixCaches:
+    """Each phase sends the same prompts again: between phases the level replicas drop the caches the phase
+    before left them (prefix caching would otherwise spare this phase's prompts their prefill). Through Serve
+    handles in an event loop of their own, on a thread, running while they live: the cluster's environment runs a
+    handle's router in its caller's loop. One call per replica, which Serve routes as it likes: with several
+    replicas per level some may keep theirs."""
+
+    def __init__(self):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="bench-handles", daemon=True)
+        self._thread.start()
+        self._calls: dict[tuple[str, str], object] = {}
+
+    def forget(self, config: HierspecConfig, method: str) -> None:
+        asyncio.run_coroutine_threadsafe(self._forget(config, method), self._loop).result()
+
+    async def _forget(self, config: HierspecConfig, method: str) -> None:
+        from ray.serve.handle import DeploymentHandle
+
+        from deploy.app.app import level_deployment_names
+
+        for name in level_deployment_names(config, method):
+            call = self._calls.setdefault((config.name, name), DeploymentHandle(name, config.name).forget_released)
+            for _ in range(config.serving.replicas_per_level):
+                await call.remote()
+
+    def close(self) -> None:
+        async def shut() -> None:
+            for call in self._calls.values():
+                await call.shutdown_async()
+        asyncio.run_coroutine_threadsafe(shut(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
 
 
 def format_serve_table(result: dict) -> str:

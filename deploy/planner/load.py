@@ -14,7 +14,8 @@ together, and it erred by 16-48% at 8 requests on SmolLM2 (issue 18):
   batched cost curve), down to plain decoding where speculation does not pay.
 
 So the planner runs the schedule: groups of B requests drawn from the
-calibration requests (prompt and answer lengths, category), forward by
+calibration requests (prompt and answer lengths, the prompt tokens a level
+copied from earlier requests' caches when the calibration ran, category), forward by
 forward. Each forward takes every active request's next prompt chunk or
 decoding round; a round's draft rows and accepted tokens are drawn from the
 request's category's measured outcomes (HD trees, or the draft level's runs)
@@ -60,6 +61,7 @@ class Request:
     prompt_tokens: int
     new_tokens: int  # what `hierspec plan` counts: the answer, and its stop token when it has one
     limit: int  # max_tokens: what the engine cuts drafts to near the end
+    reused: int = 0  # prompt tokens the levels copy from earlier requests' caches (prefix caching): not computed
 
 
 @dataclass
@@ -158,7 +160,7 @@ def simulate(plan: Plan, tables: dict[str, Tables], load_tables: dict[str, Table
 
 def _run_group(group: list[Request], plan: Plan, rounds: dict[str, _Rounds], costs: dict[str, ForwardCost],
                scale: float, budget: DraftBudget, limits: BatchLimits, rng: np.random.Generator) -> list[_Running]:
-    runs = [_Running(r, r.prompt_tokens, r.prompt_tokens > MAX_ROWS) for r in group]
+    runs = [_Running(r, r.prompt_tokens - r.reused, r.prompt_tokens - r.reused > MAX_ROWS) for r in group]
     target = plan.models[-1]
     alone = len(plan.models) == 1  # no draft model: a request's own acceptance sizes its drafts
     now = 0.0

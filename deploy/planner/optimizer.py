@@ -48,7 +48,7 @@ class Tables:
     pairs: dict[tuple[str, str], PairTable]  # (lower, upper) -> outcomes
     trees: dict[str, TreeTable] = field(default_factory=dict)  # verifying model -> HD drafter outcomes
     max_draft: int = 16
-    prompt_tokens: float = 0.0  # mean prompt length: every level of a plan prefills it once per request
+    prompt_tokens: float = 0.0  # mean prompt tokens every level of a plan computes per request (not copied)
     new_tokens: float = 0.0  # mean generated length, over which the prefills are spread
 
     def pair(self, lower: str, upper: str) -> PairTable:

@@ -63,7 +63,9 @@ def measure(config: HierspecConfig, plan: Plan, dtype: str, pool: RunnerPool,
             questions: list[Question], max_tokens: int, concurrency: int = 1) -> dict[str, float]:
     """Measured ms per token of a plan, per category and overall (whole conversations, greedy), questions
     running `concurrency` at a time (each request's own time from its start to its end). The plan gets a
-    drafter of its own: its model DB must not have learnt another plan's outputs for these prompts."""
+    drafter of its own: its model DB must not have learnt another plan's outputs for these prompts, nor its levels
+    kept another plan's caches of them (prefix caching)."""
+    pool.forget_released()
     decoder = plan_decoder(config, plan, dtype, pool.sibling())
     tokenizer = decoder.target.runner.tokenizer
     stop_ids = stop_token_ids(tokenizer)

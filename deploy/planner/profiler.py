@@ -50,7 +50,7 @@ from services.engine.tree import TokenTree
 
 GREEDY = SamplingParams()  # the profile measures greedy decoding
 
-PROFILE_VERSION = 8
+PROFILE_VERSION = 9  # 9: each request's prompt tokens a level copies from another's cache (prefix caching)
 COST_SIZES = (1, 2, 3, 4, 6, 8, 12, 17, 64, 256)  # up to T_max + 1 (a verification of 16 drafts), then prefills
 UNBOUNDED_DEPTH = 1 << 16  # the engine lets the drafter's own depth limit apply
 LOAD_REQUESTS, LOAD_TOKENS = 8, 16  # the load probe: calibration prompts decoded together, tokens each
@@ -75,10 +75,12 @@ class TreeSamples(BaseModel):
 class CategoryProfile(BaseModel):
     prompts: int = 0
     prompt_tokens: int = 0
+    reused_tokens: int = Field(0, description="prompt tokens a level copied from earlier requests' caches")
     tokens: int = 0
     pairs: list[PairSamples] = Field(default_factory=list)
     trees: list[TreeSamples] = Field(default_factory=list)
-    requests: list[tuple[int, int]] = Field(default_factory=list, description="(prompt, generated) tokens of each")
+    requests: list[tuple[int, int, int]] = Field(default_factory=list,
+                                                 description="(prompt, generated, reused prompt) tokens of each")
 
     def pair(self, lower: str, upper: str) -> PairSamples:
         for pair in self.pairs:
@@ -136,7 +138,8 @@ class Profile(BaseModel):
             trees={k: TreeTable(nodes, acc, concurrency * statistics.fmean(us) / 1000 if us else 0.0)
                    for k, (nodes, acc, us) in trees.items() if nodes},
             max_draft=self.max_draft,
-            prompt_tokens=sum(self.categories[n].prompt_tokens for n in names) / max(1, prompts),
+            prompt_tokens=sum(self.categories[n].prompt_tokens - self.categories[n].reused_tokens
+                              for n in names) / max(1, prompts),
             new_tokens=sum(self.categories[n].tokens for n in names) / max(1, prompts),
         )
 
@@ -145,11 +148,11 @@ class Profile(BaseModel):
         from the calibration requests of `categories` (default: all): the batching level's schedule, simulated
         (`deploy.planner.load`)."""
         names = [n for n in categories or list(self.categories) if self.categories[n].requests]
-        limit = self.key.get("max_tokens") or max((new for n in names for _, new in self.categories[n].requests),
+        limit = self.key.get("max_tokens") or max((new for n in names for _, new, _ in self.categories[n].requests),
                                                   default=1)
         # `hierspec plan` counts a stop token as a token produced: an answer shorter than the limit ended on one
-        requests = [Request(name, prompt, new + (new < limit), limit) for name in names
-                    for prompt, new in self.categories[name].requests]
+        requests = [Request(name, prompt, new + (new < limit), limit, reused) for name in names
+                    for prompt, new, reused in self.categories[name].requests]
         return simulate(plan, {n: self.tables([n]) for n in names}, {n: self.tables([n], concurrency) for n in names},
                         requests, self.forward_costs, concurrency, self.load_scale)
 
@@ -238,11 +241,12 @@ def tree_outcomes(drafter: TreeProposer, request_id: str, prompt: list[int], tex
 
 async def measure_category(levels: dict[str, Level], order: list[str], drafter: TreeProposer | None,
                            prompts: list[list[int]], texts: list[list[int]], max_draft: int,
-                           category: CategoryProfile, label: str = "") -> None:
+                           category: CategoryProfile, label: str = "", reused: list[int] | None = None) -> None:
     """Acceptance samples for one category; `texts[i]` is the target's greedy output for `prompts[i]`,
-    `order` the models cheapest first, the target last."""
+    `order` the models cheapest first, the target last; `reused[i]` the prompt tokens the target copied from
+    earlier requests' caches when it decoded `texts[i]` (default none)."""
     target = order[-1]
-    for index, (prompt, text) in enumerate(zip(prompts, texts)):
+    for index, (prompt, text, copied) in enumerate(zip(prompts, texts, reused or [0] * len(prompts))):
         if len(text) < 2:
             continue
         choices = {target: (text, [1.0] * len(text))}
@@ -258,8 +262,9 @@ async def measure_category(levels: dict[str, Level], order: list[str], drafter: 
                               completed=name == target, samples=category.tree(name))
         category.prompts += 1
         category.prompt_tokens += len(prompt)
+        category.reused_tokens += copied
         category.tokens += len(text)
-        category.requests.append((len(prompt), len(text)))
+        category.requests.append((len(prompt), len(text), copied))
 
 
 # the command ---------------------------------------------------------------------------------------
@@ -311,7 +316,7 @@ async def measure_load_scale(level: BatchingLevel, prompts: list[list[int]], cos
         request, sequence = f"profile-load-{index}", list(prompt)
         for _ in range(LOAD_TOKENS):
             sequence.extend((await level.logits(request, sequence, 1, picks=GREEDY)).tokens)
-        await level.release(request)
+        await level.release(request, keep_prefix=False)  # calibration prompts: what they copy must be earlier turns
 
     level.trace = []
     try:
@@ -364,7 +369,8 @@ def run_profile(config: HierspecConfig, dtype: str, questions, max_tokens: int, 
     pool = pool or RunnerPool()
     names = [config.models.target, *config.models.drafts]
     levels = {name: pool.level(name, dtype, config.device) for name in names}
-    tokenizer = levels[config.models.target].runner.tokenizer
+    target_runner = levels[config.models.target].runner
+    tokenizer = target_runner.tokenizer
     stop_ids = stop_token_ids(tokenizer)
     reference = build_decoder(config, "hd", dtype, pool)
     drafter = reference.proposer
@@ -384,7 +390,9 @@ def run_profile(config: HierspecConfig, dtype: str, questions, max_tokens: int, 
             chat = Conversation(tokenizer)
             for turn, user_text in enumerate(question.turns):
                 prompt = chat.ask(user_text)
+                reused = target_runner.prefix_tokens_reused
                 text = reference.generate(prompt, SamplingParams(), max_tokens, stop_ids).token_ids
+                reused = target_runner.prefix_tokens_reused - reused  # its prompt's prefix cached before
                 chat.answer(text)
                 if not costs:  # at a context as long as mid-generation
                     context = len(prompt) + min(len(text), max_tokens // 2)
@@ -394,7 +402,7 @@ def run_profile(config: HierspecConfig, dtype: str, questions, max_tokens: int, 
                     order = [*sorted(config.models.drafts, key=lambda n: costs[n](1)), config.models.target]
                 loop.run_until_complete(measure_category(levels, order, drafter, [prompt], [text], max_draft,
                                                          categories.setdefault(group, CategoryProfile()),
-                                                         label=f"{question.question_id}-{turn}"))
+                                                         label=f"{question.question_id}-{turn}", reused=[reused]))
                 log(f"profile: [{index}/{len(questions)}] {question.category} #{question.question_id} "
                     f"turn {turn + 1}, {len(text)} tokens, {time.perf_counter() - started:.0f} s elapsed")
     finally:

@@ -154,10 +154,11 @@ class BatchingLevel:
             entry = choices.update(key, lambda cached: _faster(fresh, cached))
         return CostModel(tuple(entry["rows"]), tuple(entry["ms"]))
 
-    async def release(self, request_id: str) -> None:
+    async def release(self, request_id: str, keep_prefix: bool = True) -> None:
+        """`keep_prefix`: keep its cache for new requests that share a prefix with it (`LevelRunner.release`)."""
         self._returning.discard(request_id)  # it calls no more: a forward waiting for it need not
         self._arrived.set()
-        await self._execute(lambda: self.runner.release(request_id), 1)
+        await self._execute(lambda: self.runner.release(request_id, keep_prefix), 1)
 
     async def _execute(self, function: Callable[[], object], requests: int):
         return function() if self._run is None else await self._run(function, requests)

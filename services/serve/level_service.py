@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -50,10 +49,9 @@ TRACKED_REQUESTS = 256
 
 
 class LevelService:
-    """`threads`: torch threads of a forward for a request running alone (default: the node's cores);
-    `shared_threads`: while several requests run, when every level of the machine may be computing
-    at once (default: the node's cores divided among `levels_per_node`). `batch`: the limits of one
-    batched forward (`BatchLimits`)."""
+    """`threads`: torch threads of a forward while no other level of the machine computes (default: the node's
+    cores); `shared_threads`: while other levels may be computing too (default: the node's cores divided among
+    `levels_per_node`). `batch`: the limits of one batched forward (`BatchLimits`)."""
 
     def __init__(self, model: str, dtype: str, device: str, threads: int | None, shared_threads: int | None,
                  levels_per_node: int, batch: dict | None = None, cache_limits: dict | None = None):
@@ -62,7 +60,7 @@ class LevelService:
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="level-compute")  # serialises every forward
         self.runner = self._compute.submit(self._load, model, dtype, device).result()
         self.level = BatchingLevel(self.runner, BatchLimits.model_validate(batch or {}), run=self._on_compute)
-        self._alone = False  # what the router said with its last call: it runs one request only
+        self._alone = False  # what the router said with its last call: no other level is computing
         fault = os.environ.get(FAULT_TOKEN_ENV)
         self._fault_token = int(fault) if fault else None  # read once: calls are the hot path
         self._compute.submit(lambda: self.level.costs).result()  # the draft budget's input, measured once per machine
@@ -91,12 +89,14 @@ class LevelService:
         return LevelRunner.load(model, dtype, device)
 
     async def _on_compute(self, function, requests: int):
-        """Run a forward (or a release) on the compute thread, with every core when one request runs alone."""
-        threads = self.solo_threads if requests == 1 and self._runs_alone() else self.shared_threads
+        """Run a forward (or a release) on the compute thread, with every core while it is all the machine
+        computes (whatever the number of `requests` in it)."""
+        threads = self.solo_threads if self._runs_alone() else self.shared_threads
         return await asyncio.get_running_loop().run_in_executor(self._compute, self._with_threads, function, threads)
 
     def _runs_alone(self) -> bool:
-        """Whether the requests this level computes are all there are: what the router said with its last call."""
+        """Whether this level's forwards are all the machine computes: what the router said with its last call
+        (no other level of the hierarchy had a call in flight)."""
         return self._alone
 
     @staticmethod
@@ -131,15 +131,22 @@ class LevelService:
     async def release(self, request_id: str) -> None:
         await self.level.release(request_id)
 
+    async def forget_released(self) -> None:
+        """Drop the caches kept of released requests (`LevelRunner.forget_released`): `bench-serve` between its
+        phases, which send the same prompts again."""
+        await self._on_compute(self.runner.forget_released, 1)
+
     def _crash_on_fault_token(self, token_ids: list[int]) -> None:
         if self._fault_token is not None and self._fault_token in token_ids:
             os._exit(137)
 
     def batching(self) -> dict:
         """Forwards run, the calls they served (calls per forward: the batch size) and the seconds they took
-        (over the wall time: how busy the replica is); the requests whose KV caches it holds now."""
+        (over the wall time: how busy the replica is); the requests whose KV caches it holds now; the prompt
+        tokens new requests copied from other requests' caches (prefix caching)."""
         return {"forwards": self.level.forwards_run, "calls": self.level.calls_served,
-                "forward_s": round(self.level.forward_s, 3), "cached_requests": self.runner.cached_requests()}
+                "forward_s": round(self.level.forward_s, 3), "cached_requests": self.runner.cached_requests(),
+                "prefix_tokens_reused": self.runner.prefix_tokens_reused}
 
     async def process_id(self) -> int:
         """The process of the replica that calls for this multiplexed request id reach (the
@@ -170,22 +177,35 @@ class LevelCrashed(RuntimeError):
 
 class RemoteLevel:
     """The router's view of a level deployment; calls for one request share a replica when they can.
-    `alone()` says whether the router runs one request only: on a CPU machine whose levels share
-    its cores, that request's forwards then take every core (its levels compute one at a time)."""
+    `peers`: the hierarchy's levels when they share a CPU machine's cores (None: each has its own device)."""
 
-    def __init__(self, handle, info: dict, alone: Callable[[], bool] | None = None):
+    def __init__(self, handle, info: dict):
         self.handle = handle
         self.name = info["name"]
         self.vocab_size = info["vocab_size"]
         self.context_window = info["context_window"]
         self.costs = CostModel(tuple(info["costs"]["rows"]), tuple(info["costs"]["ms"]))
-        self.alone = alone or (lambda: False)
+        self.peers: list[RemoteLevel] | None = None
+        self.computing = 0  # this router's calls in flight here
         self._deaths: dict[str, set] = {}  # request id -> the replicas that died in a row holding its calls
         self._suspects = asyncio.Lock()  # one suspect's call at a time
 
     @classmethod
-    async def connect(cls, handle, alone: Callable[[], bool] | None = None) -> RemoteLevel:
-        return cls(handle, await handle.info.remote(), alone)
+    async def connect(cls, handle) -> RemoteLevel:
+        return cls(handle, await handle.info.remote())
+
+    def alone(self) -> bool:
+        """Whether a call here now is all the shared cores compute: no other level has one of this router's calls
+        in flight. Its forward then takes every core, however many requests it holds (under load the draft budget
+        leaves the levels below idle most rounds; a target that kept a core per level would leave one unused)."""
+        return self.peers is not None and not any(peer.computing for peer in self.peers if peer is not self)
+
+    async def _counted(self, method: str, request_id: str, *args, **kwargs):
+        self.computing += 1
+        try:
+            return await self._forward(method, request_id, *args, **kwargs, alone=self.alone())
+        finally:
+            self.computing -= 1
 
     async def _forward(self, method: str, request_id: str, *args, **kwargs):
         """A forward call, retried as the comment above RETRY_BACKOFF_S says."""
@@ -211,12 +231,11 @@ class RemoteLevel:
 
     async def logits(self, request_id: str, token_ids: list[int], num_logits: int,
                      picks: SamplingParams | None = None, confidence: bool = False) -> Scores:
-        return await self._forward("logits", request_id, token_ids, num_logits, picks, confidence,
-                                   alone=self.alone())
+        return await self._counted("logits", request_id, token_ids, num_logits, picks, confidence)
 
     async def tree_logits(self, request_id: str, token_ids: list[int], tree: TokenTree,
                           picks: SamplingParams | None = None) -> Scores:
-        return await self._forward("tree_logits", request_id, token_ids, tree, picks, alone=self.alone())
+        return await self._counted("tree_logits", request_id, token_ids, tree, picks)
 
     async def release(self, request_id: str) -> None:
         """Best effort: a replica that died took the request's cache with it, and an unused cache is evicted."""
