@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from sim_levels import RandomChooser
+from tiny_models import forget_prefixes
 from torch import nn
 
 from drafter_db import table
@@ -72,10 +73,12 @@ def assert_identical(target: LevelRunner, hierarchies: dict[str, HierarchicalDec
     sources: set[str] = set()
     for prompt, limit in zip(PROMPTS, max_tokens):
         ids = prompt_ids(target.tokenizer, prompt)
+        forget_prefixes(plain, *hierarchies.values())  # each run computes its prompt: none copies another's
         reference = plain.generate(ids, GREEDY, limit, stops)
         saw_stop |= reference.finish_reason == "stop"
         saw_length |= reference.finish_reason == "length"
         for name, decoder in hierarchies.items():
+            forget_prefixes(plain, *hierarchies.values())
             out = decoder.generate(ids, GREEDY, limit, stops)
             assert out.token_ids == reference.token_ids, f"{name} diverged on {prompt!r}"
             assert out.finish_reason == reference.finish_reason
@@ -99,8 +102,10 @@ def assert_coupled_identical(target: LevelRunner, methods: dict[str, Hierarchica
         ids = prompt_ids(target.tokenizer, prompt)
         for seed in seeds:
             params = SamplingParams(temperature=0.8, seed=seed)
+            forget_prefixes(plain, *methods.values())
             reference = plain.generate(ids, params, max_tokens, stops).token_ids
             for name, decoder in methods.items():
+                forget_prefixes(plain, *methods.values())
                 out = decoder.generate(ids, params, max_tokens, stops)
                 assert out.token_ids == reference, f"{name}, seed {seed}, diverged on {prompt!r}"
                 rejected += sum(level.drafted - level.accepted for level in out.stats.levels)

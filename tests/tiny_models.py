@@ -63,6 +63,15 @@ def tiny_hf_model(seed: int, arch: str = "llama", vocab: int = 6, layers: int = 
     return model.eval()
 
 
+def forget_prefixes(*decoders) -> None:
+    """Runs a test compares each compute their prompts: their levels drop the caches the runs before released
+    (prefix caching would otherwise copy the prompt, and the prefill under test would not run)."""
+    for decoder in decoders:
+        for member in getattr(decoder, "members", [decoder]):
+            for level in member.levels:
+                getattr(level, "runner", level).forget_released()
+
+
 def tiny_runner(seed: int, arch: str = "llama", dtype=torch.float32, **kwargs) -> LevelRunner:
     return LevelRunner(load_decoder(tiny_hf_model(seed, arch, **kwargs), dtype, torch.device("cpu")),
                        tokenizer=None, name=f"tiny-{arch}-{seed}")

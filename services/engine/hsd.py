@@ -376,10 +376,12 @@ class HierarchicalDecoder:
             req.stats.lookahead_used += 1
         else:
             draft = await self._draft(req, top - 1, seq, self._target_room(limit, req))
-        verifying = asyncio.ensure_future(self._verify_draft(req, top, seq, draft))
         room = min(limit - 1 - len(draft.tokens), self._target_room(limit, req))
+        # the draft ahead starts first: in a Serve app on CPU its call is then in flight when the verification's
+        # asks whether the target computes alone (it does not: the cores are shared, see RemoteLevel.alone)
         ahead = asyncio.ensure_future(self._draft(req, top - 1, seq + draft.tokens, room)) \
             if draft.tokens and room > 1 else None
+        verifying = asyncio.ensure_future(self._verify_draft(req, top, seq, draft))
         try:
             out = await verifying
         except BaseException:

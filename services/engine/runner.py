@@ -314,7 +314,7 @@ class LevelRunner:
         state = self._requests.pop(request_id, None)
         self._busy.discard(request_id)
         self._donors.pop(request_id, None)
-        if state is not None and state.token_ids and keep_prefix:
+        if state is not None and state.token_ids and keep_prefix and isinstance(state.cache, KVCache):
             state.tree = None
             self._donors[request_id] = state
             while len(self._donors) > PREFIX_DONORS:
