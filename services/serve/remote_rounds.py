@@ -15,7 +15,8 @@ What differs from the ingress layout: a request whose replica dies fails
 another, since the rounds' state (the sampler's generator, the drafter's
 context) died with it; and a response ended by a stop string is cancelled in
 the replica, so the model DB does not learn it (it learns every other
-completed response, as in the ingress layout).
+completed response, as in the ingress layout) unless the replica's rounds,
+which run ahead of the stream, finished before the cancellation reached them.
 """
 
 from __future__ import annotations
