@@ -107,6 +107,39 @@ def test_a_client_that_goes_away_cancels_the_work():
     asyncio.run(main())
 
 
+class SlowRelease(BatchingLevel):
+    """A level whose release waits first, as a replica's waits for its compute thread."""
+
+    releasing = False
+
+    async def release(self, request_id, keep_prefix=True):
+        self.releasing = True
+        await asyncio.sleep(0.05)
+        await super().release(request_id, keep_prefix)
+
+
+def test_a_generation_cancelled_while_it_releases_still_releases():
+    """A client gone (or a stop string, a timeout) just as its generation ends cancels it during the release of
+    its caches: the release still completes."""
+    async def main():
+        level = SlowRelease(tiny_runner(3, vocab=32))
+        generation = HierarchicalDecoder([level], []).start(PROMPT, GREEDY, 3, frozenset())
+
+        async def consume():
+            async for _ in generation.stream():
+                pass
+        task = asyncio.create_task(consume())
+        while not level.releasing:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.1)
+        assert level.runner.cached_requests() == 0
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("pipelined", [True, False])
 def test_pipelined_router_overlaps_requests_and_sequential_does_not(pipelined):
     async def main():

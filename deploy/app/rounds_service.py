@@ -18,7 +18,6 @@ runs (as each ingress replica's does in the ingress layout; Redis shares them,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 import torch
@@ -63,16 +62,17 @@ class TargetRounds(LevelService):
         """Each round's committed tokens, then a last message with the finish reason and statistics. Cancelled
         (the client went away, a stop string, the router's timeout), the generation releases its cache.
 
-        The rounds run in a task of their own and this generator sends what they have committed: Serve pulls a
-        streaming method's next message only once it has written the last one, so rounds run inside it would
-        wait for that write before their next forward. Rounds committed while a message was being written go
-        out together in the next one."""
+        The rounds run in a task of their own and this generator sends what they have committed: in Serve's
+        throughput-optimized mode (which hierspec's cluster environment sets) a streaming method runs on the
+        replica's event loop and its next message is pulled only once the last one is written, so rounds run
+        inside it would wait for that write before their next forward. Rounds committed while a message was being
+        written go out together in the next one."""
         self._crash_on_fault_token(prompt_ids)
         if torch.get_num_threads() != 1:  # this thread's torch ops (a sampled round's probabilities) stay serial
             torch.set_num_threads(1)
         generation = self.decoder.start(prompt_ids, params, max_tokens, stop_ids, request_id)
         committed: asyncio.Queue[tuple[list[int], list | None] | None] = asyncio.Queue()
-        rounds = asyncio.ensure_future(_run_rounds(generation, committed))
+        runs = asyncio.create_task(_run_rounds(generation, committed))
         try:
             ended = False
             while not ended and (item := await committed.get()) is not None:
@@ -84,21 +84,19 @@ class TargetRounds(LevelService):
                     tokens.extend(more[0])
                     logprobs = None if logprobs is None else logprobs + more[1]
                 yield RoundOutput(tokens, generation.stats, logprobs)
-            await rounds  # the generation's error, if it failed
+            await runs  # the generation's error, if it failed
         finally:
-            if not rounds.done():  # left early: the rounds stop, and the generation releases its cache
-                rounds.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await rounds
+            if not runs.done():  # left early: the rounds stop, and the generation releases its cache
+                runs.cancel()
+            # retrieved in every case (a failure the reader left before seeing is logged by asyncio otherwise)
+            await asyncio.gather(runs, return_exceptions=True)
         yield RoundOutput([], generation.stats, finish_reason=generation.finish_reason)
 
 
 async def _run_rounds(generation, committed: asyncio.Queue) -> None:
     """Put each round's tokens (and their log-probabilities, when asked for) on `committed`, then None."""
-    rounds = generation.stream()
     try:
-        async for tokens in rounds:
+        async for tokens in generation.stream():
             committed.put_nowait((tokens, None if generation.logprobs is None else generation.logprobs[-len(tokens):]))
     finally:
-        await rounds.aclose()
         committed.put_nowait(None)

@@ -272,7 +272,9 @@ class Generation:
             self.stats.seconds = time.perf_counter() - started
             if proposer is not None:
                 proposer.finish(self.id, completed=self.finish_reason is not None)
-            await asyncio.gather(*(level.release(self.id) for level in decoder.levels), return_exceptions=True)
+            # shielded: a generation cancelled while it releases (a client gone as it finishes) still releases
+            await asyncio.shield(asyncio.gather(*(level.release(self.id) for level in decoder.levels),
+                                                return_exceptions=True))
 
 
 def _logprobs(req: Generation, scores: Scores, rows: list[int], tokens: list[int]) -> list[TokenLogprob] | None:
