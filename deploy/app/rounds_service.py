@@ -71,19 +71,20 @@ class TargetRounds(LevelService):
         if torch.get_num_threads() != 1:  # this thread's torch ops (a sampled round's probabilities) stay serial
             torch.set_num_threads(1)
         generation = self.decoder.start(prompt_ids, params, max_tokens, stop_ids, request_id)
-        committed: asyncio.Queue[tuple[list[int], list | None] | None] = asyncio.Queue()
-        runs = asyncio.create_task(_run_rounds(generation, committed))
+        progress = asyncio.Event()  # set by each round, and at the end
+        runs = asyncio.create_task(_run_rounds(generation, progress))
+        sent = 0  # of the generation's tokens
         try:
-            ended = False
-            while not ended and (item := await committed.get()) is not None:
-                tokens, logprobs = list(item[0]), item[1]
-                while not committed.empty():
-                    if (more := committed.get_nowait()) is None:
-                        ended = True
-                        break
-                    tokens.extend(more[0])
-                    logprobs = None if logprobs is None else logprobs + more[1]
-                yield RoundOutput(tokens, generation.stats, logprobs)
+            while True:
+                await progress.wait()
+                progress.clear()
+                finished = runs.done()  # before reading: every token is committed once it is done
+                if len(generation.token_ids) > sent:
+                    logprobs = None if generation.logprobs is None else generation.logprobs[sent:]
+                    tokens, sent = generation.token_ids[sent:], len(generation.token_ids)
+                    yield RoundOutput(tokens, generation.stats, logprobs)
+                if finished:
+                    break
             await runs  # the generation's error, if it failed
         finally:
             if not runs.done():  # left early: the rounds stop, and the generation releases its cache
@@ -93,10 +94,11 @@ class TargetRounds(LevelService):
         yield RoundOutput([], generation.stats, finish_reason=generation.finish_reason)
 
 
-async def _run_rounds(generation, committed: asyncio.Queue) -> None:
-    """Put each round's tokens (and their log-probabilities, when asked for) on `committed`, then None."""
+async def _run_rounds(generation, progress: asyncio.Event) -> None:
+    """Run the generation's rounds (its `token_ids` and `logprobs` grow), setting `progress` after each and at the
+    end."""
     try:
-        async for tokens in generation.stream():
-            committed.put_nowait((tokens, None if generation.logprobs is None else generation.logprobs[-len(tokens):]))
+        async for _ in generation.stream():
+            progress.set()
     finally:
-        committed.put_nowait(None)
+        progress.set()
