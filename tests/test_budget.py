@@ -126,3 +126,41 @@ def test_a_draft_model_hierarchy_sizes_drafts_by_the_batch_acceptance():
         together = _generations(hsd, prompts(3, long_every=100), acceptance=0.01)
         assert budget.given and budget.asked == [None] * len(budget.given)
         assert all(g.acceptance == 0.01 for g in together)
+
+
+def test_a_draft_begun_alone_ends_when_others_arrive():
+    """A request that starts alone drafts the plan's T_i, one forward of the draft level at a time. Requests that
+    arrive meanwhile would wait for all of it at the target: the draft ends where the budget at the new load says
+    (here 1 token), and every output is still plain decoding's."""
+    torch.set_num_threads(1)
+    levels = [BatchingLevel(tiny_runner(5, vocab=VOCAB)), BatchingLevel(tiny_runner(3, vocab=VOCAB))]
+    requests = prompts(4, long_every=100)
+    plain = [g.token_ids for g in _generations(HierarchicalDecoder([levels[-1]], []), requests)]
+    hsd = HierarchicalDecoder(levels, [DraftPolicy(16)])
+    hsd._budget = DraftBudget(CURVE, None, alpha=0.5)
+    assert hsd._budget.tokens(len(requests), 16) == 1
+    drafts: list[tuple[str, int]] = []  # (request, tokens the target verified) per target round
+    verify = hsd._verify_draft
+
+    async def spied(req, level_index, seq, draft, min_confidence=0.0):
+        if level_index == 1:
+            drafts.append((req.id, len(draft.tokens)))
+        return await verify(req, level_index, seq, draft, min_confidence)
+    hsd._verify_draft = spied
+
+    async def main():
+        async def run(generation):
+            async for _ in generation.stream():
+                pass
+            return generation
+        first = hsd.start(requests[0], SamplingParams(), 24, frozenset())
+        started = asyncio.ensure_future(run(first))
+        while first.stats.levels[0].forwards < 2:  # its draft is under way, alone
+            await asyncio.sleep(0)
+        others = [hsd.start(prompt, SamplingParams(), 24, frozenset()) for prompt in requests[1:]]
+        return await asyncio.gather(started, *(run(g) for g in others))
+    together = asyncio.run(main())
+    assert [g.token_ids for g in together] == plain
+    first_draft = next(n for rid, n in drafts if rid == together[0].id)
+    assert 2 <= first_draft < 16, drafts
+    assert together[0].stats.levels[0].budget_limited >= 1

@@ -441,7 +441,8 @@ class HierarchicalDecoder:
         return Draft(out, rows, confidence < min_confidence, logprobs)
 
     async def _draft(self, req: Generation, level_index: int, seq: list[int], limit: int) -> Draft:
-        """At most `limit` tokens from level `level_index` for the level above: T_i when it can.
+        """At most `limit` tokens from level `level_index` for the level above: T_i when it can (under load, for the
+        target, what the draft budget allows, checked again as the draft grows).
 
         A level verifying drafts from below runs verifications until it holds T_i tokens and hands
         up exactly the first T_i (what the last one yields beyond is dropped), so the cost of a batch
@@ -450,7 +451,9 @@ class HierarchicalDecoder:
         if limit <= 0:
             return Draft()
         want = min(self.policies[level_index].max_tokens, limit)
-        if want < self.policies[level_index].max_tokens and level_index == len(self.levels) - 2:
+        for_target = level_index == len(self.levels) - 2
+        limited = want < self.policies[level_index].max_tokens and for_target
+        if limited:
             req.stats.of(self.levels[level_index].name).budget_limited += 1
         held: list[int] = []
         rows: list[torch.Tensor] = []
@@ -465,6 +468,16 @@ class HierarchicalDecoder:
                 if len(held) < want:
                     req.stats.of(self.levels[level_index].name).confidence_stops += 1
                 break
+            if for_target and self.load.active > 1 and len(held) < want:
+                # requests that arrived while this draft grew share the target's next forward: it ends where the
+                # budget at the new load says (a request that started alone would otherwise draft the whole T_i,
+                # one forward of the level below at a time, while the others wait for the target)
+                cap = max(len(held), self._target_room(limit + 1, req))
+                if cap < want:
+                    want = cap
+                    if not limited:
+                        req.stats.of(self.levels[level_index].name).budget_limited += 1
+                        limited = True
         if req.stop_ids.intersection(held[:want]):
             req.stats.of(self.levels[level_index].name).stop_token_drafts += 1
         return Draft(held[:want], torch.cat(rows)[:want] if rows else None)
