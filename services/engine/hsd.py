@@ -452,9 +452,6 @@ class HierarchicalDecoder:
             return Draft()
         want = min(self.policies[level_index].max_tokens, limit)
         for_target = level_index == len(self.levels) - 2
-        limited = want < self.policies[level_index].max_tokens and for_target
-        if limited:
-            req.stats.of(self.levels[level_index].name).budget_limited += 1
         held: list[int] = []
         rows: list[torch.Tensor] = []
         while len(held) < want:
@@ -472,12 +469,9 @@ class HierarchicalDecoder:
                 # requests that arrived while this draft grew share the target's next forward: it ends where the
                 # budget at the new load says (a request that started alone would otherwise draft the whole T_i,
                 # one forward of the level below at a time, while the others wait for the target)
-                cap = max(len(held), self._target_room(limit + 1, req))
-                if cap < want:
-                    want = cap
-                    if not limited:
-                        req.stats.of(self.levels[level_index].name).budget_limited += 1
-                        limited = True
+                want = min(want, max(len(held), self._target_room(limit + 1, req)))
+        if for_target and want < self.policies[level_index].max_tokens:
+            req.stats.of(self.levels[level_index].name).budget_limited += 1
         if req.stop_ids.intersection(held[:want]):
             req.stats.of(self.levels[level_index].name).stop_token_drafts += 1
         return Draft(held[:want], torch.cat(rows)[:want] if rows else None)
